@@ -1,0 +1,91 @@
+"""Backbones: the only place that calls timm.
+
+Every backbone is ``timm.create_model(name, num_classes=0, ...)``: it returns pooled features of size
+``model.num_features`` and its ``state_dict`` keys are timm's own, so exported weights load straight into
+timm. Two changes are supported on top of a stock model:
+
+- ``small_stem`` (ResNets on 32x32 images): the first convolution becomes 3x3 stride 1 and the max-pool is
+  removed, as in SimCLR's CIFAR-10 experiments [0]. State-dict keys stay the same; ``conv1.weight`` changes
+  shape, so such weights are rebuilt with ``ssl_cli.load_backbone``.
+- ``freeze_patch_embed`` (ViTs): the random patch projection is kept frozen, the stabiliser of MoCo v3 [1].
+
+[0] SimCLR, Chen et al. 2020, arXiv:2002.05709, Appendix B.9.
+[1] MoCo v3, Chen, Xie, He 2021, arXiv:2104.02057, Sec. 4.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import timm
+from torch import nn
+
+from ssl_cli.config.schema import BackboneConfig
+from ssl_cli.errors import RecipeError
+
+
+def timm_kwargs(cfg: BackboneConfig) -> dict[str, Any]:
+    """Keyword arguments for ``timm.create_model`` (besides ``num_classes=0``)."""
+    kwargs: dict[str, Any] = dict(cfg.kwargs)
+    if cfg.img_size is not None:
+        kwargs["img_size"] = cfg.img_size
+    if cfg.patch_size is not None:
+        kwargs["patch_size"] = cfg.patch_size
+    if cfg.drop_path_rate:
+        kwargs["drop_path_rate"] = cfg.drop_path_rate
+    return kwargs
+
+
+def _apply_small_stem(model: nn.Module, name: str) -> None:
+    conv1 = getattr(model, "conv1", None)
+    if not isinstance(conv1, nn.Conv2d) or not hasattr(model, "maxpool"):
+        raise RecipeError(
+            f"backbone.small_stem: '{name}' has no single conv1 + maxpool stem; "
+            "small_stem works for ResNets with the default stem (e.g. resnet18, resnet50)"
+        )
+    model.conv1 = nn.Conv2d(conv1.in_channels, conv1.out_channels, 3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    # keep timm's metadata honest: the stem no longer downsamples by 4
+    if hasattr(model, "feature_info"):
+        for info in model.feature_info:
+            info["reduction"] = max(1, info.get("reduction", 1) // 4)
+
+
+def patch_embed_params(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of a ViT's patch projection (empty for models without one)."""
+    patch_embed = getattr(model, "patch_embed", None)
+    proj = getattr(patch_embed, "proj", None)
+    return list(proj.parameters()) if isinstance(proj, nn.Module) else []
+
+
+def build_backbone(cfg: BackboneConfig) -> nn.Module:
+    """Create the timm model for a recipe's ``[backbone]`` section."""
+    if not timm.is_model(cfg.name):
+        close = timm.list_models(f"*{cfg.name}*")[:8]
+        hint = f"; similar: {', '.join(close)}" if close else "; see timm.list_models()"
+        raise RecipeError(f"backbone.name: unknown timm model {cfg.name!r}{hint}")
+    try:
+        model = timm.create_model(cfg.name, pretrained=False, num_classes=0, **timm_kwargs(cfg))
+    except TypeError as e:
+        raise RecipeError(f"backbone: timm cannot build {cfg.name!r} with these options: {e}") from None
+    if cfg.small_stem:
+        _apply_small_stem(model, cfg.name)
+    if cfg.freeze_patch_embed:
+        params = patch_embed_params(model)
+        if not params:
+            raise RecipeError(f"backbone.freeze_patch_embed: '{cfg.name}' has no ViT patch projection")
+        for p in params:
+            p.requires_grad_(False)
+    return model
+
+
+def preprocessing(model: nn.Module, cfg: BackboneConfig) -> dict[str, Any]:
+    """timm's preprocessing metadata for the model (mean, std, input size, interpolation)."""
+    pc = getattr(model, "pretrained_cfg", {}) or {}
+    return {
+        "mean": list(pc.get("mean", (0.485, 0.456, 0.406))),
+        "std": list(pc.get("std", (0.229, 0.224, 0.225))),
+        "input_size": list(pc.get("input_size", (3, 224, 224))),
+        "interpolation": pc.get("interpolation", "bicubic"),
+    }
+

@@ -1,0 +1,222 @@
+"""Load a recipe: built-in name or TOML path, ``extends`` chains, ``--set a.b=value`` overrides, validation.
+
+Errors come out as one line naming the file (or ``--set``), the dotted key, what was wrong and what is valid.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from collections.abc import Iterable
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from ssl_cli.config.schema import Recipe
+from ssl_cli.errors import RecipeError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def recipes_dir() -> Path:
+    """Folder of the built-in recipes (top-level ``recipes/``, shipped in the wheel as ``ssl_cli.recipes``)."""
+    try:
+        return Path(str(resources.files("ssl_cli.recipes")))
+    except ModuleNotFoundError:  # running from a source tree that is not installed
+        return Path(__file__).resolve().parents[2] / "recipes"
+
+
+def builtin_recipes() -> list[str]:
+    return sorted(p.stem for p in recipes_dir().glob("*.toml"))
+
+
+def _locate(spec: str, relative_to: Path | None = None) -> Path:
+    path = Path(spec).expanduser()
+    if spec.endswith(".toml") or path.suffix or "/" in spec:
+        if not path.is_absolute() and relative_to is not None and not path.exists():
+            path = relative_to / path
+        if not path.is_file():
+            raise RecipeError(f"recipe file not found: {spec}")
+        return path
+    builtin = recipes_dir() / f"{spec}.toml"
+    if not builtin.is_file():
+        raise RecipeError(
+            f"unknown recipe {spec!r}; valid: {', '.join(builtin_recipes())} (or a path to a .toml file)"
+        )
+    return builtin
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError(f"{path}: invalid TOML: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError(f"{path}: cannot read recipe: {e}") from None
+
+
+def _merge(base: dict, top: dict) -> dict:
+    """Deep-merge ``top`` into a copy of ``base``: tables merge key by key, everything else is replaced."""
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _leaves(d: Any, prefix: str = "") -> Iterable[str]:
+    if isinstance(d, dict):
+        for k, v in d.items():
+            yield from _leaves(v, f"{prefix}{k}.")
+    elif isinstance(d, list) and d and all(isinstance(x, dict) for x in d):
+        for i, v in enumerate(d):
+            yield from _leaves(v, f"{prefix}{i}.")
+    yield prefix.rstrip(".")
+
+
+def _load_raw(path: Path, chain: tuple[Path, ...], origins: dict[str, str]) -> dict[str, Any]:
+    if path.resolve() in chain:
+        names = " -> ".join(str(p) for p in (*chain, path.resolve()))
+        raise RecipeError(f"{path}: 'extends' forms a cycle: {names}")
+    data = _read_toml(path)
+    parent_spec = data.pop("extends", None)
+    if parent_spec is None:
+        base: dict[str, Any] = {}
+    elif not isinstance(parent_spec, str):
+        raise RecipeError(f"{path}: extends: must be a recipe name or path, got {parent_spec!r}")
+    else:
+        base = _load_raw(_locate(parent_spec, path.parent), (*chain, path.resolve()), origins)
+    for key in _leaves(data):
+        origins[key] = str(path)
+    return _merge(base, data)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # a bare word: take it as a string
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one ``a.b=value`` override in place; list items by index (``views.0.size``) or all (``views.*.size``)."""
+    key, sep, text = assignment.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise RecipeError(f"--set {assignment!r}: expected KEY=VALUE, e.g. optim.lr=0.06")
+    parts = key.split(".")
+    value = _parse_value(text.strip())
+    targets: list[Any] = [data]
+    for i, part in enumerate(parts[:-1]):
+        nxt: list[Any] = []
+        for node in targets:
+            if isinstance(node, list):
+                if part == "*":
+                    nxt.extend(node)
+                elif part.isdigit() and int(part) < len(node):
+                    nxt.append(node[int(part)])
+                else:
+                    raise RecipeError(
+                        f"--set {key}: '{'.'.join(parts[: i + 1])}' must be an index below {len(node)} or '*'"
+                    )
+            else:
+                nxt.append(node.setdefault(part, {}))
+                if not isinstance(nxt[-1], dict | list):
+                    raise RecipeError(f"--set {key}: '{'.'.join(parts[: i + 1])}' is not a table")
+        targets = nxt
+    for node in targets:
+        if isinstance(node, list):
+            raise RecipeError(f"--set {key}: '{'.'.join(parts[:-1])}' is a list; name an index or '*'")
+        node[parts[-1]] = copy.deepcopy(value)
+
+
+def _format_error(err: ValidationError, origins: dict[str, str], prefix: tuple = ()) -> str:
+    e = err.errors(include_url=False)[0]
+    loc = ".".join(str(p) for p in (*prefix, *e["loc"]))
+    source = origins.get(loc) or next(
+        (origins[k] for k in sorted(origins, key=len, reverse=True) if loc.startswith(k + ".")), "recipe"
+    )
+    if e["type"] == "extra_forbidden":
+        return f"{source}: unknown key '{loc}'"
+    if e["type"] == "missing":
+        return f"{source}: missing key '{loc}'"
+    msg = e["msg"].removeprefix("Value error, ")
+    return f"{source}: {loc}: {msg} (got {e['input']!r})" if loc else f"{source}: {msg}"
+
+
+def _with_valid_keys(message: str, model: type, loc: str) -> str:
+    if "unknown key" not in message:
+        return message
+    parts = loc.split(".")
+    fields = getattr(model, "model_fields", {})
+    for part in parts[:-1]:
+        if part.isdigit():
+            continue
+        ann = fields.get(part)
+        if ann is None:
+            return message
+        typ = ann.annotation
+        inner = getattr(typ, "__args__", (typ,))
+        sub = next((t for t in inner if hasattr(t, "model_fields")), None)
+        sub = sub or next(
+            (a for t in inner for a in getattr(t, "__args__", ()) if hasattr(a, "model_fields")), None
+        )
+        if sub is None:
+            return message
+        fields = sub.model_fields
+    return f"{message}; valid: {', '.join(fields)}"
+
+
+def resolve(data: dict[str, Any], origins: dict[str, str] | None = None) -> Recipe:
+    """Validate a raw recipe dict into a ``Recipe``; the method section by its method's own schema."""
+    from ssl_cli.methods.registry import get_method
+
+    origins = origins or {}
+    data = copy.deepcopy(data)
+    data.pop("extends", None)
+    method = data.get("method")
+    if not isinstance(method, dict):
+        raise RecipeError(f"{origins.get('method', 'recipe')}: missing table [method] with a 'name'")
+    try:
+        config_cls = get_method(method.get("name")).Config
+    except RecipeError as e:
+        raise RecipeError(f"{origins.get('method.name', 'recipe')}: method.name: {e}") from None
+    try:
+        data["method"] = config_cls.model_validate(method)
+    except ValidationError as e:
+        loc = "method." + ".".join(str(p) for p in e.errors()[0]["loc"])
+        msg = _format_error(e, origins, ("method",))
+        if "unknown key" in msg:
+            msg = f"{msg}; valid: {', '.join(config_cls.model_fields)}"
+        raise RecipeError(msg) from None
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        loc = ".".join(str(p) for p in e.errors()[0]["loc"])
+        raise RecipeError(_with_valid_keys(_format_error(e, origins), Recipe, loc)) from None
+
+
+def load_recipe(spec: str, overrides: Iterable[str] = ()) -> Recipe:
+    """Load a built-in recipe by name or a TOML file by path, apply ``--set`` overrides and validate."""
+    path = _locate(spec)
+    origins: dict[str, str] = {}
+    data = _load_raw(path, (), origins)
+    for assignment in overrides:
+        apply_override(data, assignment)
+        origins[assignment.partition("=")[0].strip()] = "--set"
+    info = data.setdefault("recipe", {})
+    if isinstance(info, dict) and not info.get("name"):
+        info["name"] = path.stem
+    return resolve(data, origins)
+
+
+def recipe_from_dict(data: dict[str, Any], source: str = "checkpoint") -> Recipe:
+    """Validate a recipe stored as a dict (e.g. in checkpoint metadata)."""
+    return resolve(data, {k: source for k in _leaves(data)})

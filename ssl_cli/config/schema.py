@@ -1,0 +1,164 @@
+"""The recipe schema: every key a recipe may hold, its type, default and valid range.
+
+A recipe is validated once, at the edge (``ssl_cli.config.load``), and is immutable afterwards. Each
+section is a frozen pydantic model that rejects unknown keys and wrong types, so a typo is one clear
+error rather than a silently ignored setting. Method sections are declared by the methods themselves
+(``MethodConfig`` subclasses in ``ssl_cli/methods``).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+Pair = Annotated[list[float], Field(min_length=2, max_length=2)]
+Triple = Annotated[list[float], Field(min_length=3, max_length=3)]
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+PositiveInt = Annotated[int, Field(ge=1)]
+
+
+class Section(BaseModel):
+    """Base of every recipe section: strict types, no unknown keys, immutable."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class RecipeInfo(Section):
+    name: str = ""
+    description: str = ""
+
+
+class MethodConfig(Section):
+    """Base of every method's settings; each method declares its own subclass with ``name: Literal[...]``."""
+
+    name: str
+
+
+class BackboneConfig(Section):
+    name: str = "resnet18"
+    """Any timm model name; created with ``num_classes=0`` so it returns pooled features."""
+    small_stem: bool = False
+    """ResNets on 32x32 images: 3x3 stride-1 first convolution and no max-pool (SimCLR's CIFAR stem)."""
+    img_size: PositiveInt | None = None
+    """ViT input size (timm ``img_size``)."""
+    patch_size: PositiveInt | None = None
+    """ViT patch size (timm ``patch_size``)."""
+    freeze_patch_embed: bool = False
+    """Keep the random patch projection of a ViT frozen (MoCo v3)."""
+    drop_path_rate: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    kwargs: dict[str, int | float | bool | str] = {}
+    """Further keyword arguments for ``timm.create_model``."""
+
+
+class ViewConfig(Section):
+    """One kind of augmented view (SimCLR / BYOL style); ``count`` views of it per image."""
+
+    count: PositiveInt = 1
+    size: PositiveInt = 224
+    scale: Pair = [0.08, 1.0]
+    ratio: Pair = [3.0 / 4.0, 4.0 / 3.0]
+    hflip_prob: Probability = 0.5
+    jitter_prob: Probability = 0.8
+    jitter_strength: Annotated[float, Field(ge=0.0)] = 1.0
+    """Colour jitter strength s: brightness = contrast = saturation = 0.8 s, hue = 0.2 s (SimCLR)."""
+    grayscale_prob: Probability = 0.2
+    blur_prob: Probability = 0.5
+    blur_sigma: Pair = [0.1, 2.0]
+    solarize_prob: Probability = 0.0
+
+    @field_validator("scale")
+    @classmethod
+    def _scale(cls, v: list[float]) -> list[float]:
+        if not (0.0 < v[0] <= v[1] <= 1.0):
+            raise ValueError("must be [low, high] with 0 < low <= high <= 1")
+        return v
+
+    @field_validator("ratio", "blur_sigma")
+    @classmethod
+    def _ordered(cls, v: list[float]) -> list[float]:
+        if not (0.0 < v[0] <= v[1]):
+            raise ValueError("must be [low, high] with 0 < low <= high")
+        return v
+
+
+class DataConfig(Section):
+    mean: Triple = list(IMAGENET_MEAN)
+    std: Triple = list(IMAGENET_STD)
+    num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
+    cache: Literal["auto", "memory", "none"] = "auto"
+    """``memory``: decode every image once and keep it; ``auto``: do so when the set fits (< 4 GiB)."""
+
+
+class OptimConfig(Section):
+    name: Literal["sgd", "lars", "adamw"] = "sgd"
+    lr: Annotated[float, Field(gt=0.0)] = 0.05
+    """Base learning rate; the effective rate is lr * batch_size / 256 with ``lr_scaling = "linear"``."""
+    lr_scaling: Literal["linear", "sqrt", "none"] = "linear"
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
+    weight_decay: Annotated[float, Field(ge=0.0)] = 1e-4
+    betas: Pair = [0.9, 0.999]
+    exclude_bias_norm: bool = True
+    """No weight decay (and no LARS adaptation) for biases and normalisation parameters."""
+    trust_coefficient: Annotated[float, Field(gt=0.0)] = 0.001
+    """LARS trust coefficient (eta)."""
+
+
+class ScheduleConfig(Section):
+    name: Literal["cosine", "constant"] = "cosine"
+    warmup_epochs: Annotated[float, Field(ge=0.0)] = 0.0
+    min_lr: Annotated[float, Field(ge=0.0)] = 0.0
+    """Learning rate at the end of the cosine decay (absolute)."""
+
+
+class TrainConfig(Section):
+    epochs: PositiveInt = 100
+    batch_size: PositiveInt = 256
+    seed: int = 0
+    device: str = "auto"
+    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """``auto``: bf16 autocast on CUDA, fp32 on CPU."""
+    checkpoint_every: Annotated[int, Field(ge=0)] = 10
+    """Save ``epoch_NNNN.safetensors`` every N epochs (0: only ``last``)."""
+    channels_last: bool = False
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        ok = v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit())
+        if not ok:
+            raise ValueError("must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        return v
+
+
+class Recipe(Section):
+    """A fully resolved recipe: what ``ssl pretrain`` runs, saved in the run folder and every checkpoint."""
+
+    recipe: RecipeInfo = RecipeInfo()
+    method: SerializeAsAny[MethodConfig]
+    backbone: BackboneConfig = BackboneConfig()
+    data: DataConfig = DataConfig()
+    views: Annotated[list[ViewConfig], Field(min_length=1)] = [ViewConfig(count=2)]
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> Recipe:
+        if self.schedule.warmup_epochs > self.train.epochs:
+            raise ValueError(
+                f"schedule.warmup_epochs ({self.schedule.warmup_epochs}) exceeds train.epochs "
+                f"({self.train.epochs})"
+            )
+        return self
+
+    @property
+    def num_views(self) -> int:
+        return sum(v.count for v in self.views)
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json", exclude_none=True)

@@ -1,0 +1,19 @@
+"""User-facing errors. The CLI prints ``str(error)`` as one line and exits with ``error.exit_code``."""
+
+
+class SSLError(Exception):
+    """A problem with what the user asked for: bad recipe, missing data, unreadable checkpoint."""
+
+    exit_code = 2
+
+
+class RecipeError(SSLError):
+    """A recipe file or override is invalid."""
+
+
+class DataError(SSLError):
+    """A dataset path or name cannot be used."""
+
+
+class CheckpointError(SSLError):
+    """A checkpoint or run folder cannot be read, resumed or written."""
