@@ -88,4 +88,3 @@ def preprocessing(model: nn.Module, cfg: BackboneConfig) -> dict[str, Any]:
         "input_size": list(pc.get("input_size", (3, 224, 224))),
         "interpolation": pc.get("interpolation", "bicubic"),
     }
-

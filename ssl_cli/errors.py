@@ -17,3 +17,9 @@ class DataError(SSLError):
 
 class CheckpointError(SSLError):
     """A checkpoint or run folder cannot be read, resumed or written."""
+
+
+class TrainingError(SSLError):
+    """Training cannot go on (e.g. the loss diverged); the checkpoints written so far are kept."""
+
+    exit_code = 1

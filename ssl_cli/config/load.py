@@ -105,14 +105,18 @@ def _parse_value(text: str) -> Any:
         return text  # a bare word: take it as a string
 
 
-def apply_override(data: dict[str, Any], assignment: str) -> None:
-    """Apply one ``a.b=value`` override in place; list items by index (``views.0.size``) or all (``views.*.size``)."""
+def parse_assignment(assignment: str) -> tuple[str, Any]:
+    """``"optim.lr=0.06"`` -> ``("optim.lr", 0.06)``; the value is read as TOML, or else as a plain string."""
     key, sep, text = assignment.partition("=")
     key = key.strip()
     if not sep or not key:
         raise RecipeError(f"--set {assignment!r}: expected KEY=VALUE, e.g. optim.lr=0.06")
+    return key, _parse_value(text.strip())
+
+
+def apply_override(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set one dotted key in place; list items by index (``views.0.size``) or all of them (``views.*.size``)."""
     parts = key.split(".")
-    value = _parse_value(text.strip())
     targets: list[Any] = [data]
     for i, part in enumerate(parts[:-1]):
         nxt: list[Any] = []
@@ -203,14 +207,18 @@ def resolve(data: dict[str, Any], origins: dict[str, str] | None = None) -> Reci
         raise RecipeError(_with_valid_keys(_format_error(e, origins), Recipe, loc)) from None
 
 
-def load_recipe(spec: str, overrides: Iterable[str] = ()) -> Recipe:
-    """Load a built-in recipe by name or a TOML file by path, apply ``--set`` overrides and validate."""
+def load_recipe(spec: str, overrides: Iterable[str | tuple[str, Any]] = ()) -> Recipe:
+    """Load a built-in recipe by name or a TOML file by path, apply overrides in order and validate.
+
+    Overrides are ``"a.b=value"`` strings (``--set``) or ``(key, value)`` pairs (typed command-line flags).
+    """
     path = _locate(spec)
     origins: dict[str, str] = {}
     data = _load_raw(path, (), origins)
-    for assignment in overrides:
-        apply_override(data, assignment)
-        origins[assignment.partition("=")[0].strip()] = "--set"
+    for override in overrides:
+        key, value = parse_assignment(override) if isinstance(override, str) else override
+        apply_override(data, key, value)
+        origins[key] = f"--set {key}" if isinstance(override, str) else "command line"
     info = data.setdefault("recipe", {})
     if isinstance(info, dict) and not info.get("name"):
         info["name"] = path.stem

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -146,15 +146,6 @@ class Recipe(Section):
     optim: OptimConfig = OptimConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     train: TrainConfig = TrainConfig()
-
-    @model_validator(mode="after")
-    def _warmup_fits(self) -> Recipe:
-        if self.schedule.warmup_epochs > self.train.epochs:
-            raise ValueError(
-                f"schedule.warmup_epochs ({self.schedule.warmup_epochs}) exceeds train.epochs "
-                f"({self.train.epochs})"
-            )
-        return self
 
     @property
     def num_views(self) -> int:

@@ -1,0 +1,156 @@
+"""Terminal plumbing shared by the commands: stderr console, progress, errors, ``--json`` output."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from ssl_cli.errors import SSLError
+
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    err.print(
+        f"[bold red]error:[/] {message}" if err.is_terminal else f"error: {message}", markup=err.is_terminal
+    )
+    return typer.Exit(code)
+
+
+def handles_errors(fn: F) -> F:
+    """User errors become one line on stderr and their exit code; Ctrl-C exits 130; no tracebacks."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except SSLError as e:
+            raise fail(str(e), e.exit_code) from None
+        except KeyboardInterrupt:
+            raise fail(
+                "interrupted; checkpoints written so far are kept (continue with --resume)", 130
+            ) from None
+        except MemoryError:
+            raise fail("out of memory; lower --batch-size", 1) from None
+        except Exception as e:  # noqa: BLE001 - a bug, not bad input: one line unless debugging
+            if os.environ.get("SSL_DEBUG"):
+                raise
+            raise fail(
+                f"internal error: {type(e).__name__}: {e} (set SSL_DEBUG=1 for the traceback)", 1
+            ) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def emit_json(payload: dict[str, Any]) -> None:
+    """Exactly one JSON object on stdout."""
+    sys.stdout.write(json.dumps(payload) + "\n")
+    sys.stdout.flush()
+
+
+def result_table(title: str, rows: dict[str, Any]) -> Table:
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column("key", style="bold")
+    table.add_column("value")
+    for key, value in rows.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    return table
+
+
+def fmt(value: float) -> str:
+    return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
+
+
+class ProgressReporter:
+    """A Rich progress bar on stderr (epoch/step, loss, lr, images/s, ETA) plus one line per epoch."""
+
+    def __init__(self, epochs: int, quiet: bool = False) -> None:
+        self.epochs = epochs
+        self.quiet = quiet
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=err,
+            transient=True,
+            disable=quiet or not err.is_terminal,
+        )
+        self.task = None
+
+    def __enter__(self) -> ProgressReporter:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.__exit__(*exc)
+
+    def start(self, total_steps: int, done_steps: int) -> None:
+        self.task = self.progress.add_task("pretrain", total=total_steps, completed=done_steps, stats="")
+
+    def update(self, step: int, epoch: int, metrics: dict[str, float]) -> None:
+        stats = (
+            f"loss {metrics['loss']:.4f}  lr {metrics['lr']:.3g}  {metrics['images_per_second']:.0f} img/s"
+        )
+        self.progress.update(
+            self.task, completed=step, description=f"epoch {epoch + 1}/{self.epochs}", stats=stats
+        )
+
+    def epoch_end(self, record: dict[str, Any]) -> None:
+        if not self.quiet:
+            self.progress.console.print(
+                f"epoch {record['epoch']}/{self.epochs}  step {record['step']}  loss {record['loss']:.4f}  "
+                f"lr {record['lr']:.3g}  {record['images_per_second']:.0f} img/s  {record['seconds']:.1f}s"
+            )
+
+    def log(self, message: str) -> None:
+        if not self.quiet:
+            self.progress.console.print(message, markup=False)
+
+
+class CountProgress:
+    """A simple bar for feature extraction / probe epochs (stderr, hidden when not a terminal)."""
+
+    def __init__(self, description: str, total: int) -> None:
+        self.progress = Progress(
+            TextColumn(description),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=err,
+            transient=True,
+            disable=not err.is_terminal,
+        )
+        self.task = self.progress.add_task(description, total=total)
+
+    def __enter__(self) -> CountProgress:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.__exit__(*exc)
+
+    def advance(self, n: int = 1) -> None:
+        self.progress.advance(self.task, n)

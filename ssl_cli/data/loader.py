@@ -1,0 +1,86 @@
+"""Training data loading with reproducible augmentation.
+
+The sampler hands out *global* sample ids, ``epoch * N + index``, in a permutation seeded by
+``(seed, epoch)``; each sample's augmentation runs under a generator seeded by ``(seed, global id)``.
+The views of an image are therefore a pure function of the seed, the epoch and the index: the same with
+any number of workers, and the same after ``--resume`` as in an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ssl_cli.data.images import ImageSet
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit hash of integers (splitmix64 steps), so neighbouring ids get unrelated seeds."""
+    x = 0x9E3779B97F4A7C15
+    for v in values:
+        x = (x ^ (v & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        x = (x ^ (x >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+    return x >> 1
+
+
+class EpochSampler(Sampler[int]):
+    """Shuffles indices per epoch from ``(seed, epoch)`` and yields ``epoch * N + index``."""
+
+    def __init__(self, num_samples: int, seed: int) -> None:
+        self.num_samples = num_samples
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(_mix(self.seed, self.epoch))
+        offset = self.epoch * self.num_samples
+        yield from (offset + i for i in torch.randperm(self.num_samples, generator=g).tolist())
+
+
+class ViewDataset(Dataset):
+    """Items are ``(views, label, index)``; augmentation is seeded per global sample id."""
+
+    def __init__(self, images: ImageSet, transform: Callable[[torch.Tensor], list[torch.Tensor]], seed: int):
+        self.images = images
+        self.transform = transform
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, global_id: int) -> tuple[list[torch.Tensor], int, int]:
+        index = global_id % len(self.images)
+        image = self.images.load(index)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_mix(self.seed, global_id, 1))
+            views = self.transform(image)
+        return views, int(self.images.labels[index]), index
+
+
+def resolve_workers(num_workers: int | str) -> int:
+    if num_workers == "auto":
+        # leave a core to the training step itself
+        return max(1, min(8, (os.cpu_count() or 2) - 1))
+    return int(num_workers)
+
+
+def train_loader(dataset: ViewDataset, batch_size: int, num_workers: int, seed: int) -> DataLoader:
+    sampler = EpochSampler(len(dataset), seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        drop_last=True,  # equal batches: BatchNorm statistics and queue updates stay regular
+        persistent_workers=num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )

@@ -1,0 +1,49 @@
+"""Heads: projectors and predictors built from a small spec; they know nothing of the backbone."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+from torch import nn
+
+ProjectorKind = Literal["none", "linear", "mlp"]
+
+
+def mlp(
+    dims: Sequence[int], batchnorm: bool = True, last_batchnorm: bool = False, last_bias: bool = True
+) -> nn.Sequential:
+    """Linear layers between ``dims[0] -> ... -> dims[-1]``; hidden layers get [BatchNorm] + ReLU.
+
+    ``mlp([2048, 2048, 128])`` is the SimCLR / MoCo v2 projector; ``last_batchnorm`` adds a BatchNorm
+    (without ReLU) after the final linear layer, as SimCLR v2's projector does.
+    """
+    if len(dims) < 2:
+        raise ValueError(f"an MLP needs at least input and output sizes, got {list(dims)}")
+    layers: list[nn.Module] = []
+    for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+        last = i == len(dims) - 2
+        layers.append(nn.Linear(d_in, d_out, bias=last_bias if last else not batchnorm))
+        if not last:
+            if batchnorm:
+                layers.append(nn.BatchNorm1d(d_out))
+            layers.append(nn.ReLU(inplace=True))
+        elif last_batchnorm:
+            layers.append(nn.BatchNorm1d(d_out))
+    return nn.Sequential(*layers)
+
+
+def projector(
+    kind: ProjectorKind, in_dim: int, hidden_dim: int, out_dim: int, batchnorm: bool
+) -> tuple[nn.Module, int]:
+    """SimCLR's projector ablation [0, Fig. 8]: none (identity), linear, or a 2-layer MLP.
+
+    Returns the module and its output size.
+
+    [0] SimCLR, Chen et al. 2020, arXiv:2002.05709.
+    """
+    if kind == "none":
+        return nn.Identity(), in_dim
+    if kind == "linear":
+        return nn.Linear(in_dim, out_dim), out_dim
+    return mlp([in_dim, hidden_dim, out_dim], batchnorm=batchnorm), out_dim

@@ -1,0 +1,62 @@
+"""The method contract: the one small base class every method derives from.
+
+A method composes a backbone (timm, ``num_classes=0``), heads, a loss and optional momentum copies.
+The trainer calls, per step: ``training_step(views, step)`` -> backward -> optimizer step ->
+``after_optimizer_step(step, total_steps)`` (EMA updates, queue writes). Everything a method needs to
+resume (queues, momentum encoders) is a parameter or buffer, so it travels in ``state_dict``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ssl_cli.config.schema import MethodConfig, Recipe
+from ssl_cli.errors import RecipeError
+from ssl_cli.train.optim import param_groups
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    """The scalar to minimise."""
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Detached scalars to log next to the loss (converted to floats only when logged)."""
+
+
+class Method(nn.Module):
+    Config: ClassVar[type[MethodConfig]]
+    description: ClassVar[str] = ""
+    num_views: ClassVar[int] = 2
+    """How many views per image the method consumes (the recipe's ``[[views]]`` counts must add up to it)."""
+    demo_overrides: ClassVar[dict[str, object]] = {}
+    """Recipe keys changed for the built-in demo data (a few thousand 32x32 images), e.g. a smaller queue."""
+
+    def __init__(self, config: MethodConfig, backbone: nn.Module, recipe: Recipe) -> None:
+        super().__init__()
+        if recipe.num_views != self.num_views:
+            raise RecipeError(
+                f"views: method '{config.name}' needs {self.num_views} views per image, "
+                f"the recipe's [[views]] give {recipe.num_views}"
+            )
+        self.config = config
+        self.recipe = recipe
+        self.backbone = backbone
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.backbone.num_features)
+
+    def training_step(self, views: list[torch.Tensor], step: int) -> StepOutput:
+        raise NotImplementedError
+
+    def after_optimizer_step(self, step: int, total_steps: int) -> None:
+        """Called after every optimizer step; momentum updates and queue writes go here."""
+
+    def param_groups(self) -> list[dict]:
+        """Parameter groups for the optimizer (frozen parameters, e.g. momentum encoders, are left out)."""
+        optim = self.recipe.optim
+        return param_groups(self.named_parameters(), optim.weight_decay, optim.exclude_bias_norm)

@@ -1,0 +1,91 @@
+"""MoCo v2: momentum contrast with an MLP projector and SimCLR-style augmentation.
+
+Query encoder f_q (backbone + projector, trained) and key encoder f_k (a momentum copy, no gradient);
+the loss contrasts each query with its own key (positive) and a FIFO queue of K keys from earlier
+batches (negatives). After each step: f_k <- m f_k + (1 - m) f_q, and the batch's keys are enqueued.
+
+[0] MoCo, He, Fan, Wu, Xie, Girshick 2019, arXiv:1911.05722.
+[1] MoCo v2, Chen, Fan, Girshick, He 2020, arXiv:2003.04297.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from ssl_cli.config.schema import MethodConfig, PositiveInt, Probability
+from ssl_cli.heads import ProjectorKind, projector
+from ssl_cli.losses.moco import KeyQueue, moco_contrastive
+from ssl_cli.methods.base import Method, StepOutput
+from ssl_cli.methods.momentum import ema_update, frozen_copy, shuffled_forward
+from ssl_cli.methods.registry import register
+
+
+class MoCoV2Config(MethodConfig):
+    name: Literal["mocov2"] = "mocov2"
+    temperature: Annotated[float, Field(gt=0.0)] = 0.2
+    queue_size: PositiveInt = 65536
+    momentum: Probability = 0.999
+    projector: ProjectorKind = "mlp"
+    proj_hidden_dim: PositiveInt = 2048
+    proj_output_dim: PositiveInt = 128
+    proj_batchnorm: bool = False
+    shuffle_bn_splits: PositiveInt = 8
+    """Shuffle-BN on one device: the key batch is shuffled and forwarded in this many sub-batches."""
+    symmetric: bool = False
+    """Also contrast view 2's queries with view 1's keys (a common small-data variant; the paper is asymmetric)."""
+
+
+@register
+class MoCoV2(Method):
+    Config = MoCoV2Config
+    description = "MoCo v2 (2020): momentum key encoder, queue of 65536 negatives, MLP projector, tau 0.2"
+    demo_overrides = {"method.queue_size": 2048, "method.momentum": 0.99}
+
+    def __init__(self, config: MoCoV2Config, backbone, recipe) -> None:
+        super().__init__(config, backbone, recipe)
+        self.projector, dim = projector(
+            config.projector,
+            self.feature_dim,
+            config.proj_hidden_dim,
+            config.proj_output_dim,
+            config.proj_batchnorm,
+        )
+        self.key_backbone = frozen_copy(self.backbone)
+        self.key_projector = frozen_copy(self.projector)
+        self.queue = KeyQueue(config.queue_size, dim)
+        self._new_keys: torch.Tensor | None = None
+
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.projector(self.backbone(x)), dim=1)  # N x D
+
+    @torch.no_grad()
+    def key(self, x: torch.Tensor) -> torch.Tensor:
+        def encode(chunk: torch.Tensor) -> torch.Tensor:
+            return self.key_projector(self.key_backbone(chunk))
+
+        return F.normalize(shuffled_forward(encode, x, self.config.shuffle_bn_splits), dim=1)  # N x D
+
+    def training_step(self, views: list[torch.Tensor], step: int) -> StepOutput:
+        x1, x2 = views
+        tau = self.config.temperature
+        k2 = self.key(x2)
+        loss = moco_contrastive(self.query(x1), k2, self.queue.keys, tau)
+        keys = [k2]
+        if self.config.symmetric:
+            k1 = self.key(x1)
+            loss = 0.5 * (loss + moco_contrastive(self.query(x2), k1, self.queue.keys, tau))
+            keys.append(k1)
+        # the queue is read by the loss graph: write the new keys only after the optimizer step
+        self._new_keys = torch.cat(keys)
+        return StepOutput(loss)
+
+    def after_optimizer_step(self, step: int, total_steps: int) -> None:
+        ema_update(self.key_backbone, self.backbone, self.config.momentum)
+        ema_update(self.key_projector, self.projector, self.config.momentum)
+        if self._new_keys is not None:
+            self.queue.enqueue(self._new_keys)
+            self._new_keys = None

@@ -1,0 +1,52 @@
+"""SimCLR: a simple framework for contrastive learning of visual representations.
+
+Two strongly augmented views of each image, one shared encoder, a projector, and the NT-Xent loss over
+the 2N views of the batch (each view's positive is its twin; the 2(N-1) others are negatives).
+
+[0] SimCLR, Chen, Kornblith, Norouzi, Hinton 2020, arXiv:2002.05709.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import torch
+from pydantic import Field
+
+from ssl_cli.config.schema import MethodConfig, PositiveInt
+from ssl_cli.heads import ProjectorKind, projector
+from ssl_cli.losses.ntxent import NTXentLoss
+from ssl_cli.methods.base import Method, StepOutput
+from ssl_cli.methods.registry import register
+
+
+class SimCLRConfig(MethodConfig):
+    name: Literal["simclr"] = "simclr"
+    temperature: Annotated[float, Field(gt=0.0)] = 0.1
+    projector: ProjectorKind = "mlp"
+    proj_hidden_dim: PositiveInt = 2048
+    proj_output_dim: PositiveInt = 128
+    proj_batchnorm: bool = True
+
+
+@register
+class SimCLR(Method):
+    Config = SimCLRConfig
+    description = "SimCLR (2020): in-batch contrastive, NT-Xent over 2N views, MLP projector, LARS"
+
+    def __init__(self, config: SimCLRConfig, backbone, recipe) -> None:
+        super().__init__(config, backbone, recipe)
+        self.projector, _ = projector(
+            config.projector,
+            self.feature_dim,
+            config.proj_hidden_dim,
+            config.proj_output_dim,
+            config.proj_batchnorm,
+        )
+        self.loss = NTXentLoss(config.temperature)
+
+    def training_step(self, views: list[torch.Tensor], step: int) -> StepOutput:
+        x1, x2 = views
+        # one forward for both views: BatchNorm statistics are shared over all 2N views, as in SimCLR
+        z1, z2 = self.projector(self.backbone(torch.cat([x1, x2]))).chunk(2)  # N x D each
+        return StepOutput(self.loss(z1, z2))

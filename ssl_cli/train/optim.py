@@ -1,0 +1,128 @@
+"""Parameter groups, learning-rate scaling and the optimizers a recipe's ``[optim]`` section names.
+
+How learning rates flow through a run:
+
+* ``effective_lr(cfg, batch_size)`` turns the recipe's base ``lr`` into the run's rate (linear or
+  square-root batch-size scaling, relative to a batch of 256).
+* ``build_optimizer`` stores that rate on every group as ``group["base_lr"]`` and sets the initial
+  ``group["lr"] = base_lr * group["lr_scale"]``. ``lr_scale`` (default 1.0) lets a method give a part of
+  the model a fixed multiple of the run's rate (e.g. a predictor at 10x).
+* Every step the trainer calls ``set_lr(optimizer, schedule[step])`` with the scheduled rate (see
+  ``ssl_cli.train.schedule``); each group then gets ``scheduled * lr_scale``, or ``base_lr * lr_scale``
+  when the group has ``fixed_lr=True`` (SimSiam's predictor is trained at a constant rate).
+
+Group keys used here besides torch's own: ``names`` (parameter names, for debugging and tests),
+``lars_adapt`` (read by LARS), ``lr_scale``, ``fixed_lr`` and ``base_lr``. torch optimizers keep unknown
+group keys as they are (also in ``state_dict``), so the same groups work with SGD, LARS and AdamW.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from ssl_cli.config.schema import OptimConfig
+from ssl_cli.train.lars import LARS
+
+REFERENCE_BATCH_SIZE = 256
+
+
+def _no_decay(name: str, param: nn.Parameter) -> bool:
+    """Biases and every parameter with at most one dimension (norm weights and biases, scalars)."""
+    return param.ndim <= 1 or name == "bias" or name.endswith(".bias")
+
+
+def param_groups(
+    named_params: Iterable[tuple[str, nn.Parameter]], weight_decay: float, exclude_bias_norm: bool
+) -> list[dict]:
+    """Split parameters into a decayed group and a no-decay group (biases and parameters with ndim <= 1).
+
+    Parameters with ``requires_grad=False`` are left out. The decayed group has ``weight_decay`` and
+    ``lars_adapt=True``; the no-decay group ``weight_decay=0.0`` and ``lars_adapt=False``. Each group keeps
+    its parameters' names under ``"names"``. Empty groups are dropped; with ``exclude_bias_norm=False``
+    every trainable parameter lands in the one decayed group.
+    """
+    decay: dict = {"params": [], "names": [], "weight_decay": weight_decay, "lars_adapt": True}
+    no_decay: dict = {"params": [], "names": [], "weight_decay": 0.0, "lars_adapt": False}
+    seen: set[int] = set()
+    for name, param in named_params:
+        if not param.requires_grad or id(param) in seen:
+            continue
+        seen.add(id(param))  # shared (tied) parameters may appear twice; torch rejects duplicates
+        group = no_decay if exclude_bias_norm and _no_decay(name, param) else decay
+        group["params"].append(param)
+        group["names"].append(name)
+    return [g for g in (decay, no_decay) if g["params"]]
+
+
+def effective_lr(cfg: OptimConfig, batch_size: int) -> float:
+    """The run's learning rate: ``lr * B/256`` (linear), ``lr * sqrt(B/256)`` (sqrt) or ``lr`` (none)."""
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    ratio = batch_size / REFERENCE_BATCH_SIZE
+    if cfg.lr_scaling == "linear":
+        return cfg.lr * ratio
+    if cfg.lr_scaling == "sqrt":
+        return cfg.lr * math.sqrt(ratio)
+    if cfg.lr_scaling == "none":
+        return cfg.lr
+    raise ValueError(f"unknown lr_scaling {cfg.lr_scaling!r}")
+
+
+def build_optimizer(groups: list[dict], cfg: OptimConfig, batch_size: int) -> torch.optim.Optimizer:
+    """Create the optimizer ``cfg.name`` names over ``groups`` (e.g. from ``param_groups``).
+
+    The groups are copied, not modified. Each gets ``base_lr = effective_lr(cfg, batch_size)``,
+    ``lr_scale`` (default 1.0), ``fixed_lr`` (default False) and the initial ``lr = base_lr * lr_scale``
+    (any ``lr`` already in a group is replaced: use ``lr_scale``). A group's own ``weight_decay`` (and, for
+    LARS, ``lars_adapt``) wins over ``cfg``; ``cfg.weight_decay`` is the default for groups without one.
+    SGD uses ``cfg.momentum``, LARS ``cfg.momentum`` and ``cfg.trust_coefficient``, AdamW ``cfg.betas``
+    (decoupled weight decay).
+    """
+    base_lr = effective_lr(cfg, batch_size)
+    built: list[dict] = []
+    for group in groups:
+        g = dict(group)
+        g["params"] = list(g["params"])
+        g.setdefault("lr_scale", 1.0)
+        g.setdefault("fixed_lr", False)
+        g["base_lr"] = base_lr
+        g["lr"] = base_lr * g["lr_scale"]
+        built.append(g)
+    if not any(g["params"] for g in built):
+        raise ValueError("build_optimizer: no trainable parameters")
+
+    if cfg.name == "sgd":
+        return torch.optim.SGD(built, lr=base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.name == "lars":
+        return LARS(
+            built,
+            lr=base_lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            trust_coefficient=cfg.trust_coefficient,
+        )
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(
+            built, lr=base_lr, betas=(cfg.betas[0], cfg.betas[1]), weight_decay=cfg.weight_decay
+        )
+    raise ValueError(f"unknown optimizer {cfg.name!r}")
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's rate for this step to ``lr * lr_scale``.
+
+    Groups with ``fixed_lr=True`` ignore ``lr`` and keep ``base_lr * lr_scale``, where ``base_lr`` is the
+    run's effective rate stored by ``build_optimizer``.
+    """
+    for group in optimizer.param_groups:
+        if group.get("fixed_lr", False):
+            if "base_lr" not in group:
+                raise KeyError("a fixed_lr group needs 'base_lr'; build the optimizer with build_optimizer")
+            rate = group["base_lr"]
+        else:
+            rate = lr
+        group["lr"] = float(rate) * group.get("lr_scale", 1.0)

@@ -1,0 +1,252 @@
+"""``ssl pretrain``: the training loop.
+
+data -> views -> ``method.training_step`` -> backward -> optimizer step -> ``method.after_optimizer_step``
+-> metrics (reporter, ``metrics.jsonl``) -> checkpoints at epoch ends. The learning rate follows a per-step
+array indexed by the global step, so a resumed run picks up the schedule exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from ssl_cli.augment import MultiView
+from ssl_cli.backbones import build_backbone, timm_kwargs
+from ssl_cli.config.schema import Recipe
+from ssl_cli.data import ImageSet, open_dataset
+from ssl_cli.data.loader import ViewDataset, resolve_workers, train_loader
+from ssl_cli.errors import CheckpointError, DataError, RecipeError, TrainingError
+from ssl_cli.methods import Method, get_method
+from ssl_cli.train.checkpoint import load_optimizer, read_checkpoint, restore_rng, save_checkpoint
+from ssl_cli.train.optim import build_optimizer, effective_lr, set_lr
+from ssl_cli.train.run_dir import RunDir
+from ssl_cli.train.schedule import lr_schedule
+
+
+class Reporter(Protocol):
+    """Receives progress; the CLI draws a Rich progress bar on stderr, the library default is silent."""
+
+    def start(self, total_steps: int, done_steps: int) -> None: ...
+    def update(self, step: int, epoch: int, metrics: dict[str, float]) -> None: ...
+    def epoch_end(self, record: dict[str, Any]) -> None: ...
+    def log(self, message: str) -> None: ...
+
+
+class SilentReporter:
+    def start(self, total_steps: int, done_steps: int) -> None: ...
+    def update(self, step: int, epoch: int, metrics: dict[str, float]) -> None: ...
+    def epoch_end(self, record: dict[str, Any]) -> None: ...
+    def log(self, message: str) -> None: ...
+
+
+@dataclass
+class PretrainResult:
+    checkpoint: str
+    run_dir: str
+    epochs: int
+    steps: int
+    loss: float | None
+    images_per_second: float | None
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# The built-in demo data is 2,560 images of 32x32: whatever the recipe was written for, the demo runs a small,
+# fast version of it (plain-stem ResNet-18 at 32x32, a few epochs). Flags and --set still win over these.
+DEMO_OVERRIDES: dict[str, object] = {
+    "backbone.name": "resnet18",
+    "backbone.small_stem": False,
+    "views.*.size": 32,
+    "train.epochs": 5,
+    "train.batch_size": 256,
+    "train.checkpoint_every": 0,
+    "schedule.warmup_epochs": 1,
+}
+
+
+def demo_overrides(method_name: str) -> list[tuple[str, object]]:
+    """Recipe changes that make any recipe a ~2-minute CPU run on the demo data."""
+    return [*DEMO_OVERRIDES.items(), *get_method(method_name).demo_overrides.items()]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RecipeError(
+            f"train.device: '{name}' asked for but no CUDA device is available; use cpu or auto"
+        )
+    return torch.device(name)
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (``auto`` or ``bf16``); full fp32 on CPU unless ``bf16`` is forced."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def build_method(recipe: Recipe) -> Method:
+    """Backbone + method for a recipe (weights initialised from the current torch seed)."""
+    return get_method(recipe.method.name)(recipe.method, build_backbone(recipe.backbone), recipe)
+
+
+def checkpoint_meta(
+    recipe: Recipe, method: Method, data: ImageSet, spec: str | None, epoch: int, step: int, metrics: dict
+) -> dict:
+    size = max(v.size for v in recipe.views)
+    return {
+        "recipe": recipe.to_dict(),
+        "method": recipe.method.name,
+        "backbone": {
+            "name": recipe.backbone.name,
+            "kwargs": timm_kwargs(recipe.backbone),
+            "small_stem": recipe.backbone.small_stem,
+            "num_features": method.feature_dim,
+        },
+        "preprocessing": {"mean": recipe.data.mean, "std": recipe.data.std, "input_size": [3, size, size]},
+        "data": {"spec": spec, "name": data.name, "num_images": len(data), "classes": data.classes},
+        "epoch": epoch,
+        "step": step,
+        "metrics": metrics,
+    }
+
+
+def _check_resume(recipe: Recipe, run: RunDir) -> Any:
+    ckpt = read_checkpoint(run.last)
+    saved = ckpt.meta["recipe"]
+    if saved != recipe.to_dict():
+        diff = _first_difference(saved, recipe.to_dict())
+        raise CheckpointError(
+            f"--resume: {run.last} was trained with a different recipe ({diff}); resume without --recipe/--set "
+            "changes, or start a new run with another --out"
+        )
+    return ckpt
+
+
+def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k):
+                return _first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            if x != y:
+                return _first_difference(x, y, f"{prefix}{i}.")
+    return f"{prefix.rstrip('.')}: {a!r} then, {b!r} now"
+
+
+def pretrain(
+    recipe: Recipe,
+    data: str | None,
+    out: Path,
+    resume: bool = False,
+    reporter: Reporter | None = None,
+) -> PretrainResult:
+    """Train ``recipe`` on ``data`` (a folder, a dataset name, or None for the demo set) into ``out``."""
+    reporter = reporter or SilentReporter()
+    run = RunDir(Path(out))
+    ckpt = _check_resume(recipe, run) if resume else None
+    device = resolve_device(recipe.train.device)
+    train = recipe.train
+
+    images = open_dataset(data, role="train").cached(recipe.data.cache)
+    if len(images) < train.batch_size:
+        raise DataError(
+            f"{images.name} has {len(images)} images, fewer than one batch ({train.batch_size}); "
+            "lower --batch-size"
+        )
+    torch.manual_seed(train.seed)
+    method = build_method(recipe).to(device)
+    if train.channels_last:
+        method = method.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(method.param_groups(), recipe.optim, train.batch_size)
+    steps_per_epoch = len(images) // train.batch_size
+    total_steps = steps_per_epoch * train.epochs
+    lrs = lr_schedule(
+        recipe.schedule, effective_lr(recipe.optim, train.batch_size), steps_per_epoch, train.epochs
+    )
+
+    start_epoch, step = 0, 0
+    run.prepare(recipe, resume)
+    if ckpt is not None:
+        method.load_state_dict(ckpt.section("model"))
+        load_optimizer(optimizer, ckpt)
+        restore_rng(ckpt)
+        start_epoch, step = int(ckpt.meta["epoch"]), int(ckpt.meta["step"])
+        run.truncate_metrics(start_epoch)
+        reporter.log(f"resuming {run.last} at epoch {start_epoch}, step {step}")
+    if recipe.schedule.warmup_epochs > train.epochs:
+        reporter.log(
+            f"note: warm-up ({recipe.schedule.warmup_epochs:g} epochs) is longer than the run "
+            f"({train.epochs}); the learning rate will not reach its peak"
+        )
+
+    workers = resolve_workers(recipe.data.num_workers)
+    dataset = ViewDataset(images, MultiView(recipe.views, recipe.data.mean, recipe.data.std), train.seed)
+    loader = train_loader(dataset, train.batch_size, workers, train.seed)
+    memory_format = torch.channels_last if train.channels_last else torch.contiguous_format
+
+    reporter.start(total_steps, step)
+    started = time.perf_counter()
+    trained_images, record, loss_value = 0, {}, None
+    method.train()
+    for epoch in range(start_epoch, train.epochs):
+        loader.sampler.set_epoch(epoch)
+        epoch_start, loss_sum, n_steps = time.perf_counter(), torch.zeros((), device=device), 0
+        for views, _labels, _index in loader:
+            views = [v.to(device, non_blocking=True, memory_format=memory_format) for v in views]
+            set_lr(optimizer, float(lrs[step]))
+            with autocast(device, train.precision):
+                out_step = method.training_step(views, step)
+            loss = out_step.loss.float()
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"loss became {loss.item()} at epoch {epoch + 1}, step {step}; lower optim.lr or check the "
+                    f"data (checkpoints so far are kept in {run.checkpoints})"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            method.after_optimizer_step(step, total_steps)
+            step += 1
+            n_steps += 1
+            loss_sum += loss.detach()
+            trained_images += views[0].shape[0]
+            if n_steps % 10 == 0 or n_steps == steps_per_epoch:
+                elapsed = time.perf_counter() - epoch_start
+                metrics = {"loss": float(loss_sum) / n_steps, "lr": float(lrs[step - 1])}
+                metrics["images_per_second"] = n_steps * train.batch_size / max(elapsed, 1e-9)
+                metrics.update({k: float(v) for k, v in out_step.metrics.items()})
+                reporter.update(step, epoch, metrics)
+        seconds = time.perf_counter() - epoch_start
+        loss_value = float(loss_sum) / max(n_steps, 1)
+        record = {
+            "epoch": epoch + 1,
+            "step": step,
+            "loss": loss_value,
+            "lr": float(lrs[step - 1]),
+            "images_per_second": n_steps * train.batch_size / max(seconds, 1e-9),
+            "seconds": seconds,
+        }
+        run.log_metrics(record)
+        reporter.epoch_end(record)
+        meta = checkpoint_meta(recipe, method, images, data, epoch + 1, step, record)
+        save_checkpoint(run.last, method, optimizer, meta)
+        if train.checkpoint_every and (epoch + 1) % train.checkpoint_every == 0:
+            save_checkpoint(run.epoch_checkpoint(epoch + 1), method, optimizer, meta)
+
+    seconds = time.perf_counter() - started
+    ips = trained_images / seconds if trained_images else None
+    if loss_value is not None and math.isnan(loss_value):
+        loss_value = None
+    return PretrainResult(str(run.last), str(run.root), train.epochs, step, loss_value, ips, seconds)
