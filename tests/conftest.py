@@ -1,0 +1,48 @@
+"""Shared fixtures: small generated data and tiny recipes, so the suite runs in minutes on 2 CPU cores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from ssl_cli.data.demo import CLASSES, make_demo
+
+# A tiny, fast training setup: timm's test ResNet at 32x32, small batches, no worker processes.
+TINY = [
+    ("backbone.name", "test_resnet"),
+    ("views.*.size", 32),
+    ("train.batch_size", 32),
+    ("train.epochs", 1),
+    ("train.checkpoint_every", 1),
+    ("train.device", "cpu"),
+    ("schedule.warmup_epochs", 0),
+    ("data.num_workers", 0),
+]
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    """One torch thread per test process: avoids oversubscription when tests run beside other work."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def write_image_folder(root: Path, per_class: int = 8, classes: int = 3, split: str = "train", ext: str = "png") -> Path:
+    """An ImageFolder of demo images: root/<class>/<n>.<ext>."""
+    images, labels = make_demo(split, num_images=per_class * len(CLASSES))
+    for c in range(classes):
+        d = root / CLASSES[c]
+        d.mkdir(parents=True, exist_ok=True)
+        for i, img in enumerate(images[labels == c][:per_class]):
+            Image.fromarray(img.permute(1, 2, 0).numpy()).save(d / f"{i:03d}.{ext}")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    return write_image_folder(tmp_path / "images")
