@@ -15,6 +15,7 @@ timm. Two changes are supported on top of a stock model:
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 import timm
@@ -61,7 +62,7 @@ def patch_embed_params(model: nn.Module) -> list[nn.Parameter]:
 def build_backbone(cfg: BackboneConfig) -> nn.Module:
     """Create the timm model for a recipe's ``[backbone]`` section."""
     if not timm.is_model(cfg.name):
-        close = timm.list_models(f"*{cfg.name}*")[:8]
+        close = timm.list_models(f"*{cfg.name}*")[:8] or difflib.get_close_matches(cfg.name, timm.list_models(), n=8)
         hint = f"; similar: {', '.join(close)}" if close else "; see timm.list_models()"
         raise RecipeError(f"backbone.name: unknown timm model {cfg.name!r}{hint}")
     try:

@@ -42,9 +42,7 @@ def backbone_config(meta: dict[str, Any]) -> BackboneConfig:
     )
 
 
-def _backbone_state(
-    tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: Path
-) -> dict[str, torch.Tensor]:
+def _backbone_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
     if meta.get("format") == FORMAT:
         prefix = "model.backbone."
         return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}

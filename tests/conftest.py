@@ -32,7 +32,9 @@ def _threads():
     torch.set_num_threads(before)
 
 
-def write_image_folder(root: Path, per_class: int = 8, classes: int = 3, split: str = "train", ext: str = "png") -> Path:
+def write_image_folder(
+    root: Path, per_class: int = 8, classes: int = 3, split: str = "train", ext: str = "png"
+) -> Path:
     """An ImageFolder of demo images: root/<class>/<n>.<ext>."""
     images, labels = make_demo(split, num_images=per_class * len(CLASSES))
     for c in range(classes):

@@ -102,9 +102,7 @@ def test_matches_brute_force_for_several_k(chunk_size: int) -> None:
 def weighting_case() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One very close class-0 neighbour against two farther class-1 neighbours (cosine 1 vs 0.5)."""
     angle = math.radians(60)
-    train_x = torch.tensor(
-        [[1.0, 0.0], [math.cos(angle), math.sin(angle)], [math.cos(angle), -math.sin(angle)]]
-    )
+    train_x = torch.tensor([[1.0, 0.0], [math.cos(angle), math.sin(angle)], [math.cos(angle), -math.sin(angle)]])
     train_y = torch.tensor([0, 1, 1])
     test_x, test_y = torch.tensor([[1.0, 0.0]]), torch.tensor([0])
     return train_x, train_y, test_x, test_y

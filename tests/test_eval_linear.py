@@ -21,9 +21,7 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
-def clusters(
-    centres: torch.Tensor, per_class: int, spread: float, seed: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def clusters(centres: torch.Tensor, per_class: int, spread: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``per_class`` Gaussian samples around each row of ``centres``; returns (features, labels)."""
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(len(centres)).repeat_interleave(per_class)
@@ -156,9 +154,7 @@ def test_sgd_uses_momentum_weight_decay_and_per_step_cosine_decay(monkeypatch: p
 
     monkeypatch.setattr(torch.optim.SGD, "step", recording_step)
     data = train_test_clusters(spread=1.0, per_class=50)  # 200 samples / batch 64 -> 4 steps per epoch
-    result, _ = run_probe(
-        *data, num_classes=4, epochs=3, batch_size=64, lr=0.8, weight_decay=1e-3, momentum=0.5
-    )
+    result, _ = run_probe(*data, num_classes=4, epochs=3, batch_size=64, lr=0.8, weight_decay=1e-3, momentum=0.5)
 
     total = 3 * 4
     peak = 0.8 * 64 / 256

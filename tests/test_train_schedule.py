@@ -79,9 +79,7 @@ def test_constant_schedule():
     assert (s[4:] == 0.4).all()
     assert (constant_schedule(0.4, 5) == 0.4).all()
     assert constant_schedule(0.4, 0).shape == (0,)
-    torch.testing.assert_close(
-        constant_schedule(0.4, 2, warmup_steps=4), torch.tensor([0.0, 0.1], dtype=torch.float64)
-    )
+    torch.testing.assert_close(constant_schedule(0.4, 2, warmup_steps=4), torch.tensor([0.0, 0.1], dtype=torch.float64))
     assert constant_schedule(1.0, 3, warmup_steps=2, warmup_start=0.5).tolist() == [0.5, 0.75, 1.0]
 
 

@@ -34,9 +34,7 @@ def view_transform(view: ViewConfig, mean: Sequence[float], std: Sequence[float]
     if view.hflip_prob > 0:
         steps.append(v2.RandomHorizontalFlip(view.hflip_prob))
     if view.jitter_prob > 0 and s > 0:
-        jitter = v2.ColorJitter(
-            brightness=0.8 * s, contrast=0.8 * s, saturation=0.8 * s, hue=min(0.5, 0.2 * s)
-        )
+        jitter = v2.ColorJitter(brightness=0.8 * s, contrast=0.8 * s, saturation=0.8 * s, hue=min(0.5, 0.2 * s))
         steps.append(v2.RandomApply([jitter], p=view.jitter_prob))
     if view.grayscale_prob > 0:
         steps.append(v2.RandomGrayscale(view.grayscale_prob))

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+
 import typer
 
 import ssl_cli
 from ssl_cli.cli import evaluate, export, pretrain, recipes, transfer
+from ssl_cli.cli.console import err
 
 app = typer.Typer(
     name="ssl",
@@ -25,9 +28,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(
-        False, "--version", callback=_version, is_eager=True, help="Show the version."
-    ),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
 ) -> None:
     """ssl: SimCLR, MoCo and friends on timm backbones, from the command line."""
 
@@ -42,4 +43,21 @@ app.add_typer(recipes.app, name="recipes")
 
 
 def main() -> None:
-    app(prog_name="ssl")
+    """Console-script entry point: usage errors are one line too, like every other error."""
+    try:
+        code = app(prog_name="ssl", standalone_mode=False)
+    except typer.Abort:
+        err.print("error: interrupted", markup=False)
+        sys.exit(130)
+    except Exception as e:
+        # click's usage errors (typer may vendor its own click, so match by shape, not by class)
+        if not (hasattr(e, "format_message") and hasattr(e, "exit_code")):
+            raise
+        if type(e).__name__ == "NoArgsIsHelpError":  # bare `ssl`: the help text is the message
+            err.print(e.format_message(), markup=False, highlight=False)
+            sys.exit(e.exit_code)
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
+        err.print(f"error: {e.format_message()}{hint}", markup=False, highlight=False)
+        sys.exit(e.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -23,16 +24,20 @@ from rich.table import Table
 
 from ssl_cli.errors import SSLError
 
-err = Console(stderr=True, highlight=False)
+# soft_wrap: a message is one line however long (no hard wrapping at the 80 columns assumed off a terminal)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(
-        f"[bold red]error:[/] {message}" if err.is_terminal else f"error: {message}", markup=err.is_terminal
-    )
+    """Print ``error: MESSAGE`` as exactly one line on stderr; returns the ``typer.Exit`` to raise."""
+    message = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+    if err.is_terminal:  # the message itself is never read as markup: "[method]" stays as written
+        err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+    else:
+        err.print(f"error: {message}", markup=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -46,17 +51,13 @@ def handles_errors(fn: F) -> F:
         except SSLError as e:
             raise fail(str(e), e.exit_code) from None
         except KeyboardInterrupt:
-            raise fail(
-                "interrupted; checkpoints written so far are kept (continue with --resume)", 130
-            ) from None
+            raise fail("interrupted; checkpoints written so far are kept (continue with --resume)", 130) from None
         except MemoryError:
             raise fail("out of memory; lower --batch-size", 1) from None
         except Exception as e:  # noqa: BLE001 - a bug, not bad input: one line unless debugging
             if os.environ.get("SSL_DEBUG"):
                 raise
-            raise fail(
-                f"internal error: {type(e).__name__}: {e} (set SSL_DEBUG=1 for the traceback)", 1
-            ) from None
+            raise fail(f"internal error: {type(e).__name__}: {e} (set SSL_DEBUG=1 for the traceback)", 1) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -111,12 +112,8 @@ class ProgressReporter:
         self.task = self.progress.add_task("pretrain", total=total_steps, completed=done_steps, stats="")
 
     def update(self, step: int, epoch: int, metrics: dict[str, float]) -> None:
-        stats = (
-            f"loss {metrics['loss']:.4f}  lr {metrics['lr']:.3g}  {metrics['images_per_second']:.0f} img/s"
-        )
-        self.progress.update(
-            self.task, completed=step, description=f"epoch {epoch + 1}/{self.epochs}", stats=stats
-        )
+        stats = f"loss {metrics['loss']:.4f}  lr {metrics['lr']:.3g}  {metrics['images_per_second']:.0f} img/s"
+        self.progress.update(self.task, completed=step, description=f"epoch {epoch + 1}/{self.epochs}", stats=stats)
 
     def epoch_end(self, record: dict[str, Any]) -> None:
         if not self.quiet:

@@ -25,12 +25,8 @@ def knn(
     temperature: float = typer.Option(0.07, "--temperature", min=1e-6, help="Vote weight exp(sim / T)."),
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Feature extraction batch size."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
-    num_workers: int = typer.Option(
-        None, "--num-workers", min=0, help="Data loader workers (default: auto)."
-    ),
-    random_init: bool = typer.Option(
-        False, "--random-init", help="Same architecture, random weights (baseline)."
-    ),
+    num_workers: int = typer.Option(None, "--num-workers", min=0, help="Data loader workers (default: auto)."),
+    random_init: bool = typer.Option(False, "--random-init", help="Same architecture, random weights (baseline)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
 ) -> None:
@@ -71,12 +67,8 @@ def linear_probe(
     ),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
-    num_workers: int = typer.Option(
-        None, "--num-workers", min=0, help="Data loader workers (default: auto)."
-    ),
-    random_init: bool = typer.Option(
-        False, "--random-init", help="Same architecture, random weights (baseline)."
-    ),
+    num_workers: int = typer.Option(None, "--num-workers", min=0, help="Data loader workers (default: auto)."),
+    random_init: bool = typer.Option(False, "--random-init", help="Same architecture, random weights (baseline)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
 ) -> None:

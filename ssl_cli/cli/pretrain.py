@@ -17,30 +17,22 @@ from ssl_cli.train.run_dir import RunDir, default_run_dir
 
 @handles_errors
 def pretrain(
-    recipe: str = typer.Option(
-        None, "--recipe", "-r", help="Built-in recipe name (ssl recipes list) or .toml path."
-    ),
+    recipe: str = typer.Option(None, "--recipe", "-r", help="Built-in recipe name (ssl recipes list) or .toml path."),
     data: str = typer.Option(
         None,
         "--data",
         "-d",
         help="Image folder, or cifar10 / cifar100 / stl10[:split]; omitted: built-in demo data.",
     ),
-    out_dir: Path = typer.Option(
-        None, "--out", "-o", help="Run folder (default: runs/<recipe>, never reused)."
-    ),
+    out_dir: Path = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<recipe>, never reused)."),
     backbone: str = typer.Option(None, "--backbone", help="timm model name (recipe key backbone.name)."),
     epochs: int = typer.Option(None, "--epochs", min=1, help="Epochs (train.epochs)."),
     batch_size: int = typer.Option(None, "--batch-size", min=1, help="Batch size (train.batch_size)."),
     device: str = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (train.device)."),
     seed: int = typer.Option(None, "--seed", help="Random seed (train.seed)."),
-    num_workers: int = typer.Option(
-        None, "--num-workers", min=0, help="Data loader workers (data.num_workers)."
-    ),
+    num_workers: int = typer.Option(None, "--num-workers", min=0, help="Data loader workers (data.num_workers)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from checkpoints/last."),
-    overrides: list[str] = typer.Option(
-        [], "--set", help="Override any recipe key: --set optim.lr=0.06 (repeatable)."
-    ),
+    overrides: list[str] = typer.Option([], "--set", help="Override any recipe key: --set optim.lr=0.06 (repeatable)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout at the end."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
 ) -> None:

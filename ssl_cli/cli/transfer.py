@@ -11,6 +11,4 @@ def transfer(
     checkpoint: str = typer.Argument(None, help="Checkpoint to fine-tune."),
 ) -> None:
     """Fine-tune a pretrained backbone on a labeled dataset (not available yet)."""
-    raise fail(
-        "transfer is not available yet; use 'ssl linear-probe' or 'ssl knn' to evaluate a checkpoint", 2
-    )
+    raise fail("transfer is not available yet; use 'ssl linear-probe' or 'ssl knn' to evaluate a checkpoint", 2)

@@ -45,9 +45,7 @@ def _locate(spec: str, relative_to: Path | None = None) -> Path:
         return path
     builtin = recipes_dir() / f"{spec}.toml"
     if not builtin.is_file():
-        raise RecipeError(
-            f"unknown recipe {spec!r}; valid: {', '.join(builtin_recipes())} (or a path to a .toml file)"
-        )
+        raise RecipeError(f"unknown recipe {spec!r}; valid: {', '.join(builtin_recipes())} (or a path to a .toml file)")
     return builtin
 
 
@@ -169,9 +167,7 @@ def _with_valid_keys(message: str, model: type, loc: str) -> str:
         typ = ann.annotation
         inner = getattr(typ, "__args__", (typ,))
         sub = next((t for t in inner if hasattr(t, "model_fields")), None)
-        sub = sub or next(
-            (a for t in inner for a in getattr(t, "__args__", ()) if hasattr(a, "model_fields")), None
-        )
+        sub = sub or next((a for t in inner for a in getattr(t, "__args__", ()) if hasattr(a, "model_fields")), None)
         if sub is None:
             return message
         fields = sub.model_fields

@@ -22,9 +22,14 @@ def decode_image(path: Path) -> torch.Tensor:
     """Read one image file as an RGB uint8 tensor, 3 x H x W (grey, RGBA, palette images are converted)."""
     try:
         with Image.open(path) as im:
-            im = im.convert("RGBA").convert("RGB") if im.mode in ("P", "PA", "LA") else im.convert("RGB")
-            array = np.asarray(im, dtype=np.uint8).copy()
-    except (OSError, UnidentifiedImageError, ValueError) as e:
+            if im.mode == "I" or im.mode.startswith("I;16"):
+                # 16-bit grey: PIL's convert("RGB") clips at 255 instead of scaling, so scale 0..65535 here
+                grey = np.clip(np.round(np.asarray(im).astype(np.float64) / 257.0), 0, 255).astype(np.uint8)
+                array = np.repeat(grey[:, :, None], 3, axis=2)
+            else:
+                im = im.convert("RGBA").convert("RGB") if im.mode in ("P", "PA", "LA") else im.convert("RGB")
+                array = np.asarray(im, dtype=np.uint8).copy()
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"cannot decode image {path}: {e}") from None
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
@@ -76,7 +81,7 @@ class ImageSet:
             try:
                 with Image.open(p) as im:
                     sizes.append(im.width * im.height * 3)
-            except (OSError, UnidentifiedImageError) as e:
+            except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
                 raise DataError(f"cannot read image {p}: {e}") from None
         return int(sum(sizes) / len(sizes) * len(self.paths))
 

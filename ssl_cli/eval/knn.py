@@ -59,8 +59,7 @@ def knn_classify(
     check_split(test_features, test_labels, num_classes, "test")
     if train_features.shape[1] != test_features.shape[1]:
         raise ValueError(
-            f"train and test features have different dimensions: "
-            f"{train_features.shape[1]} vs {test_features.shape[1]}"
+            f"train and test features have different dimensions: {train_features.shape[1]} vs {test_features.shape[1]}"
         )
     ks = tuple(ks)
     if not ks:

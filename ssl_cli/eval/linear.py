@@ -99,8 +99,7 @@ def train_linear_probe(
     check_split(test_features, test_labels, num_classes, "test")
     if train_features.shape[1] != test_features.shape[1]:
         raise ValueError(
-            f"train and test features have different dimensions: "
-            f"{train_features.shape[1]} vs {test_features.shape[1]}"
+            f"train and test features have different dimensions: {train_features.shape[1]} vs {test_features.shape[1]}"
         )
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -162,6 +161,4 @@ def train_linear_probe(
     with torch.no_grad():
         top1, top5 = topk_accuracy(head(test_x), test_y, (1, 5))
         (train_top1,) = topk_accuracy(head(train_x), train_y, (1,))
-    return ProbeResult(
-        top1=top1, top5=top5, train_top1=train_top1, epochs=epochs, lr=lr, weight_decay=weight_decay
-    )
+    return ProbeResult(top1=top1, top5=top5, train_top1=train_top1, epochs=epochs, lr=lr, weight_decay=weight_decay)

@@ -24,9 +24,7 @@ def topk_correct(scores: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) -> 
         One count per entry of ``ks``, each in ``[0, N]``.
     """
     if scores.ndim != 2 or labels.ndim != 1 or scores.shape[0] != labels.shape[0]:
-        raise ValueError(
-            f"expected scores (N, C) and labels (N,), got {tuple(scores.shape)} and {tuple(labels.shape)}"
-        )
+        raise ValueError(f"expected scores (N, C) and labels (N,), got {tuple(scores.shape)} and {tuple(labels.shape)}")
     if any(k < 1 for k in ks):
         raise ValueError(f"every k must be >= 1, got {tuple(ks)}")
     labels = labels.to(device=scores.device, dtype=torch.long)
@@ -73,9 +71,7 @@ def check_split(features: Tensor, labels: Tensor, num_classes: int, name: str) -
     if labels.ndim != 1:
         raise ValueError(f"{name} labels must be 1-D (N,), got shape {tuple(labels.shape)}")
     if features.shape[0] != labels.shape[0]:
-        raise ValueError(
-            f"{name} features and labels have different lengths: {features.shape[0]} vs {labels.shape[0]}"
-        )
+        raise ValueError(f"{name} features and labels have different lengths: {features.shape[0]} vs {labels.shape[0]}")
     if features.shape[0] == 0:
         raise ValueError(f"{name} set is empty")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:

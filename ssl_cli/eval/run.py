@@ -40,15 +40,11 @@ class EvalSetup:
 
 def _labeled(images: ImageSet, flag: str) -> ImageSet:
     if not images.labeled:
-        raise DataError(
-            f"{flag} {images.name}: evaluation needs labels (an ImageFolder with class sub-folders)"
-        )
+        raise DataError(f"{flag} {images.name}: evaluation needs labels (an ImageFolder with class sub-folders)")
     return images
 
 
-def setup(
-    checkpoint: str, train: str | None, val: str | None, device: str, random_init: bool = False
-) -> EvalSetup:
+def setup(checkpoint: str, train: str | None, val: str | None, device: str, random_init: bool = False) -> EvalSetup:
     """Load the backbone and both labeled splits; classes of --val must be those of --train."""
     model, meta = load_backbone(checkpoint, with_meta=True)
     if random_init:
@@ -67,9 +63,7 @@ def setup(
             f"{train_set.classes[:5]}...; both need the same class folders"
         )
     pre = meta["preprocessing"]
-    return EvalSetup(
-        model.to(dev), meta, train_set, val_set, dev, int(pre["input_size"][-1]), pre["mean"], pre["std"]
-    )
+    return EvalSetup(model.to(dev), meta, train_set, val_set, dev, int(pre["input_size"][-1]), pre["mean"], pre["std"])
 
 
 def features(s: EvalSetup, images: ImageSet, batch_size: int, num_workers, progress=None):
@@ -77,9 +71,7 @@ def features(s: EvalSetup, images: ImageSet, batch_size: int, num_workers, progr
     return extract_features(s.model, loader, s.device, progress)
 
 
-def run_knn(
-    s: EvalSetup, ks: list[int], temperature: float, batch_size: int, num_workers, progress=None
-) -> dict:
+def run_knn(s: EvalSetup, ks: list[int], temperature: float, batch_size: int, num_workers, progress=None) -> dict:
     train_f, train_y = features(s, s.train, batch_size, num_workers, progress)
     val_f, val_y = features(s, s.val, batch_size, num_workers, progress)
     by_k = knn_classify(train_f, train_y, val_f, val_y, s.num_classes, ks=ks, temperature=temperature)
@@ -113,9 +105,7 @@ def _augmented_probe(
     # BatchNorm without affine in front of the linear layer: feature standardisation that follows the
     # augmented training distribution (MAE's linear-probe recipe)
     head = nn.Sequential(nn.BatchNorm1d(dim, affine=False), nn.Linear(dim, s.num_classes)).to(s.device)
-    opt = torch.optim.SGD(
-        head.parameters(), lr=lr * batch_size / 256, momentum=0.9, weight_decay=weight_decay
-    )
+    opt = torch.optim.SGD(head.parameters(), lr=lr * batch_size / 256, momentum=0.9, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(len(s.train) / batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
     transform = train_eval_transform(s.size, s.mean, s.std)
@@ -156,9 +146,7 @@ def run_probe(
 ) -> dict:
     val_f, val_y = features(s, s.val, batch_size, num_workers, feature_progress)
     if augment:
-        result = _augmented_probe(
-            s, val_f, val_y, epochs, lr, weight_decay, batch_size, num_workers, seed, progress
-        )
+        result = _augmented_probe(s, val_f, val_y, epochs, lr, weight_decay, batch_size, num_workers, seed, progress)
     else:
         train_f, train_y = features(s, s.train, batch_size, num_workers, feature_progress)
         r = train_linear_probe(

@@ -35,9 +35,7 @@ class KeyQueue(nn.Module):
         self.ptr.copy_((self.ptr + b) % size)
 
 
-def moco_contrastive(
-    q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float
-) -> torch.Tensor:
+def moco_contrastive(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
     """InfoNCE with one positive key and K queued negatives.
 
     Args:

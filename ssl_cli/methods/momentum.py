@@ -31,9 +31,7 @@ def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
     torch._foreach_add_(t_params, o_params, alpha=1.0 - momentum)
 
 
-def shuffled_forward(
-    encoder: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, splits: int
-) -> torch.Tensor:
+def shuffled_forward(encoder: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, splits: int) -> torch.Tensor:
     """Shuffle-BN emulated on one device.
 
     With BatchNorm, a key computed in the same batch as its query can "cheat" through the batch

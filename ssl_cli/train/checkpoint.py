@@ -93,9 +93,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     tensors, meta = read_safetensors(path)
     if meta.get("format") != FORMAT:
         found = meta.get("format", "no 'format' metadata")
-        raise CheckpointError(
-            f"{path} is not an ssl training checkpoint (format: {found}; expected {FORMAT})"
-        )
+        raise CheckpointError(f"{path} is not an ssl training checkpoint (format: {found}; expected {FORMAT})")
     for key in ("recipe", "backbone", "preprocessing", "epoch", "step"):
         if key not in meta:
             raise CheckpointError(f"{path}: checkpoint metadata lacks '{key}'")

@@ -97,9 +97,7 @@ class LARS(torch.optim.Optimizer):
                     w_norm = torch.linalg.vector_norm(p)
                     g_norm = torch.linalg.vector_norm(g)
                     # torch.where keeps it on-device (no host sync); the discarded branch may be inf/nan.
-                    ratio = torch.where(
-                        (w_norm > 0) & (g_norm > 0), eta * w_norm / g_norm, torch.ones_like(w_norm)
-                    )
+                    ratio = torch.where((w_norm > 0) & (g_norm > 0), eta * w_norm / g_norm, torch.ones_like(w_norm))
                     g = g.mul(ratio)
                 if momentum != 0.0:
                     state = self.state[p]

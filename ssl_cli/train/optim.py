@@ -106,9 +106,7 @@ def build_optimizer(groups: list[dict], cfg: OptimConfig, batch_size: int) -> to
             trust_coefficient=cfg.trust_coefficient,
         )
     if cfg.name == "adamw":
-        return torch.optim.AdamW(
-            built, lr=base_lr, betas=(cfg.betas[0], cfg.betas[1]), weight_decay=cfg.weight_decay
-        )
+        return torch.optim.AdamW(built, lr=base_lr, betas=(cfg.betas[0], cfg.betas[1]), weight_decay=cfg.weight_decay)
     raise ValueError(f"unknown optimizer {cfg.name!r}")
 
 

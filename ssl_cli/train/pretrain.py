@@ -81,9 +81,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RecipeError(
-            f"train.device: '{name}' asked for but no CUDA device is available; use cpu or auto"
-        )
+        raise RecipeError(f"train.device: '{name}' asked for but no CUDA device is available; use cpu or auto")
     return torch.device(name)
 
 
@@ -162,8 +160,7 @@ def pretrain(
     images = open_dataset(data, role="train").cached(recipe.data.cache)
     if len(images) < train.batch_size:
         raise DataError(
-            f"{images.name} has {len(images)} images, fewer than one batch ({train.batch_size}); "
-            "lower --batch-size"
+            f"{images.name} has {len(images)} images, fewer than one batch ({train.batch_size}); lower --batch-size"
         )
     torch.manual_seed(train.seed)
     method = build_method(recipe).to(device)
@@ -172,9 +169,7 @@ def pretrain(
     optimizer = build_optimizer(method.param_groups(), recipe.optim, train.batch_size)
     steps_per_epoch = len(images) // train.batch_size
     total_steps = steps_per_epoch * train.epochs
-    lrs = lr_schedule(
-        recipe.schedule, effective_lr(recipe.optim, train.batch_size), steps_per_epoch, train.epochs
-    )
+    lrs = lr_schedule(recipe.schedule, effective_lr(recipe.optim, train.batch_size), steps_per_epoch, train.epochs)
 
     start_epoch, step = 0, 0
     run.prepare(recipe, resume)

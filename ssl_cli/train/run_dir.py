@@ -44,6 +44,9 @@ class RunDir:
                 "or choose another --out"
             )
         self.checkpoints.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            # a new run starts its own metrics: drop lines of an earlier attempt that never wrote a checkpoint
+            self.metrics.unlink(missing_ok=True)
         (self.root / "recipe.toml").write_text(tomli_w.dumps(recipe.to_dict()), encoding="utf-8")
 
     def truncate_metrics(self, epoch: int) -> None:

@@ -48,9 +48,7 @@ def cosine_schedule(
     return torch.cat([warm, cosine])
 
 
-def constant_schedule(
-    base: float, total_steps: int, warmup_steps: int = 0, warmup_start: float = 0.0
-) -> torch.Tensor:
+def constant_schedule(base: float, total_steps: int, warmup_steps: int = 0, warmup_start: float = 0.0) -> torch.Tensor:
     """Linear warm-up as in ``cosine_schedule``, then ``base`` for the remaining steps (float64)."""
     _check(total_steps, warmup_steps)
     warm = _warmup(base, total_steps, warmup_steps, warmup_start)

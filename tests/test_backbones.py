@@ -1,0 +1,164 @@
+"""Backbones: stock timm models with num_classes=0, the CIFAR small stem and the frozen ViT patch projection."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from ssl_cli.backbones import build_backbone, patch_embed_params, preprocessing, timm_kwargs
+from ssl_cli.config.schema import BackboneConfig
+from ssl_cli.errors import RecipeError
+
+
+@pytest.mark.parametrize("name", ["test_resnet", "test_vit", "test_convnext", "test_efficientnet", "resnet18"])
+def test_pooled_features(name: str):
+    torch.manual_seed(0)
+    model = build_backbone(BackboneConfig(name=name)).eval()
+    assert model.num_classes == 0
+    assert isinstance(model.get_classifier(), nn.Identity)
+    size = 160 if name == "test_vit" else 64
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, size, size))
+    assert tuple(out.shape) == (2, model.num_features)
+    stock = timm.create_model(name, num_classes=0)
+    assert model.state_dict().keys() == stock.state_dict().keys()
+
+
+def test_timm_kwargs_passed_through():
+    cfg = BackboneConfig(name="resnet18", drop_path_rate=0.1, kwargs={"global_pool": "max"})
+    assert timm_kwargs(cfg) == {"drop_path_rate": 0.1, "global_pool": "max"}
+    model = build_backbone(cfg)
+    assert model.global_pool.pool_type == "max"
+
+
+def test_bad_kwargs_is_recipe_error():
+    with pytest.raises(RecipeError, match="resnet18"):
+        build_backbone(BackboneConfig(name="resnet18", kwargs={"no_such_option": 3}))
+
+
+@pytest.mark.parametrize(
+    ("name", "suggested"),
+    [("vit_tiny_patch16", "vit_tiny_patch16_224"), ("resnet1", "resnet18"), ("resnt18", "resnet18")],
+)
+def test_unknown_name_suggests(name: str, suggested: str):
+    with pytest.raises(RecipeError) as e:
+        build_backbone(BackboneConfig(name=name))
+    msg = str(e.value)
+    assert "backbone.name" in msg and repr(name) in msg
+    assert suggested in msg.split("similar:", 1)[1]
+    assert "\n" not in msg
+
+
+def test_unknown_name_without_anything_close():
+    with pytest.raises(RecipeError, match="list_models"):
+        build_backbone(BackboneConfig(name="qqqqqqqqqqqqqqqqqqqq"))
+
+
+def test_small_stem_resnet18():
+    stock = build_backbone(BackboneConfig(name="resnet18")).eval()
+    model = build_backbone(BackboneConfig(name="resnet18", small_stem=True)).eval()
+    conv1 = model.conv1
+    assert isinstance(conv1, nn.Conv2d)
+    assert conv1.kernel_size == (3, 3) and conv1.stride == (1, 1) and conv1.padding == (1, 1)
+    assert conv1.in_channels == 3 and conv1.out_channels == stock.conv1.out_channels and conv1.bias is None
+    assert isinstance(model.maxpool, nn.Identity)
+    assert model.state_dict().keys() == stock.state_dict().keys()
+    assert tuple(model.state_dict()["conv1.weight"].shape) == (64, 3, 3, 3)
+
+    stem_out: dict[str, torch.Size] = {}
+
+    def record(key: str):
+        def hook(module, inputs, output) -> None:
+            stem_out[key] = output.shape
+
+        return hook
+
+    model.bn1.register_forward_hook(record("bn1"))
+    model.maxpool.register_forward_hook(record("pool"))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert tuple(model.forward_features(x).shape) == (2, 512, 4, 4)
+        assert tuple(stock.forward_features(x).shape) == (2, 512, 1, 1)
+        assert tuple(model(x).shape) == (2, 512)
+    assert tuple(stem_out["bn1"][-2:]) == (32, 32) and tuple(stem_out["pool"][-2:]) == (32, 32)
+    # timm's metadata follows: the stem no longer downsamples
+    assert [info["reduction"] for info in model.feature_info][:2] == [1, 1]
+
+
+def test_small_stem_weights_load_into_rebuilt_model():
+    a = build_backbone(BackboneConfig(name="resnet18", small_stem=True))
+    b = build_backbone(BackboneConfig(name="resnet18", small_stem=True))
+    b.load_state_dict(a.state_dict())  # strict: same keys and shapes
+    with pytest.raises(RuntimeError):
+        build_backbone(BackboneConfig(name="resnet18")).load_state_dict(a.state_dict())
+
+
+@pytest.mark.parametrize("name", ["test_vit", "resnet18d", "test_convnext"])
+def test_small_stem_rejected_without_plain_stem(name: str):
+    with pytest.raises(RecipeError) as e:
+        build_backbone(BackboneConfig(name=name, small_stem=True))
+    assert "small_stem" in str(e.value) and name in str(e.value)
+
+
+VIT = dict(name="vit_tiny_patch16_224", img_size=32, patch_size=4)
+
+
+def test_vit_img_and_patch_size():
+    model = build_backbone(BackboneConfig(**VIT)).eval()
+    assert model.patch_embed.num_patches == 64
+    assert tuple(model.patch_embed.proj.kernel_size) == (4, 4) and tuple(model.patch_embed.proj.stride) == (4, 4)
+    with torch.no_grad():
+        tokens = model.forward_features(torch.randn(2, 3, 32, 32))
+        assert tokens.shape[:2] == (2, 64 + model.num_prefix_tokens)
+        assert tuple(model(torch.randn(2, 3, 32, 32)).shape) == (2, model.num_features)
+    assert model.num_features == 192
+
+
+def test_vit_frozen_patch_embed_stays_fixed():
+    torch.manual_seed(0)
+    model = build_backbone(BackboneConfig(**VIT, freeze_patch_embed=True))
+    proj = model.patch_embed.proj
+    frozen = patch_embed_params(model)
+    assert {id(p) for p in frozen} == {id(proj.weight), id(proj.bias)}
+    assert not any(p.requires_grad for p in frozen)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(trainable) == len(list(model.parameters())) - len(frozen)
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.SGD(trainable, lr=0.1, momentum=0.9)
+    model.train()
+    for _ in range(3):
+        opt.zero_grad()
+        loss = model(torch.randn(4, 3, 32, 32)).pow(2).mean()
+        loss.backward()
+        opt.step()
+    assert proj.weight.grad is None and proj.bias.grad is None
+    assert torch.equal(proj.weight, before["patch_embed.proj.weight"])
+    assert torch.equal(proj.bias, before["patch_embed.proj.bias"])
+    for name in ("blocks.0.attn.qkv.weight", "blocks.11.mlp.fc2.weight", "pos_embed", "cls_token"):
+        assert not torch.equal(dict(model.named_parameters())[name], before[name]), name
+
+
+def test_vit_unfrozen_patch_embed_trains():
+    torch.manual_seed(0)
+    model = build_backbone(BackboneConfig(name="test_vit", img_size=32, patch_size=8))
+    assert all(p.requires_grad for p in model.parameters())
+    model(torch.randn(2, 3, 32, 32)).pow(2).mean().backward()
+    assert model.patch_embed.proj.weight.grad is not None
+
+
+@pytest.mark.parametrize("name", ["resnet18", "test_resnet"])
+def test_freeze_patch_embed_rejected_on_resnet(name: str):
+    assert patch_embed_params(build_backbone(BackboneConfig(name=name))) == []
+    with pytest.raises(RecipeError) as e:
+        build_backbone(BackboneConfig(name=name, freeze_patch_embed=True))
+    assert "freeze_patch_embed" in str(e.value) and name in str(e.value)
+
+
+def test_preprocessing_metadata():
+    cfg = BackboneConfig(name="test_vit")
+    info = preprocessing(build_backbone(cfg), cfg)
+    assert set(info) == {"mean", "std", "input_size", "interpolation"}
+    assert len(info["mean"]) == 3 and len(info["std"]) == 3 and len(info["input_size"]) == 3

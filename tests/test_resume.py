@@ -1,0 +1,71 @@
+"""An interrupted then resumed run ends with exactly the weights of an uninterrupted one (CPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY, write_image_folder
+from ssl_cli.config import load_recipe
+from ssl_cli.train.checkpoint import read_checkpoint
+from ssl_cli.train.pretrain import SilentReporter, pretrain
+
+
+class Interrupt(SilentReporter):
+    """Raises Ctrl-C when epoch ``at`` has finished training but before its checkpoint is written."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def epoch_end(self, record: dict) -> None:
+        if record["epoch"] == self.at:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        # MoCo: queue, momentum encoder, shuffle-BN permutations (global RNG), SGD momentum
+        ("mocov2", [("method.queue_size", 64), ("method.shuffle_bn_splits", 2)]),
+        # SimCLR: LARS state, warm-up + cosine schedule position
+        ("simclr", [("schedule.warmup_epochs", 1), ("optim.name", "lars")]),
+    ],
+    ids=["mocov2", "simclr"],
+)
+def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path: Path, recipe) -> None:
+    name, extra = recipe
+    data = str(write_image_folder(tmp_path / "data", per_class=16, classes=4))
+    r = load_recipe(name, [*TINY, *extra, ("train.epochs", 3), ("train.batch_size", 16)])
+
+    full = pretrain(r, data, tmp_path / "full")
+
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(r, data, tmp_path / "cut", reporter=Interrupt(at=3))
+    assert read_checkpoint(tmp_path / "cut/checkpoints/last.safetensors").meta["epoch"] == 2
+    resumed = pretrain(r, data, tmp_path / "cut", resume=True)
+
+    a = read_checkpoint(full.checkpoint)
+    b = read_checkpoint(resumed.checkpoint)
+    assert a.meta["step"] == b.meta["step"] == 12
+    model_a, model_b = a.section("model"), b.section("model")
+    assert model_a.keys() == model_b.keys()
+    for key in model_a:
+        assert torch.equal(model_a[key], model_b[key]), key
+    optim_a, optim_b = a.section("optim"), b.section("optim")
+    assert optim_a.keys() == optim_b.keys() and all(torch.equal(optim_a[k], optim_b[k]) for k in optim_a)
+    # metrics.jsonl has one line per epoch, the interrupted epoch not duplicated
+    lines = (tmp_path / "cut/metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3
+
+
+def test_resume_refuses_a_different_recipe(tmp_path: Path) -> None:
+    from ssl_cli.errors import CheckpointError
+
+    data = str(write_image_folder(tmp_path / "data", per_class=8, classes=2))
+    r = load_recipe("simclr", [*TINY, ("train.batch_size", 8)])
+    pretrain(r, data, tmp_path / "run")
+    other = load_recipe("simclr", [*TINY, ("train.batch_size", 8), ("optim.lr", 0.5)])
+    with pytest.raises(CheckpointError, match=r"different recipe \(optim.lr: 0.3 then, 0.5 now\)"):
+        pretrain(other, data, tmp_path / "run", resume=True)
