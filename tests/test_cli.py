@@ -14,12 +14,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 from click.testing import Result
-from conftest import TINY, write_image_folder
 from rich.console import Console
 from typer.testing import CliRunner
 
 import ssl_cli
 import ssl_cli.cli.console as console
+from conftest import TINY, write_image_folder
 from ssl_cli.cli.app import app
 from ssl_cli.config import load_recipe
 from ssl_cli.train.checkpoint import read_checkpoint

@@ -10,12 +10,12 @@ from types import SimpleNamespace
 import pytest
 import timm
 import torch
-from conftest import TINY, write_image_folder
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import ssl_cli
 import ssl_cli.train.checkpoint as checkpoint_module
+from conftest import TINY, write_image_folder
 from ssl_cli.config import load_recipe
 from ssl_cli.errors import CheckpointError
 from ssl_cli.export import export_backbone
