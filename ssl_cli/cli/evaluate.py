@@ -5,7 +5,6 @@ from __future__ import annotations
 import typer
 
 from ssl_cli.cli.console import CountProgress, emit_json, err, handles_errors, out, result_table
-from ssl_cli.eval.run import run_knn, run_probe, setup
 
 TRAIN_HELP = "Labeled image folder (class sub-folders) or dataset name; omitted: demo data."
 VAL_HELP = "Labeled image folder or dataset name (test split); omitted: demo test data."
@@ -31,6 +30,8 @@ def knn(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
 ) -> None:
     """Weighted kNN accuracy (cosine similarity, votes exp(sim/T)) of frozen features; top-1/top-5 as fractions."""
+    from ssl_cli.eval.run import run_knn, setup
+
     _note_demo(train, val, quiet)
     s = setup(checkpoint, train, val, device, random_init)
     with CountProgress("features", len(s.train) + len(s.val)) as bar:
@@ -73,6 +74,8 @@ def linear_probe(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
 ) -> None:
     """Linear classifier on the frozen backbone (SGD, cosine schedule); top-1/top-5 on --val as fractions."""
+    from ssl_cli.eval.run import run_probe, setup
+
     _note_demo(train, val, quiet)
     s = setup(checkpoint, train, val, device, random_init)
     workers = num_workers if num_workers is not None else "auto"

@@ -7,7 +7,6 @@ from pathlib import Path
 import typer
 
 from ssl_cli.cli.console import emit_json, err, handles_errors, out, result_table
-from ssl_cli.export import export_backbone
 
 
 @handles_errors
@@ -17,6 +16,8 @@ def export(
     as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout."),
 ) -> None:
     """Write the backbone weights (timm state_dict keys) and OUT.json (name, kwargs, stem, mean/std, size)."""
+    from ssl_cli.export import export_backbone
+
     summary = export_backbone(checkpoint, output)
     if as_json:
         emit_json(summary)

@@ -9,9 +9,6 @@ import typer
 from ssl_cli.cli.console import ProgressReporter, emit_json, err, handles_errors, out, result_table
 from ssl_cli.config import load_recipe
 from ssl_cli.errors import RecipeError
-from ssl_cli.train.checkpoint import read_checkpoint
-from ssl_cli.train.pretrain import demo_overrides
-from ssl_cli.train.pretrain import pretrain as run_pretrain
 from ssl_cli.train.run_dir import RunDir, default_run_dir
 
 
@@ -37,6 +34,11 @@ def pretrain(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
 ) -> None:
     """Pretrain a backbone with a self-supervised recipe; writes checkpoints/last.safetensors in the run folder."""
+    # torch-heavy imports stay inside the command, so `ssl --help` and `ssl --version` start fast
+    from ssl_cli.train.checkpoint import read_checkpoint
+    from ssl_cli.train.pretrain import demo_overrides
+    from ssl_cli.train.pretrain import pretrain as run_pretrain
+
     flags = {
         "backbone.name": backbone,
         "train.epochs": epochs,
@@ -71,8 +73,6 @@ def pretrain(
             )
     run_dir = out_dir or default_run_dir(resolved.recipe.name or "run")
     with ProgressReporter(resolved.train.epochs, quiet=quiet) as reporter:
-        if not quiet:
-            err.print(f"run folder: {run_dir}", markup=False)
         result = run_pretrain(resolved, data, run_dir, resume=resume, reporter=reporter)
     if as_json:
         emit_json(result.to_dict())

@@ -173,6 +173,7 @@ def pretrain(
 
     start_epoch, step = 0, 0
     run.prepare(recipe, resume)
+    reporter.log(f"run folder: {run.root}")
     if ckpt is not None:
         method.load_state_dict(ckpt.section("model"))
         load_optimizer(optimizer, ckpt)
@@ -180,6 +181,10 @@ def pretrain(
         start_epoch, step = int(ckpt.meta["epoch"]), int(ckpt.meta["step"])
         run.truncate_metrics(start_epoch)
         reporter.log(f"resuming {run.last} at epoch {start_epoch}, step {step}")
+        if start_epoch >= train.epochs:
+            reporter.log(f"the run is already complete ({train.epochs} epochs); nothing to train")
+            loss_value = ckpt.meta.get("metrics", {}).get("loss")
+            return PretrainResult(str(run.last), str(run.root), train.epochs, step, loss_value, None, 0.0)
     if recipe.schedule.warmup_epochs > train.epochs:
         reporter.log(
             f"note: warm-up ({recipe.schedule.warmup_epochs:g} epochs) is longer than the run "
