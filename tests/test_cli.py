@@ -433,12 +433,12 @@ def test_usage_errors_exit_2_without_traceback() -> None:
 
 
 def test_internal_errors_are_one_line_exit_1(world, tmp_path: Path, monkeypatch) -> None:
-    import ssl_cli.cli.export as export_cmd
+    import ssl_cli.export as export_lib
 
     def boom(*_args, **_kwargs):
         raise RuntimeError("something broke\nwith a second line")
 
-    monkeypatch.setattr(export_cmd, "export_backbone", boom)
+    monkeypatch.setattr(export_lib, "export_backbone", boom)
     line = user_error(invoke("export", world.ckpt, "--out", tmp_path / "x.safetensors"), "internal error", code=1)
     assert "RuntimeError" in line and "SSL_DEBUG" in line
 
