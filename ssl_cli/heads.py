@@ -7,7 +7,18 @@ from typing import Literal
 
 from torch import nn
 
+from ssl_cli.config.schema import MethodConfig, PositiveInt
+
 ProjectorKind = Literal["none", "linear", "mlp"]
+
+
+class ProjectorConfig(MethodConfig):
+    """Method settings shared by every method with a projector (SimCLR's none / linear / MLP ablation)."""
+
+    projector: ProjectorKind = "mlp"
+    proj_hidden_dim: PositiveInt = 2048
+    proj_output_dim: PositiveInt = 128
+    proj_batchnorm: bool = True
 
 
 def mlp(
@@ -33,17 +44,16 @@ def mlp(
     return nn.Sequential(*layers)
 
 
-def projector(
-    kind: ProjectorKind, in_dim: int, hidden_dim: int, out_dim: int, batchnorm: bool
-) -> tuple[nn.Module, int]:
+def projector(cfg: ProjectorConfig, in_dim: int) -> tuple[nn.Module, int]:
     """SimCLR's projector ablation [0, Fig. 8]: none (identity), linear, or a 2-layer MLP.
 
     Returns the module and its output size.
 
     [0] SimCLR, Chen et al. 2020, arXiv:2002.05709.
     """
-    if kind == "none":
+    if cfg.projector == "none":
         return nn.Identity(), in_dim
-    if kind == "linear":
-        return nn.Linear(in_dim, out_dim), out_dim
-    return mlp([in_dim, hidden_dim, out_dim], batchnorm=batchnorm), out_dim
+    if cfg.projector == "linear":
+        return nn.Linear(in_dim, cfg.proj_output_dim), cfg.proj_output_dim
+    layers = mlp([in_dim, cfg.proj_hidden_dim, cfg.proj_output_dim], batchnorm=cfg.proj_batchnorm)
+    return layers, cfg.proj_output_dim

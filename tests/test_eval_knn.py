@@ -10,16 +10,6 @@ import torch
 from ssl_cli.eval.knn import knn_classify
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Run these tiny problems on one thread: on a shared 2-core machine, intra-op thread hand-offs
-    under load cost far more than the work itself (seconds instead of milliseconds per test)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def gaussian_clusters(
     num_classes: int, dim: int, per_class: int, spread: float, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -11,16 +11,6 @@ import torch
 from ssl_cli.eval.linear import ProbeResult, topk_accuracy, train_linear_probe
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Run these tiny problems on one thread: on a shared 2-core machine, intra-op thread hand-offs
-    under load cost far more than the work itself (seconds instead of milliseconds per test)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def clusters(centres: torch.Tensor, per_class: int, spread: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``per_class`` Gaussian samples around each row of ``centres``; returns (features, labels)."""
     g = torch.Generator().manual_seed(seed)

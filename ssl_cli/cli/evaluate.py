@@ -6,8 +6,15 @@ import typer
 
 from ssl_cli.cli.console import CountProgress, emit_json, err, handles_errors, out, result_table
 
-TRAIN_HELP = "Labeled image folder (class sub-folders) or dataset name; omitted: demo data."
-VAL_HELP = "Labeled image folder or dataset name (test split); omitted: demo test data."
+# Options both evaluation commands take, defined once so their names and help stay the same.
+CHECKPOINT = typer.Argument(..., help="Training checkpoint or exported backbone (.safetensors).")
+TRAIN = typer.Option(None, "--train", help="Labeled image folder (class sub-folders) or dataset name; omitted: demo.")
+VAL = typer.Option(None, "--val", help="Labeled image folder or dataset name (test split); omitted: demo test data.")
+DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N.")
+WORKERS = typer.Option(None, "--num-workers", min=0, help="Data loader workers (default: auto).")
+RANDOM_INIT = typer.Option(False, "--random-init", help="Same architecture, random weights (baseline).")
+JSON = typer.Option(False, "--json", help="One JSON object on stdout.")
+QUIET = typer.Option(False, "--quiet", "-q", help="No progress on stderr.")
 
 
 def _note_demo(train: str | None, val: str | None, quiet: bool) -> None:
@@ -17,17 +24,17 @@ def _note_demo(train: str | None, val: str | None, quiet: bool) -> None:
 
 @handles_errors
 def knn(
-    checkpoint: str = typer.Argument(..., help="Training checkpoint or exported backbone (.safetensors)."),
-    train: str = typer.Option(None, "--train", help=TRAIN_HELP),
-    val: str = typer.Option(None, "--val", help=VAL_HELP),
+    checkpoint: str = CHECKPOINT,
+    train: str = TRAIN,
+    val: str = VAL,
     k: list[int] = typer.Option([200], "--k", min=1, help="Neighbours; repeat for several k in one pass."),
     temperature: float = typer.Option(0.07, "--temperature", min=1e-6, help="Vote weight exp(sim / T)."),
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Feature extraction batch size."),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
-    num_workers: int = typer.Option(None, "--num-workers", min=0, help="Data loader workers (default: auto)."),
-    random_init: bool = typer.Option(False, "--random-init", help="Same architecture, random weights (baseline)."),
-    as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
+    device: str = DEVICE,
+    num_workers: int = WORKERS,
+    random_init: bool = RANDOM_INIT,
+    as_json: bool = JSON,
+    quiet: bool = QUIET,
 ) -> None:
     """Weighted kNN accuracy (cosine similarity, votes exp(sim/T)) of frozen features; top-1/top-5 as fractions."""
     from ssl_cli.eval.run import run_knn, setup
@@ -54,9 +61,9 @@ def knn(
 
 @handles_errors
 def linear_probe(
-    checkpoint: str = typer.Argument(..., help="Training checkpoint or exported backbone (.safetensors)."),
-    train: str = typer.Option(None, "--train", help=TRAIN_HELP),
-    val: str = typer.Option(None, "--val", help=VAL_HELP),
+    checkpoint: str = CHECKPOINT,
+    train: str = TRAIN,
+    val: str = VAL,
     epochs: int = typer.Option(100, "--epochs", min=1, help="Classifier training epochs."),
     lr: float = typer.Option(0.1, "--lr", min=0.0, help="SGD learning rate at batch 256 (scaled linearly)."),
     weight_decay: float = typer.Option(0.0, "--weight-decay", min=0.0, help="Classifier weight decay."),
@@ -67,11 +74,11 @@ def linear_probe(
         help="Train on augmented images (random resized crop + flip) instead of cached features.",
     ),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
-    num_workers: int = typer.Option(None, "--num-workers", min=0, help="Data loader workers (default: auto)."),
-    random_init: bool = typer.Option(False, "--random-init", help="Same architecture, random weights (baseline)."),
-    as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
+    device: str = DEVICE,
+    num_workers: int = WORKERS,
+    random_init: bool = RANDOM_INIT,
+    as_json: bool = JSON,
+    quiet: bool = QUIET,
 ) -> None:
     """Linear classifier on the frozen backbone (SGD, cosine schedule); top-1/top-5 on --val as fractions."""
     from ssl_cli.eval.run import run_probe, setup

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ssl_cli.eval.metrics import check_split, float_dtype, topk_correct
+from ssl_cli.eval.metrics import check_splits, float_dtype, topk_correct
 
 
 @torch.no_grad()
@@ -53,14 +53,7 @@ def knn_classify(
         ValueError: on mismatched shapes, an empty train or test set, ``k < 1``, labels outside
             ``[0, num_classes)``, or a non-positive ``temperature`` / ``chunk_size``.
     """
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    check_split(train_features, train_labels, num_classes, "train")
-    check_split(test_features, test_labels, num_classes, "test")
-    if train_features.shape[1] != test_features.shape[1]:
-        raise ValueError(
-            f"train and test features have different dimensions: {train_features.shape[1]} vs {test_features.shape[1]}"
-        )
+    check_splits(train_features, train_labels, test_features, test_labels, num_classes)
     ks = tuple(ks)
     if not ks:
         raise ValueError("ks must contain at least one k")

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ssl_cli.eval.metrics import check_split, float_dtype, topk_accuracy
+from ssl_cli.eval.metrics import check_splits, float_dtype, topk_accuracy
 
 __all__ = ["ProbeResult", "topk_accuracy", "train_linear_probe"]
 
@@ -93,14 +93,7 @@ def train_linear_probe(
         ValueError: on mismatched shapes, empty splits, labels outside ``[0, num_classes)`` or
             out-of-range hyper-parameters.
     """
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    check_split(train_features, train_labels, num_classes, "train")
-    check_split(test_features, test_labels, num_classes, "test")
-    if train_features.shape[1] != test_features.shape[1]:
-        raise ValueError(
-            f"train and test features have different dimensions: {train_features.shape[1]} vs {test_features.shape[1]}"
-        )
+    check_splits(train_features, train_labels, test_features, test_labels, num_classes)
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     if lr <= 0:

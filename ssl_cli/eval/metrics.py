@@ -91,3 +91,17 @@ def float_dtype(*tensors: Tensor) -> torch.dtype:
     for tensor in tensors:
         dtype = torch.promote_types(dtype, tensor.dtype)
     return dtype
+
+
+def check_splits(
+    train_features: Tensor, train_labels: Tensor, test_features: Tensor, test_labels: Tensor, num_classes: int
+) -> None:
+    """Validate a train / test pair of feature splits for the same classifier (raises ``ValueError``)."""
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    check_split(train_features, train_labels, num_classes, "train")
+    check_split(test_features, test_labels, num_classes, "test")
+    if train_features.shape[1] != test_features.shape[1]:
+        raise ValueError(
+            f"train and test features have different dimensions: {train_features.shape[1]} vs {test_features.shape[1]}"
+        )

@@ -16,23 +16,20 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from ssl_cli.config.schema import MethodConfig, PositiveInt, Probability
-from ssl_cli.heads import ProjectorKind, projector
+from ssl_cli.config.schema import PositiveInt, Probability
+from ssl_cli.heads import ProjectorConfig, projector
 from ssl_cli.losses.moco import KeyQueue, moco_contrastive
 from ssl_cli.methods.base import Method, StepOutput
 from ssl_cli.methods.momentum import ema_update, frozen_copy, shuffled_forward
 from ssl_cli.methods.registry import register
 
 
-class MoCoV2Config(MethodConfig):
+class MoCoV2Config(ProjectorConfig):
     name: Literal["mocov2"] = "mocov2"
     temperature: Annotated[float, Field(gt=0.0)] = 0.2
     queue_size: PositiveInt = 65536
     momentum: Probability = 0.999
-    projector: ProjectorKind = "mlp"
-    proj_hidden_dim: PositiveInt = 2048
-    proj_output_dim: PositiveInt = 128
-    proj_batchnorm: bool = False
+    proj_batchnorm: bool = False  # the MoCo v2 head is Linear-ReLU-Linear
     shuffle_bn_splits: PositiveInt = 8
     """Shuffle-BN on one device: the key batch is shuffled and forwarded in this many sub-batches."""
     symmetric: bool = False
@@ -47,13 +44,7 @@ class MoCoV2(Method):
 
     def __init__(self, config: MoCoV2Config, backbone, recipe) -> None:
         super().__init__(config, backbone, recipe)
-        self.projector, dim = projector(
-            config.projector,
-            self.feature_dim,
-            config.proj_hidden_dim,
-            config.proj_output_dim,
-            config.proj_batchnorm,
-        )
+        self.projector, dim = projector(config, self.feature_dim)
         self.key_backbone = frozen_copy(self.backbone)
         self.key_projector = frozen_copy(self.projector)
         self.queue = KeyQueue(config.queue_size, dim)

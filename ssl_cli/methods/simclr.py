@@ -13,20 +13,15 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field
 
-from ssl_cli.config.schema import MethodConfig, PositiveInt
-from ssl_cli.heads import ProjectorKind, projector
+from ssl_cli.heads import ProjectorConfig, projector
 from ssl_cli.losses.ntxent import NTXentLoss
 from ssl_cli.methods.base import Method, StepOutput
 from ssl_cli.methods.registry import register
 
 
-class SimCLRConfig(MethodConfig):
+class SimCLRConfig(ProjectorConfig):
     name: Literal["simclr"] = "simclr"
     temperature: Annotated[float, Field(gt=0.0)] = 0.1
-    projector: ProjectorKind = "mlp"
-    proj_hidden_dim: PositiveInt = 2048
-    proj_output_dim: PositiveInt = 128
-    proj_batchnorm: bool = True
 
 
 @register
@@ -36,13 +31,7 @@ class SimCLR(Method):
 
     def __init__(self, config: SimCLRConfig, backbone, recipe) -> None:
         super().__init__(config, backbone, recipe)
-        self.projector, _ = projector(
-            config.projector,
-            self.feature_dim,
-            config.proj_hidden_dim,
-            config.proj_output_dim,
-            config.proj_batchnorm,
-        )
+        self.projector, _ = projector(config, self.feature_dim)
         self.loss = NTXentLoss(config.temperature)
 
     def training_step(self, views: list[torch.Tensor], step: int) -> StepOutput:
