@@ -537,3 +537,14 @@ def test_console_script(world, tmp_path: Path) -> None:
 
     assert error.returncode == 2 and error.stdout == "" and "Traceback" not in error.stderr
     assert error.stderr.splitlines() == [f"error: checkpoint not found: {missing}"]
+
+
+def test_progress_lines_are_printed_when_stderr_is_not_a_terminal(capsys) -> None:
+    reporter = console.ProgressReporter(epochs=2)
+    reporter.LOG_INTERVAL_S = 0.0
+    with reporter:
+        reporter.start(total_steps=10, done_steps=0)
+        reporter.update(4, 0, {"loss": 1.25, "lr": 0.1, "images_per_second": 50.0})
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "epoch 1/2  step 4/10  loss 1.2500  lr 0.1  50 img/s  ETA" in captured.err

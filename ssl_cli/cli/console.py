@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -84,9 +85,16 @@ def fmt(value: float) -> str:
 class ProgressReporter:
     """A Rich progress bar on stderr (epoch/step, loss, lr, images/s, ETA) plus one line per epoch."""
 
+    LOG_INTERVAL_S = 30.0
+    """Without a terminal (logs, CI) the bar is hidden; a plain progress line is printed this often instead."""
+
     def __init__(self, epochs: int, quiet: bool = False) -> None:
         self.epochs = epochs
         self.quiet = quiet
+        self.total = 0
+        self.last_line = time.monotonic()
+        self.started = time.monotonic()
+        self.start_step = 0
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -109,11 +117,19 @@ class ProgressReporter:
         self.progress.__exit__(*exc)
 
     def start(self, total_steps: int, done_steps: int) -> None:
+        self.total, self.start_step, self.started = total_steps, done_steps, time.monotonic()
         self.task = self.progress.add_task("pretrain", total=total_steps, completed=done_steps, stats="")
 
     def update(self, step: int, epoch: int, metrics: dict[str, float]) -> None:
         stats = f"loss {metrics['loss']:.4f}  lr {metrics['lr']:.3g}  {metrics['images_per_second']:.0f} img/s"
         self.progress.update(self.task, completed=step, description=f"epoch {epoch + 1}/{self.epochs}", stats=stats)
+        now = time.monotonic()
+        if not self.quiet and self.progress.disable and now - self.last_line >= self.LOG_INTERVAL_S:
+            self.last_line = now
+            rate = (step - self.start_step) / max(now - self.started, 1e-9)
+            eta = (self.total - step) / rate if rate > 0 else float("nan")
+            line = f"epoch {epoch + 1}/{self.epochs}  step {step}/{self.total}  {stats}  ETA {eta:.0f}s"
+            err.print(line, markup=False)
 
     def epoch_end(self, record: dict[str, Any]) -> None:
         if not self.quiet:
