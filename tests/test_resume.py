@@ -31,8 +31,10 @@ class Interrupt(SilentReporter):
         ("mocov2", [("method.queue_size", 64), ("method.shuffle_bn_splits", 2)]),
         # SimCLR: LARS state, warm-up + cosine schedule position
         ("simclr", [("schedule.warmup_epochs", 1), ("optim.name", "lars")]),
+        # a worker process: persistent workers start at a different epoch after resume
+        ("mocov2", [("method.queue_size", 64), ("method.shuffle_bn_splits", 2), ("data.num_workers", 1)]),
     ],
-    ids=["mocov2", "simclr"],
+    ids=["mocov2", "simclr", "mocov2-worker"],
 )
 def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path: Path, recipe) -> None:
     name, extra = recipe

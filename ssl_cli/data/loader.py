@@ -83,4 +83,7 @@ def train_loader(dataset: ViewDataset, batch_size: int, num_workers: int, seed: 
         drop_last=True,  # equal batches: BatchNorm statistics and queue updates stay regular
         persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),
+        # the loader's own generator: drawing worker seeds from the global RNG would make the global
+        # stream (used e.g. by shuffle-BN) depend on when workers start, which differs after --resume
+        generator=torch.Generator().manual_seed(seed),
     )
