@@ -1,0 +1,101 @@
+"""The training loop: seeding, the per-step schedule, divergence, precision, run folders."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY, write_image_folder
+from ssl_cli.config import load_recipe
+from ssl_cli.errors import DataError, TrainingError
+from ssl_cli.train.checkpoint import read_checkpoint
+from ssl_cli.train.optim import effective_lr
+from ssl_cli.train.pretrain import autocast, pretrain, resolve_device
+from ssl_cli.train.schedule import lr_schedule
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> str:
+    return str(write_image_folder(tmp_path_factory.mktemp("d") / "images", per_class=16, classes=2))
+
+
+def model_of(path: str) -> dict[str, torch.Tensor]:
+    return read_checkpoint(path).section("model")
+
+
+def test_same_seed_same_weights_other_seed_other_weights(data: str, tmp_path: Path) -> None:
+    r = load_recipe("simclr", [*TINY, ("train.batch_size", 8)])
+    a = model_of(pretrain(r, data, tmp_path / "a").checkpoint)
+    b = model_of(pretrain(r, data, tmp_path / "b").checkpoint)
+    c = model_of(
+        pretrain(
+            load_recipe("simclr", [*TINY, ("train.batch_size", 8), ("train.seed", 1)]), data, tmp_path / "c"
+        ).checkpoint
+    )
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())
+
+
+def test_learning_rate_follows_the_per_step_schedule(data: str, tmp_path: Path) -> None:
+    r = load_recipe(
+        "mocov2",
+        [*TINY, ("train.batch_size", 8), ("train.epochs", 2), ("schedule.warmup_epochs", 1), ("method.queue_size", 32)],
+    )
+    pretrain(r, data, tmp_path / "run")
+    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    steps_per_epoch = 32 // 8
+    expected = lr_schedule(r.schedule, effective_lr(r.optim, 8), steps_per_epoch, 2)
+    assert [rec["step"] for rec in records] == [4, 8]
+    assert [rec["lr"] for rec in records] == pytest.approx([float(expected[3]), float(expected[7])])
+    # warm-up rises linearly to the peak at the end of epoch 1, then the cosine decays
+    assert expected[3] == pytest.approx(effective_lr(r.optim, 8) * 3 / 4) and expected[7] < expected[4]
+
+
+def test_diverging_loss_stops_with_one_line_and_keeps_checkpoints(data: str, tmp_path: Path) -> None:
+    r = load_recipe(
+        "simclr",
+        [
+            *TINY,
+            ("train.batch_size", 8),
+            ("train.epochs", 3),
+            ("optim.name", "sgd"),
+            ("optim.lr", 1e25),
+            ("optim.lr_scaling", "none"),
+        ],
+    )
+    with pytest.raises(TrainingError, match=r"loss became (nan|inf) at epoch \d, step \d+; lower optim.lr") as info:
+        pretrain(r, data, tmp_path / "run")
+    assert "\n" not in str(info.value) and info.value.exit_code == 1
+
+
+def test_too_few_images_for_one_batch(data: str, tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"has 32 images, fewer than one batch \(64\); lower --batch-size"):
+        pretrain(load_recipe("simclr", [*TINY, ("train.batch_size", 64)]), data, tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # nothing written for a run that cannot start
+
+
+def test_precision_bf16_on_cuda_fp32_on_cpu() -> None:
+    cpu = torch.device("cpu")
+    assert isinstance(autocast(cpu, "auto"), contextlib.nullcontext)
+    assert isinstance(autocast(cpu, "fp32"), contextlib.nullcontext)
+    with autocast(cpu, "bf16"):  # forced bf16 works on CPU too
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "CUDA is not available" on CPU-only machines: only the choice matters
+        ctx = autocast(torch.device("cuda"), "auto")
+    assert isinstance(ctx, torch.autocast) and ctx.fast_dtype == torch.bfloat16
+
+
+def test_device_resolution() -> None:
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        from ssl_cli.errors import RecipeError
+
+        with pytest.raises(RecipeError, match="no CUDA device is available"):
+            resolve_device("cuda")
