@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import sys
 from collections.abc import Iterable
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +23,11 @@ else:  # pragma: no cover
 
 
 def recipes_dir() -> Path:
-    """Folder of the built-in recipes (top-level ``recipes/``, shipped in the wheel as ``ssl_cli.recipes``)."""
-    try:
-        return Path(str(resources.files("ssl_cli.recipes")))
-    except ModuleNotFoundError:  # running from a source tree that is not installed
-        return Path(__file__).resolve().parents[2] / "recipes"
+    """Folder of the built-in recipes: ``ssl_cli/recipes`` in an installed wheel, top-level ``recipes/`` in a
+    source checkout (editable installs included)."""
+    package = Path(__file__).resolve().parents[1]
+    installed = package / "recipes"
+    return installed if installed.is_dir() else package.parent / "recipes"
 
 
 def builtin_recipes() -> list[str]:
