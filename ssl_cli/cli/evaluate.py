@@ -17,9 +17,13 @@ JSON = typer.Option(False, "--json", help="One JSON object on stdout.")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress on stderr.")
 
 
-def _note_demo(train: str | None, val: str | None, quiet: bool) -> None:
+def _setup(checkpoint: str, train: str | None, val: str | None, device: str, random_init: bool, quiet: bool):
+    """Backbone and labeled splits for an evaluation command (demo data when --train / --val are omitted)."""
+    from ssl_cli.eval.run import setup
+
     if (train is None or val is None) and not quiet:
         err.print("no --train/--val: evaluating on the built-in demo data", markup=False)
+    return setup(checkpoint, train, val, device, random_init)
 
 
 @handles_errors
@@ -37,10 +41,9 @@ def knn(
     quiet: bool = QUIET,
 ) -> None:
     """Weighted kNN accuracy (cosine similarity, votes exp(sim/T)) of frozen features; top-1/top-5 as fractions."""
-    from ssl_cli.eval.run import run_knn, setup
+    from ssl_cli.eval.run import run_knn
 
-    _note_demo(train, val, quiet)
-    s = setup(checkpoint, train, val, device, random_init)
+    s = _setup(checkpoint, train, val, device, random_init, quiet)
     with CountProgress("features", len(s.train) + len(s.val)) as bar:
         result = run_knn(
             s,
@@ -81,10 +84,9 @@ def linear_probe(
     quiet: bool = QUIET,
 ) -> None:
     """Linear classifier on the frozen backbone (SGD, cosine schedule); top-1/top-5 on --val as fractions."""
-    from ssl_cli.eval.run import run_probe, setup
+    from ssl_cli.eval.run import run_probe
 
-    _note_demo(train, val, quiet)
-    s = setup(checkpoint, train, val, device, random_init)
+    s = _setup(checkpoint, train, val, device, random_init, quiet)
     workers = num_workers if num_workers is not None else "auto"
     n_feat = len(s.val) + (0 if augment else len(s.train))
     with CountProgress("features", n_feat) as feats, CountProgress("probe epochs", epochs) as ep:
