@@ -28,6 +28,8 @@ class SimCLRConfig(ProjectorConfig):
 class SimCLR(Method):
     Config = SimCLRConfig
     description = "SimCLR (2020): in-batch contrastive, NT-Xent over 2N views, MLP projector, LARS"
+    # batch 256 on the demo: a softer temperature and a higher rate learn within its 80 steps
+    demo_overrides = {"method.temperature": 0.2, "optim.lr": 1.0}
 
     def __init__(self, config: SimCLRConfig, backbone, recipe) -> None:
         super().__init__(config, backbone, recipe)

@@ -65,7 +65,7 @@ DEMO_OVERRIDES: dict[str, object] = {
     "backbone.name": "resnet18",
     "backbone.small_stem": False,
     "views.*.size": 32,
-    "train.epochs": 5,
+    "train.epochs": 8,
     "train.batch_size": 256,
     "train.checkpoint_every": 0,
     "schedule.warmup_epochs": 1,
