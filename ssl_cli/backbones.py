@@ -78,14 +78,3 @@ def build_backbone(cfg: BackboneConfig) -> nn.Module:
         for p in params:
             p.requires_grad_(False)
     return model
-
-
-def preprocessing(model: nn.Module, cfg: BackboneConfig) -> dict[str, Any]:
-    """timm's preprocessing metadata for the model (mean, std, input size, interpolation)."""
-    pc = getattr(model, "pretrained_cfg", {}) or {}
-    return {
-        "mean": list(pc.get("mean", (0.485, 0.456, 0.406))),
-        "std": list(pc.get("std", (0.229, 0.224, 0.225))),
-        "input_size": list(pc.get("input_size", (3, 224, 224))),
-        "interpolation": pc.get("interpolation", "bicubic"),
-    }

@@ -78,10 +78,6 @@ def result_table(title: str, rows: dict[str, Any]) -> Table:
     return table
 
 
-def fmt(value: float) -> str:
-    return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
-
-
 class ProgressReporter:
     """A Rich progress bar on stderr (epoch/step, loss, lr, images/s, ETA) plus one line per epoch."""
 
