@@ -7,7 +7,7 @@ import timm
 import torch
 from torch import nn
 
-from ssl_cli.backbones import build_backbone, patch_embed_params, preprocessing, timm_kwargs
+from ssl_cli.backbones import build_backbone, patch_embed_params, timm_kwargs
 from ssl_cli.config.schema import BackboneConfig
 from ssl_cli.errors import RecipeError
 
@@ -156,9 +156,3 @@ def test_freeze_patch_embed_rejected_on_resnet(name: str):
         build_backbone(BackboneConfig(name=name, freeze_patch_embed=True))
     assert "freeze_patch_embed" in str(e.value) and name in str(e.value)
 
-
-def test_preprocessing_metadata():
-    cfg = BackboneConfig(name="test_vit")
-    info = preprocessing(build_backbone(cfg), cfg)
-    assert set(info) == {"mean", "std", "input_size", "interpolation"}
-    assert len(info["mean"]) == 3 and len(info["std"]) == 3 and len(info["input_size"]) == 3
