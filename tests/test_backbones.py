@@ -155,4 +155,3 @@ def test_freeze_patch_embed_rejected_on_resnet(name: str):
     with pytest.raises(RecipeError) as e:
         build_backbone(BackboneConfig(name=name, freeze_patch_embed=True))
     assert "freeze_patch_embed" in str(e.value) and name in str(e.value)
-
