@@ -70,6 +70,7 @@ def test_set_overrides_parse_toml_values() -> None:
     ("override", "pattern"),
     [
         ("optim.lrr=1", r"--set optim.lrr: unknown key 'optim.lrr'; valid: name, lr, "),
+        ("views.0.sise=32", r"unknown key 'views.0.sise'; valid: count, size, scale"),
         ("optim.lr=abc", r"optim.lr: Input should be a valid number .*'abc'"),
         ("optim.lr=-1", r"optim.lr: Input should be greater than 0"),
         ("train.epochs=0", r"train.epochs: Input should be greater than or equal to 1"),

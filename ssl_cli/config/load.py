@@ -9,9 +9,9 @@ import copy
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from ssl_cli.config.schema import Recipe
 from ssl_cli.errors import RecipeError
@@ -138,39 +138,38 @@ def apply_override(data: dict[str, Any], key: str, value: Any) -> None:
         node[parts[-1]] = copy.deepcopy(value)
 
 
-def _format_error(err: ValidationError, origins: dict[str, str], prefix: tuple = ()) -> str:
+def _model_at(model: type[BaseModel], path: tuple) -> type[BaseModel] | None:
+    """The section model that holds the keys at ``path`` (list indices skipped), or None."""
+    for part in path:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        candidates = [field.annotation, *get_args(field.annotation)]
+        candidates += [arg for c in candidates for arg in get_args(c)]
+        found = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if found is None:
+            return None
+        model = found
+    return model
+
+
+def _error(err: ValidationError, model: type[BaseModel], origins: dict[str, str], prefix: tuple = ()) -> RecipeError:
+    """One line for the first validation error: where it came from, the dotted key, what is valid."""
     e = err.errors(include_url=False)[0]
     loc = ".".join(str(p) for p in (*prefix, *e["loc"]))
     source = origins.get(loc) or next(
         (origins[k] for k in sorted(origins, key=len, reverse=True) if loc.startswith(k + ".")), "recipe"
     )
     if e["type"] == "extra_forbidden":
-        return f"{source}: unknown key '{loc}'"
+        parent = _model_at(model, tuple(e["loc"][:-1]))
+        valid = f"; valid: {', '.join(parent.model_fields)}" if parent is not None else ""
+        return RecipeError(f"{source}: unknown key '{loc}'{valid}")
     if e["type"] == "missing":
-        return f"{source}: missing key '{loc}'"
+        return RecipeError(f"{source}: missing key '{loc}'")
     msg = e["msg"].removeprefix("Value error, ")
-    return f"{source}: {loc}: {msg} (got {e['input']!r})" if loc else f"{source}: {msg}"
-
-
-def _with_valid_keys(message: str, model: type, loc: str) -> str:
-    if "unknown key" not in message:
-        return message
-    parts = loc.split(".")
-    fields = getattr(model, "model_fields", {})
-    for part in parts[:-1]:
-        if part.isdigit():
-            continue
-        ann = fields.get(part)
-        if ann is None:
-            return message
-        typ = ann.annotation
-        inner = getattr(typ, "__args__", (typ,))
-        sub = next((t for t in inner if hasattr(t, "model_fields")), None)
-        sub = sub or next((a for t in inner for a in getattr(t, "__args__", ()) if hasattr(a, "model_fields")), None)
-        if sub is None:
-            return message
-        fields = sub.model_fields
-    return f"{message}; valid: {', '.join(fields)}"
+    return RecipeError(f"{source}: {loc}: {msg} (got {e['input']!r})" if loc else f"{source}: {msg}")
 
 
 def resolve(data: dict[str, Any], origins: dict[str, str] | None = None) -> Recipe:
@@ -190,16 +189,11 @@ def resolve(data: dict[str, Any], origins: dict[str, str] | None = None) -> Reci
     try:
         data["method"] = config_cls.model_validate(method)
     except ValidationError as e:
-        loc = "method." + ".".join(str(p) for p in e.errors()[0]["loc"])
-        msg = _format_error(e, origins, ("method",))
-        if "unknown key" in msg:
-            msg = f"{msg}; valid: {', '.join(config_cls.model_fields)}"
-        raise RecipeError(msg) from None
+        raise _error(e, config_cls, origins, ("method",)) from None
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:
-        loc = ".".join(str(p) for p in e.errors()[0]["loc"])
-        raise RecipeError(_with_valid_keys(_format_error(e, origins), Recipe, loc)) from None
+        raise _error(e, Recipe, origins) from None
 
 
 def load_recipe(spec: str, overrides: Iterable[str | tuple[str, Any]] = ()) -> Recipe:
