@@ -93,6 +93,10 @@ def test_mocov2_enqueues_this_steps_keys_after_the_optimizer_step() -> None:
     assert out.loss.item() == pytest.approx(
         moco_contrastive(q, expected_keys, queue_before, m.config.temperature).item(), rel=1e-5
     )
+    # the monitor: how often the positive key outranks every queued negative
+    sims = torch.cat([(q * expected_keys).sum(1, keepdim=True), q @ queue_before.T], dim=1)
+    expected_acc = (sims.argmax(dim=1) == 0).float().mean()
+    assert out.metrics["contrastive_acc"].item() == pytest.approx(expected_acc.item())
     assert torch.equal(m.queue.keys, queue_before)  # nothing written before the optimizer step
     m.after_optimizer_step(0, 10)
     torch.testing.assert_close(m.queue.keys[:8], expected_keys)

@@ -51,6 +51,7 @@ def test_learning_rate_follows_the_per_step_schedule(data: str, tmp_path: Path) 
     steps_per_epoch = 32 // 8
     expected = lr_schedule(r.schedule, effective_lr(r.optim, 8), steps_per_epoch, 2)
     assert [rec["step"] for rec in records] == [4, 8]
+    assert all(0.0 <= rec["contrastive_acc"] <= 1.0 for rec in records)  # the method's monitor, per epoch
     assert [rec["lr"] for rec in records] == pytest.approx([float(expected[3]), float(expected[7])])
     # warm-up rises linearly to the peak at the end of epoch 1, then the cosine decays
     assert expected[3] == pytest.approx(effective_lr(r.optim, 8) * 3 / 4) and expected[7] < expected[4]

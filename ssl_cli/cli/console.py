@@ -81,6 +81,7 @@ def result_table(title: str, rows: dict[str, Any]) -> Table:
 class ProgressReporter:
     """A Rich progress bar on stderr (epoch/step, loss, lr, images/s, ETA) plus one line per epoch."""
 
+    STANDARD = ("loss", "lr", "images_per_second")
     LOG_INTERVAL_S = 30.0
     """Without a terminal (logs, CI) the bar is hidden; a plain progress line is printed this often instead."""
 
@@ -118,6 +119,7 @@ class ProgressReporter:
 
     def update(self, step: int, epoch: int, metrics: dict[str, float]) -> None:
         stats = f"loss {metrics['loss']:.4f}  lr {metrics['lr']:.3g}  {metrics['images_per_second']:.0f} img/s"
+        stats += self._extra(metrics)
         self.progress.update(self.task, completed=step, description=f"epoch {epoch + 1}/{self.epochs}", stats=stats)
         now = time.monotonic()
         if not self.quiet and self.progress.disable and now - self.last_line >= self.LOG_INTERVAL_S:
@@ -127,11 +129,18 @@ class ProgressReporter:
             line = f"epoch {epoch + 1}/{self.epochs}  step {step}/{self.total}  {stats}  ETA {eta:.0f}s"
             err.print(line, markup=False)
 
+    def _extra(self, values: dict[str, Any]) -> str:
+        """The method's own monitors (e.g. MoCo's contrastive_acc), after the standard fields."""
+        skip = (*self.STANDARD, "epoch", "step", "seconds")
+        return "".join(f"  {k} {v:.3g}" for k, v in values.items() if k not in skip)
+
     def epoch_end(self, record: dict[str, Any]) -> None:
         if not self.quiet:
             self.progress.console.print(
                 f"epoch {record['epoch']}/{self.epochs}  step {record['step']}  loss {record['loss']:.4f}  "
                 f"lr {record['lr']:.3g}  {record['images_per_second']:.0f} img/s  {record['seconds']:.1f}s"
+                + self._extra(record),
+                markup=False,
             )
 
     def log(self, message: str) -> None:

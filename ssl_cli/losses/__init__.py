@@ -1,4 +1,4 @@
-from ssl_cli.losses.moco import KeyQueue, moco_contrastive
+from ssl_cli.losses.moco import KeyQueue, moco_contrastive, moco_logits, positive_first_cross_entropy
 from ssl_cli.losses.ntxent import NTXentLoss
 
-__all__ = ["KeyQueue", "NTXentLoss", "moco_contrastive"]
+__all__ = ["KeyQueue", "NTXentLoss", "moco_contrastive", "moco_logits", "positive_first_cross_entropy"]

@@ -35,19 +35,28 @@ class KeyQueue(nn.Module):
         self.ptr.copy_((self.ptr + b) % size)
 
 
-def moco_contrastive(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
-    """InfoNCE with one positive key and K queued negatives.
+def moco_logits(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Logits of each query against its positive key (column 0) and the K queued negatives: N x (1 + K).
 
     Args:
         q: N x D normalised queries.
         k: N x D normalised positive keys (no gradient flows into them).
         queue: K x D normalised negative keys.
+    """
+    l_pos = (q * k).sum(dim=1, keepdim=True)  # N x 1
+    l_neg = q @ queue.T  # N x K
+    return torch.cat([l_pos, l_neg], dim=1) / temperature
+
+
+def moco_contrastive(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
+    """InfoNCE with one positive key and K queued negatives (shapes as in ``moco_logits``).
 
     Returns:
         mean over N of -log( exp(q.k+/tau) / (exp(q.k+/tau) + sum_j exp(q.queue_j/tau)) ).
     """
-    l_pos = (q * k).sum(dim=1, keepdim=True)  # N x 1
-    l_neg = q @ queue.T  # N x K
-    logits = torch.cat([l_pos, l_neg], dim=1) / temperature
-    # the positive is logit 0 for every query
-    return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
+    return positive_first_cross_entropy(moco_logits(q, k, queue, temperature))
+
+
+def positive_first_cross_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of N x (1 + K) logits whose positive is column 0 for every row."""
+    return F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device))

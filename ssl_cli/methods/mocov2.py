@@ -18,7 +18,7 @@ from pydantic import Field
 
 from ssl_cli.config.schema import PositiveInt, Probability
 from ssl_cli.heads import ProjectorConfig, projector
-from ssl_cli.losses.moco import KeyQueue, moco_contrastive
+from ssl_cli.losses.moco import KeyQueue, moco_logits, positive_first_cross_entropy
 from ssl_cli.methods.base import Method, StepOutput
 from ssl_cli.methods.momentum import ema_update, frozen_copy, shuffled_forward
 from ssl_cli.methods.registry import register
@@ -60,19 +60,24 @@ class MoCoV2(Method):
 
         return F.normalize(shuffled_forward(encode, x, self.config.shuffle_bn_splits), dim=1)  # N x D
 
+    def contrast(self, x_query: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss and instance-discrimination accuracy (positive ranked first among 1 + K keys)."""
+        logits = moco_logits(self.query(x_query), keys, self.queue.keys, self.config.temperature)
+        return positive_first_cross_entropy(logits), (logits.argmax(dim=1) == 0).float().mean().detach()
+
     def training_step(self, views: list[torch.Tensor], step: int) -> StepOutput:
         x1, x2 = views
-        tau = self.config.temperature
         k2 = self.key(x2)
-        loss = moco_contrastive(self.query(x1), k2, self.queue.keys, tau)
+        loss, acc = self.contrast(x1, k2)
         keys = [k2]
         if self.config.symmetric:
             k1 = self.key(x1)
-            loss = 0.5 * (loss + moco_contrastive(self.query(x2), k1, self.queue.keys, tau))
+            loss2, acc2 = self.contrast(x2, k1)
+            loss, acc = 0.5 * (loss + loss2), 0.5 * (acc + acc2)
             keys.append(k1)
         # the queue is read by the loss graph: write the new keys only after the optimizer step
         self._new_keys = torch.cat(keys)
-        return StepOutput(loss)
+        return StepOutput(loss, {"contrastive_acc": acc})
 
     def after_optimizer_step(self, step: int, total_steps: int) -> None:
         ema_update(self.key_backbone, self.backbone, self.config.momentum)

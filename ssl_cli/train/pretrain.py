@@ -203,6 +203,7 @@ def pretrain(
     for epoch in range(start_epoch, train.epochs):
         loader.sampler.set_epoch(epoch)
         epoch_start, loss_sum, n_steps = time.perf_counter(), torch.zeros((), device=device), 0
+        method_sums: dict[str, torch.Tensor] = {}  # the method's own monitors, averaged over the epoch
         for views, _labels, _index in loader:
             views = [v.to(device, non_blocking=True, memory_format=memory_format) for v in views]
             set_lr(optimizer, float(lrs[step]))
@@ -221,12 +222,14 @@ def pretrain(
             step += 1
             n_steps += 1
             loss_sum += loss.detach()
+            for name, value in out_step.metrics.items():
+                method_sums[name] = method_sums.get(name, 0.0) + value.detach().float()
             trained_images += views[0].shape[0]
             if n_steps % 10 == 0 or n_steps == steps_per_epoch:
                 elapsed = time.perf_counter() - epoch_start
                 metrics = {"loss": float(loss_sum) / n_steps, "lr": float(lrs[step - 1])}
                 metrics["images_per_second"] = n_steps * train.batch_size / max(elapsed, 1e-9)
-                metrics.update({k: float(v) for k, v in out_step.metrics.items()})
+                metrics.update({k: float(v) / n_steps for k, v in method_sums.items()})
                 reporter.update(step, epoch, metrics)
         seconds = time.perf_counter() - epoch_start
         loss_value = float(loss_sum) / max(n_steps, 1)
@@ -237,6 +240,7 @@ def pretrain(
             "lr": float(lrs[step - 1]),
             "images_per_second": n_steps * train.batch_size / max(seconds, 1e-9),
             "seconds": seconds,
+            **{k: float(v) / max(n_steps, 1) for k, v in method_sums.items()},
         }
         run.log_metrics(record)
         reporter.epoch_end(record)
