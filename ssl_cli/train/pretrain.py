@@ -210,11 +210,6 @@ def pretrain(
             with autocast(device, train.precision):
                 out_step = method.training_step(views, step)
             loss = out_step.loss.float()
-            if not torch.isfinite(loss):
-                raise TrainingError(
-                    f"loss became {loss.item()} at epoch {epoch + 1}, step {step}; lower optim.lr or check the "
-                    f"data (checkpoints so far are kept in {run.checkpoints})"
-                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -226,8 +221,15 @@ def pretrain(
                 method_sums[name] = method_sums.get(name, 0.0) + value.detach().float()
             trained_images += views[0].shape[0]
             if n_steps % 10 == 0 or n_steps == steps_per_epoch:
+                # the only host sync of the step loop: divergence is caught here, before any checkpoint
+                mean_loss = float(loss_sum) / n_steps
+                if not math.isfinite(mean_loss):
+                    raise TrainingError(
+                        f"loss became {mean_loss} at epoch {epoch + 1}, step {step}; lower optim.lr or check the "
+                        f"data (checkpoints so far are kept in {run.checkpoints})"
+                    )
                 elapsed = time.perf_counter() - epoch_start
-                metrics = {"loss": float(loss_sum) / n_steps, "lr": float(lrs[step - 1])}
+                metrics = {"loss": mean_loss, "lr": float(lrs[step - 1])}
                 metrics["images_per_second"] = n_steps * train.batch_size / max(elapsed, 1e-9)
                 metrics.update({k: float(v) / n_steps for k, v in method_sums.items()})
                 reporter.update(step, epoch, metrics)
@@ -251,6 +253,4 @@ def pretrain(
 
     seconds = time.perf_counter() - started
     ips = trained_images / seconds if trained_images else None
-    if loss_value is not None and math.isnan(loss_value):
-        loss_value = None
     return PretrainResult(str(run.last), str(run.root), train.epochs, step, loss_value, ips, seconds)
