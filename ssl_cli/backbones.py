@@ -8,9 +8,14 @@ timm. Two changes are supported on top of a stock model:
   removed, as in SimCLR's CIFAR-10 experiments [0]. State-dict keys stay the same; ``conv1.weight`` changes
   shape, so such weights are rebuilt with ``ssl_cli.load_backbone``.
 - ``freeze_patch_embed`` (ViTs): the random patch projection is kept frozen, the stabiliser of MoCo v3 [1].
+- ``norm = "groupnorm_ws"`` (CNNs): every BatchNorm2d becomes a GroupNorm with 32 groups and every Conv2d a
+  weight-standardised convolution (timm's ``StdConv2d``), so the encoder uses no batch statistics [2, 3].
+  Parameter names stay timm's; the BN running statistics disappear, so ``ssl_cli.load_backbone`` rebuilds it.
 
 [0] SimCLR, Chen et al. 2020, arXiv:2002.05709, Appendix B.9.
 [1] MoCo v3, Chen, Xie, He 2021, arXiv:2104.02057, Sec. 4.
+[2] BYOL works even without batch statistics, Richemond et al. 2020, arXiv:2010.10241.
+[3] Weight Standardization, Qiao et al. 2019, arXiv:1903.10520; Group Normalization, Wu & He 2018.
 """
 
 from __future__ import annotations
@@ -18,7 +23,10 @@ from __future__ import annotations
 import difflib
 from typing import Any
 
+import math
+
 import timm
+from timm.layers import StdConv2d
 from torch import nn
 
 from ssl_cli.config.schema import BackboneConfig
@@ -52,6 +60,49 @@ def _apply_small_stem(model: nn.Module, name: str) -> None:
             info["reduction"] = max(1, info.get("reduction", 1) // 4)
 
 
+def _group_norm(bn: nn.BatchNorm2d, groups: int = 32) -> nn.GroupNorm:
+    channels = bn.num_features
+    gn = nn.GroupNorm(math.gcd(groups, channels), channels, eps=bn.eps, affine=bn.affine)
+    if bn.affine:
+        gn.weight.data.copy_(bn.weight.data)  # keeps timm's init, e.g. zero-initialised last norm of a block
+        gn.bias.data.copy_(bn.bias.data)
+    return gn
+
+
+def _std_conv(conv: nn.Conv2d) -> StdConv2d:
+    std = StdConv2d(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        bias=conv.bias is not None,
+        eps=1e-5,
+    )
+    std.weight.data.copy_(conv.weight.data)
+    if conv.bias is not None:
+        std.bias.data.copy_(conv.bias.data)
+    return std
+
+
+def apply_groupnorm_ws(model: nn.Module, name: str) -> None:
+    """Replace BatchNorm2d by GroupNorm(32) and Conv2d by weight-standardised convolutions, in place."""
+    replaced = 0
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, nn.BatchNorm2d):
+                setattr(parent, child_name, _group_norm(child))
+                replaced += 1
+            elif type(child) is nn.Conv2d:
+                setattr(parent, child_name, _std_conv(child))
+    if not replaced:
+        raise RecipeError(
+            f"backbone.norm: '{name}' has no BatchNorm2d layers to replace; groupnorm_ws is for CNNs such as resnet18"
+        )
+
+
 def patch_embed_params(model: nn.Module) -> list[nn.Parameter]:
     """The parameters of a ViT's patch projection (empty for models without one)."""
     patch_embed = getattr(model, "patch_embed", None)
@@ -71,6 +122,8 @@ def build_backbone(cfg: BackboneConfig) -> nn.Module:
         raise RecipeError(f"backbone: timm cannot build {cfg.name!r} with these options: {e}") from None
     if cfg.small_stem:
         _apply_small_stem(model, cfg.name)
+    if cfg.norm == "groupnorm_ws":
+        apply_groupnorm_ws(model, cfg.name)
     if cfg.freeze_patch_embed:
         params = patch_embed_params(model)
         if not params:

@@ -35,6 +35,7 @@ def backbone_config(meta: dict[str, Any]) -> BackboneConfig:
     return BackboneConfig(
         name=b["name"],
         small_stem=bool(b.get("small_stem", False)),
+        norm=b.get("norm", "batchnorm"),
         img_size=kwargs.pop("img_size", None),
         patch_size=kwargs.pop("patch_size", None),
         drop_path_rate=float(kwargs.pop("drop_path_rate", 0.0)),
@@ -83,6 +84,12 @@ def export_config(meta: dict[str, Any], model: nn.Module) -> dict[str, Any]:
         "stem_change": (
             "conv1 is 3x3 stride 1 and maxpool is removed; rebuild with ssl_cli.load_backbone(file)"
             if b.get("small_stem")
+            else None
+        ),
+        "norm": b.get("norm", "batchnorm"),
+        "norm_change": (
+            "GroupNorm + weight-standardised convolutions; rebuild with ssl_cli.load_backbone(file)"
+            if b.get("norm", "batchnorm") != "batchnorm"
             else None
         ),
         "mean": pre["mean"],

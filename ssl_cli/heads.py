@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Annotated, Literal
 
+from pydantic import Field
 from torch import nn
 
 from ssl_cli.config.schema import MethodConfig, PositiveInt
@@ -19,15 +20,26 @@ class ProjectorConfig(MethodConfig):
     proj_hidden_dim: PositiveInt = 2048
     proj_output_dim: PositiveInt = 128
     proj_batchnorm: bool = True
+    """BatchNorm after each hidden linear layer of the MLP."""
+    proj_layers: Annotated[int, Field(ge=2)] = 2
+    """Linear layers in the MLP projector (SimCLR v2, SimSiam, Barlow Twins: 3)."""
+    proj_last_batchnorm: Literal["none", "affine", "plain"] = "none"
+    """BatchNorm on the MLP's output: ``affine`` (learned scale / shift, SimCLR v2) or ``plain`` (no parameters,
+    SimSiam); the last linear layer then has no bias."""
 
 
 def mlp(
-    dims: Sequence[int], batchnorm: bool = True, last_batchnorm: bool = False, last_bias: bool = True
+    dims: Sequence[int],
+    batchnorm: bool = True,
+    last_batchnorm: bool = False,
+    last_bias: bool = True,
+    last_affine: bool = True,
 ) -> nn.Sequential:
     """Linear layers between ``dims[0] -> ... -> dims[-1]``; hidden layers get [BatchNorm] + ReLU.
 
     ``mlp([2048, 2048, 128])`` is the SimCLR / MoCo v2 projector; ``last_batchnorm`` adds a BatchNorm
-    (without ReLU) after the final linear layer, as SimCLR v2's projector does.
+    (without ReLU) after the final linear layer, as SimCLR v2's projector does (``last_affine=False``: no
+    learned scale / shift, as SimSiam's).
     """
     if len(dims) < 2:
         raise ValueError(f"an MLP needs at least input and output sizes, got {list(dims)}")
@@ -40,14 +52,15 @@ def mlp(
                 layers.append(nn.BatchNorm1d(d_out))
             layers.append(nn.ReLU(inplace=True))
         elif last_batchnorm:
-            layers.append(nn.BatchNorm1d(d_out))
+            layers.append(nn.BatchNorm1d(d_out, affine=last_affine))
     return nn.Sequential(*layers)
 
 
 def projector(cfg: ProjectorConfig, in_dim: int) -> tuple[nn.Module, int]:
-    """SimCLR's projector ablation [0, Fig. 8]: none (identity), linear, or a 2-layer MLP.
+    """SimCLR's projector ablation [0, Fig. 8]: none (identity), linear, or an MLP of ``proj_layers`` layers.
 
-    Returns the module and its output size.
+    Returns the module and its output size. Every method with a projector builds it here, so the ablation
+    (``method.projector = "none" | "linear" | "mlp"``) works for all of them.
 
     [0] SimCLR, Chen et al. 2020, arXiv:2002.05709.
     """
@@ -55,5 +68,13 @@ def projector(cfg: ProjectorConfig, in_dim: int) -> tuple[nn.Module, int]:
         return nn.Identity(), in_dim
     if cfg.projector == "linear":
         return nn.Linear(in_dim, cfg.proj_output_dim), cfg.proj_output_dim
-    layers = mlp([in_dim, cfg.proj_hidden_dim, cfg.proj_output_dim], batchnorm=cfg.proj_batchnorm)
+    dims = [in_dim] + [cfg.proj_hidden_dim] * (cfg.proj_layers - 1) + [cfg.proj_output_dim]
+    last_bn = cfg.proj_last_batchnorm != "none"
+    layers = mlp(
+        dims,
+        batchnorm=cfg.proj_batchnorm,
+        last_batchnorm=last_bn,
+        last_bias=not last_bn,
+        last_affine=cfg.proj_last_batchnorm == "affine",
+    )
     return layers, cfg.proj_output_dim

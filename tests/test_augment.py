@@ -289,3 +289,16 @@ def test_train_eval_transform_shape():
     torch.manual_seed(0)
     out = train_eval_transform(16, MEAN, STD)(colourful(32))
     assert tuple(out.shape) == (3, 16, 16) and out.dtype == torch.float32
+
+
+def test_per_channel_jitter_overrides_strength():
+    """BYOL's jitter (0.4, 0.4, 0.2, 0.1) is not one strength: per-channel fields win, the rest stay derived."""
+    view = ViewConfig(size=32, jitter_strength=1.0, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
+    apply = [a for a in view_transform(view, MEAN, STD).transforms if isinstance(a, v2.RandomApply)]
+    jitter = apply[0].transforms[0]
+    assert tuple(jitter.brightness) == pytest.approx((0.6, 1.4))
+    assert tuple(jitter.contrast) == pytest.approx((0.6, 1.4))
+    assert tuple(jitter.saturation) == pytest.approx((0.8, 1.2))
+    assert tuple(jitter.hue) == pytest.approx((-0.1, 0.1))
+    partly = ViewConfig(size=32, jitter_strength=0.5, saturation=0.0).jitter()
+    assert partly == pytest.approx({"brightness": 0.4, "contrast": 0.4, "saturation": 0.0, "hue": 0.1})

@@ -155,3 +155,25 @@ def test_freeze_patch_embed_rejected_on_resnet(name: str):
     with pytest.raises(RecipeError) as e:
         build_backbone(BackboneConfig(name=name, freeze_patch_embed=True))
     assert "freeze_patch_embed" in str(e.value) and name in str(e.value)
+
+
+def test_groupnorm_ws_has_no_batch_statistics():
+    """``norm = groupnorm_ws``: GroupNorm + weight-standardised convs, so a sample's features ignore its batch."""
+    torch.manual_seed(0)
+    model = build_backbone(BackboneConfig(name="resnet18", norm="groupnorm_ws")).train()
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert all(type(m) is not nn.Conv2d for m in model.modules())
+    assert not [k for k in model.state_dict() if "running" in k]
+    x = torch.randn(4, 3, 32, 32)
+    assert torch.allclose(model(x)[:1], model(x[:1]), atol=1e-5)
+    # the convolution really standardises its weight: scaling a filter does not change the output
+    conv = model.conv1
+    before = conv(x)
+    with torch.no_grad():
+        conv.weight.mul_(3.0).add_(0.5)
+    assert torch.allclose(conv(x), before, rtol=2e-2, atol=2e-2)  # up to eps 1e-5 against var(w) ~ 6e-4
+
+
+def test_groupnorm_ws_rejects_models_without_batchnorm():
+    with pytest.raises(RecipeError, match="backbone.norm"):
+        build_backbone(BackboneConfig(name="test_vit", norm="groupnorm_ws"))

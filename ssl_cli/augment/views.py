@@ -2,7 +2,8 @@
 
 Each view is the SimCLR / BYOL augmentation chain, applied to a uint8 3 x H x W tensor:
 random resized crop (scale, ratio) -> horizontal flip -> colour jitter with probability p
-(brightness = contrast = saturation = 0.8 s, hue = 0.2 s, in random order) -> grayscale ->
+(brightness = contrast = saturation = 0.8 s, hue = 0.2 s, in random order; each can be set on its own, as BYOL's
+0.4 / 0.4 / 0.2 / 0.1) -> grayscale ->
 Gaussian blur (kernel 10% of the crop size, sigma uniform in [0.1, 2.0]) -> solarize (threshold 128)
 -> float in [0, 1] -> normalise with the recipe's mean / std.
 
@@ -27,14 +28,14 @@ def blur_kernel_size(size: int) -> int:
 
 
 def view_transform(view: ViewConfig, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
-    s = view.jitter_strength
     steps: list[v2.Transform] = [
         v2.RandomResizedCrop(view.size, scale=tuple(view.scale), ratio=tuple(view.ratio), antialias=True),
     ]
     if view.hflip_prob > 0:
         steps.append(v2.RandomHorizontalFlip(view.hflip_prob))
-    if view.jitter_prob > 0 and s > 0:
-        jitter = v2.ColorJitter(brightness=0.8 * s, contrast=0.8 * s, saturation=0.8 * s, hue=min(0.5, 0.2 * s))
+    strengths = view.jitter()
+    if view.jitter_prob > 0 and any(strengths.values()):
+        jitter = v2.ColorJitter(**strengths)
         steps.append(v2.RandomApply([jitter], p=view.jitter_prob))
     if view.grayscale_prob > 0:
         steps.append(v2.RandomGrayscale(view.grayscale_prob))

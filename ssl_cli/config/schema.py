@@ -50,6 +50,9 @@ class BackboneConfig(Section):
     freeze_patch_embed: bool = False
     """Keep the random patch projection of a ViT frozen (MoCo v3)."""
     drop_path_rate: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    norm: Literal["batchnorm", "groupnorm_ws"] = "batchnorm"
+    """``groupnorm_ws``: every BatchNorm2d becomes GroupNorm (32 groups) and every Conv2d a weight-standardised
+    convolution, so the encoder uses no batch statistics (BYOL without BN, Richemond et al. 2020)."""
     kwargs: dict[str, int | float | bool | str] = {}
     """Further keyword arguments for ``timm.create_model``."""
 
@@ -65,10 +68,21 @@ class ViewConfig(Section):
     jitter_prob: Probability = 0.8
     jitter_strength: Annotated[float, Field(ge=0.0)] = 1.0
     """Colour jitter strength s: brightness = contrast = saturation = 0.8 s, hue = 0.2 s (SimCLR)."""
+    brightness: Annotated[float, Field(ge=0.0)] | None = None
+    """Brightness jitter; set to override 0.8 s (BYOL: 0.4). Likewise ``contrast``, ``saturation``, ``hue``."""
+    contrast: Annotated[float, Field(ge=0.0)] | None = None
+    saturation: Annotated[float, Field(ge=0.0)] | None = None
+    hue: Annotated[float, Field(ge=0.0, le=0.5)] | None = None
     grayscale_prob: Probability = 0.2
     blur_prob: Probability = 0.5
     blur_sigma: Pair = [0.1, 2.0]
     solarize_prob: Probability = 0.0
+
+    def jitter(self) -> dict[str, float]:
+        """The colour-jitter strengths: per-channel fields where set, else derived from ``jitter_strength``."""
+        s = self.jitter_strength
+        derived = {"brightness": 0.8 * s, "contrast": 0.8 * s, "saturation": 0.8 * s, "hue": min(0.5, 0.2 * s)}
+        return {k: v if getattr(self, k) is None else float(getattr(self, k)) for k, v in derived.items()}
 
     @field_validator("scale")
     @classmethod

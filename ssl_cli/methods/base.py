@@ -1,9 +1,11 @@
 """The method contract: the one small base class every method derives from.
 
 A method composes a backbone (timm, ``num_classes=0``), heads, a loss and optional momentum copies.
-The trainer calls, per step: ``training_step(views, step)`` -> backward -> optimizer step ->
-``after_optimizer_step(step, total_steps)`` (EMA updates, queue writes). Everything a method needs to
-resume (queues, momentum encoders) is a parameter or buffer, so it travels in ``state_dict``.
+The trainer calls ``bind_data(num_samples, labels)`` once (before a resume loads the state), then per step:
+``training_step(views, step, index)`` -> backward -> optimizer step -> ``after_optimizer_step(step, total_steps)``
+(EMA updates, queue / memory-bank writes), and ``epoch_end(epoch)`` after each epoch (monitors that need
+more than one batch). Everything a method needs to resume (queues, memory banks, momentum encoders) is a
+parameter or persistent buffer, so it travels in ``state_dict``.
 """
 
 from __future__ import annotations
@@ -50,11 +52,22 @@ class Method(nn.Module):
     def feature_dim(self) -> int:
         return int(self.backbone.num_features)
 
-    def training_step(self, views: list[torch.Tensor], step: int) -> StepOutput:
+    def bind_data(self, num_samples: int, labels: torch.Tensor | None) -> None:
+        """Called once with the training set's size and labels (None when unlabeled), before any state is loaded.
+
+        Methods with per-image state (InstDisc's memory bank) allocate it here.
+        """
+
+    def training_step(self, views: list[torch.Tensor], step: int, index: torch.Tensor | None = None) -> StepOutput:
+        """The loss for one batch. ``index``: the dataset indices of the batch's images (memory banks)."""
         raise NotImplementedError
 
     def after_optimizer_step(self, step: int, total_steps: int) -> None:
         """Called after every optimizer step; momentum updates and queue writes go here."""
+
+    def epoch_end(self, epoch: int) -> dict[str, float]:
+        """Called after each epoch (``epoch`` counts from 1); returns monitors for ``metrics.jsonl``."""
+        return {}
 
     def param_groups(self) -> list[dict]:
         """Parameter groups for the optimizer (frozen parameters, e.g. momentum encoders, are left out)."""

@@ -65,7 +65,7 @@ class MoCoV2(Method):
         logits = moco_logits(self.query(x_query), keys, self.queue.keys, self.config.temperature)
         return positive_first_cross_entropy(logits), (logits.argmax(dim=1) == 0).float().mean().detach()
 
-    def training_step(self, views: list[torch.Tensor], step: int) -> StepOutput:
+    def training_step(self, views: list[torch.Tensor], step: int, index: torch.Tensor | None = None) -> StepOutput:
         x1, x2 = views
         k2 = self.key(x2)
         loss, acc = self.contrast(x1, k2)

@@ -36,7 +36,7 @@ class SimCLR(Method):
         self.projector, _ = projector(config, self.feature_dim)
         self.loss = NTXentLoss(config.temperature)
 
-    def training_step(self, views: list[torch.Tensor], step: int) -> StepOutput:
+    def training_step(self, views: list[torch.Tensor], step: int, index: torch.Tensor | None = None) -> StepOutput:
         x1, x2 = views
         # one forward for both views: BatchNorm statistics are shared over all 2N views, as in SimCLR
         z1, z2 = self.projector(self.backbone(torch.cat([x1, x2]))).chunk(2)  # N x D each

@@ -109,6 +109,7 @@ def checkpoint_meta(
             "name": recipe.backbone.name,
             "kwargs": timm_kwargs(recipe.backbone),
             "small_stem": recipe.backbone.small_stem,
+            "norm": recipe.backbone.norm,
             "num_features": method.feature_dim,
         },
         "preprocessing": {"mean": recipe.data.mean, "std": recipe.data.std, "input_size": [3, size, size]},
@@ -174,6 +175,7 @@ def pretrain(
     start_epoch, step = 0, 0
     run.prepare(recipe, resume)
     reporter.log(f"run folder: {run.root}")
+    method.bind_data(len(images), images.labels.clone() if images.labeled else None)
     if ckpt is not None:
         method.load_state_dict(ckpt.section("model"))
         load_optimizer(optimizer, ckpt)
@@ -204,11 +206,12 @@ def pretrain(
         loader.sampler.set_epoch(epoch)
         epoch_start, loss_sum, n_steps = time.perf_counter(), torch.zeros((), device=device), 0
         method_sums: dict[str, torch.Tensor] = {}  # the method's own monitors, averaged over the epoch
-        for views, _labels, _index in loader:
+        for views, _labels, index in loader:
             views = [v.to(device, non_blocking=True, memory_format=memory_format) for v in views]
+            index = index.to(device, non_blocking=True)
             set_lr(optimizer, float(lrs[step]))
             with autocast(device, train.precision):
-                out_step = method.training_step(views, step)
+                out_step = method.training_step(views, step, index)
             loss = out_step.loss.float()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -243,6 +246,7 @@ def pretrain(
             "images_per_second": n_steps * train.batch_size / max(seconds, 1e-9),
             "seconds": seconds,
             **{k: float(v) / max(n_steps, 1) for k, v in method_sums.items()},
+            **method.epoch_end(epoch + 1),
         }
         run.log_metrics(record)
         reporter.epoch_end(record)
