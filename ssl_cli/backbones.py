@@ -21,9 +21,8 @@ timm. Two changes are supported on top of a stock model:
 from __future__ import annotations
 
 import difflib
-from typing import Any
-
 import math
+from typing import Any
 
 import timm
 from timm.layers import StdConv2d
