@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ssl_cli.config.schema import ScheduleConfig
-from ssl_cli.train.schedule import constant_schedule, cosine_schedule, lr_schedule, momentum_schedule
+from ssl_cli.train.schedule import constant_schedule, cosine_schedule, lr_schedule, momentum_schedule, step_schedule
 
 
 def test_cosine_schedule_values():
@@ -100,6 +100,28 @@ def test_lr_schedule_fractional_warmup_and_constant():
 
     s = lr_schedule(ScheduleConfig(name="cosine"), base_lr=0.9, steps_per_epoch=7, epochs=3)
     assert s[0].item() == pytest.approx(0.9) and s.shape == (21,)
+
+
+def test_step_schedule():
+    s = step_schedule(0.8, 10, boundaries=[4, 7], gamma=0.5, warmup_steps=2)
+    expected = [0.0, 0.4, 0.8, 0.8, 0.4, 0.4, 0.4, 0.2, 0.2, 0.2]
+    torch.testing.assert_close(s, torch.tensor(expected, dtype=torch.float64))
+    assert (step_schedule(0.3, 5, [], 0.1) == 0.3).all()
+    assert step_schedule(0.3, 0, [2], 0.1).shape == (0,)
+
+
+def test_lr_schedule_step_drops_at_epoch_milestones():
+    # MoCo v1 / InstDisc: x0.1 from epoch 120 and again from 160 (epochs counted from 0), here scaled down
+    cfg = ScheduleConfig(name="step", milestones=[3, 4], gamma=0.1)
+    s = lr_schedule(cfg, base_lr=0.03, steps_per_epoch=5, epochs=5)
+    assert s.shape == (25,)
+    torch.testing.assert_close(s[:15], torch.full((15,), 0.03, dtype=torch.float64))
+    torch.testing.assert_close(s[15:20], torch.full((5,), 0.003, dtype=torch.float64))
+    torch.testing.assert_close(s[20:], torch.full((5,), 0.0003, dtype=torch.float64))
+    assert ScheduleConfig().milestones == [] and ScheduleConfig().gamma == 0.1  # defaults: old recipes unchanged
+    for bad in ({"milestones": [160, 120]}, {"milestones": [0]}, {"gamma": 0.0}, {"gamma": 1.5}):
+        with pytest.raises(ValueError):
+            ScheduleConfig(**bad)
 
 
 def test_momentum_schedule():

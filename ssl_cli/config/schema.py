@@ -122,10 +122,21 @@ class OptimConfig(Section):
 
 
 class ScheduleConfig(Section):
-    name: Literal["cosine", "constant"] = "cosine"
+    name: Literal["cosine", "constant", "step"] = "cosine"
     warmup_epochs: Annotated[float, Field(ge=0.0)] = 0.0
     min_lr: Annotated[float, Field(ge=0.0)] = 0.0
     """Learning rate at the end of the cosine decay (absolute)."""
+    milestones: list[Annotated[float, Field(gt=0.0)]] = []
+    """``step``: epochs at which the rate is multiplied by ``gamma`` (MoCo v1 / InstDisc: [120, 160])."""
+    gamma: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
+    """``step``: the factor applied at each milestone."""
+
+    @field_validator("milestones")
+    @classmethod
+    def _increasing(cls, v: list[float]) -> list[float]:
+        if any(b <= a for a, b in zip(v[:-1], v[1:], strict=True)):
+            raise ValueError("must be strictly increasing epochs")
+        return v
 
 
 class TrainConfig(Section):

@@ -1,4 +1,4 @@
-"""Per-step schedules: learning rate (warm-up + cosine or constant) and BYOL's target momentum.
+"""Per-step schedules: learning rate (warm-up + cosine, constant or step decay) and BYOL's target momentum.
 
 Every schedule is a float64 tensor with one value per optimizer step, indexed by the global step (the
 DINO ``cosine_scheduler`` layout), so resuming a run at step ``k`` simply reads ``schedule[k]``.
@@ -56,12 +56,32 @@ def constant_schedule(base: float, total_steps: int, warmup_steps: int = 0, warm
     return torch.cat([warm, rest])
 
 
+def step_schedule(
+    base: float,
+    total_steps: int,
+    boundaries: list[int],
+    gamma: float,
+    warmup_steps: int = 0,
+    warmup_start: float = 0.0,
+) -> torch.Tensor:
+    """Linear warm-up as in ``cosine_schedule``, then ``base * gamma ** (number of boundaries <= step)`` (float64).
+
+    ``boundaries`` are global step indices: from step ``b`` on, the rate has been multiplied by ``gamma`` once
+    more (the MoCo / InstDisc "x0.1 at epochs 120 and 160" schedule, with ``b = epoch * steps_per_epoch``).
+    """
+    _check(total_steps, warmup_steps)
+    warm = _warmup(base, total_steps, warmup_steps, warmup_start)
+    steps = torch.arange(warm.numel(), total_steps)
+    drops = (steps.unsqueeze(1) >= torch.tensor(boundaries, dtype=torch.long).reshape(1, -1)).sum(dim=1)
+    return torch.cat([warm, base * torch.pow(torch.tensor(gamma, dtype=torch.float64), drops)])
+
+
 def lr_schedule(cfg: ScheduleConfig, base_lr: float, steps_per_epoch: int, epochs: int) -> torch.Tensor:
     """The run's per-step learning rate: ``epochs * steps_per_epoch`` values for ``optim.set_lr``.
 
     ``base_lr`` is the effective (batch-size-scaled) rate; warm-up starts at 0 and lasts
     ``round(cfg.warmup_epochs * steps_per_epoch)`` steps; ``cfg.min_lr`` is the absolute final rate of
-    the cosine decay.
+    the cosine decay; ``step`` multiplies the rate by ``cfg.gamma`` from each of ``cfg.milestones`` (epochs) on.
     """
     if steps_per_epoch < 0 or epochs < 0:
         raise ValueError(f"steps_per_epoch and epochs must be >= 0, got {steps_per_epoch}, {epochs}")
@@ -71,6 +91,9 @@ def lr_schedule(cfg: ScheduleConfig, base_lr: float, steps_per_epoch: int, epoch
         return cosine_schedule(base_lr, cfg.min_lr, total, warmup)
     if cfg.name == "constant":
         return constant_schedule(base_lr, total, warmup)
+    if cfg.name == "step":
+        boundaries = [round(m * steps_per_epoch) for m in cfg.milestones]
+        return step_schedule(base_lr, total, boundaries, cfg.gamma, warmup)
     raise ValueError(f"unknown schedule {cfg.name!r}")
 
 
