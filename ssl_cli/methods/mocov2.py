@@ -1,8 +1,8 @@
-"""MoCo v2: momentum contrast with an MLP projector and SimCLR-style augmentation.
+"""MoCo v2: MoCo v1 with an MLP projector, tau 0.2 and SimCLR-style augmentation (blur, cosine schedule).
 
-Query encoder f_q (backbone + projector, trained) and key encoder f_k (a momentum copy, no gradient);
-the loss contrasts each query with its own key (positive) and a FIFO queue of K keys from earlier
-batches (negatives). After each step: f_k <- m f_k + (1 - m) f_q, and the batch's keys are enqueued.
+The momentum key encoder, the queue, shuffle-BN and the loss are MoCo v1's (``ssl_cli.methods.mocov1``);
+only the defaults differ: a Linear-ReLU-Linear head (2048 -> 128, no BatchNorm) and tau 0.2. The
+augmentation and the cosine schedule live in the recipe.
 
 [0] MoCo, He, Fan, Wu, Xie, Girshick 2019, arXiv:1911.05722.
 [1] MoCo v2, Chen, Fan, Girshick, He 2020, arXiv:2003.04297.
@@ -12,76 +12,22 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-import torch
-import torch.nn.functional as F
 from pydantic import Field
 
-from ssl_cli.config.schema import PositiveInt, Probability
-from ssl_cli.heads import ProjectorConfig, projector
-from ssl_cli.losses.moco import KeyQueue, moco_logits, positive_first_cross_entropy
-from ssl_cli.methods.base import Method, StepOutput
-from ssl_cli.methods.momentum import ema_update, frozen_copy, shuffled_forward
+from ssl_cli.heads import ProjectorKind
+from ssl_cli.methods.mocov1 import MoCoV1, MoCoV1Config
 from ssl_cli.methods.registry import register
 
 
-class MoCoV2Config(ProjectorConfig):
-    name: Literal["mocov2"] = "mocov2"
+class MoCoV2Config(MoCoV1Config):
+    name: Literal["mocov2"] = "mocov2"  # type: ignore[assignment]
     temperature: Annotated[float, Field(gt=0.0)] = 0.2
-    queue_size: PositiveInt = 65536
-    momentum: Probability = 0.999
+    projector: ProjectorKind = "mlp"
     proj_batchnorm: bool = False  # the MoCo v2 head is Linear-ReLU-Linear
-    shuffle_bn_splits: PositiveInt = 8
-    """Shuffle-BN on one device: the key batch is shuffled and forwarded in this many sub-batches."""
-    symmetric: bool = False
-    """Also contrast view 2's queries with view 1's keys (a common small-data variant; the paper is asymmetric)."""
 
 
 @register
-class MoCoV2(Method):
+class MoCoV2(MoCoV1):
     Config = MoCoV2Config
     description = "MoCo v2 (2020): momentum key encoder, queue of 65536 negatives, MLP projector, tau 0.2"
     demo_overrides = {"method.queue_size": 2048, "method.momentum": 0.99}
-
-    def __init__(self, config: MoCoV2Config, backbone, recipe) -> None:
-        super().__init__(config, backbone, recipe)
-        self.projector, dim = projector(config, self.feature_dim)
-        self.key_backbone = frozen_copy(self.backbone)
-        self.key_projector = frozen_copy(self.projector)
-        self.queue = KeyQueue(config.queue_size, dim)
-        self._new_keys: torch.Tensor | None = None
-
-    def query(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.projector(self.backbone(x)), dim=1)  # N x D
-
-    @torch.no_grad()
-    def key(self, x: torch.Tensor) -> torch.Tensor:
-        def encode(chunk: torch.Tensor) -> torch.Tensor:
-            return self.key_projector(self.key_backbone(chunk))
-
-        return F.normalize(shuffled_forward(encode, x, self.config.shuffle_bn_splits), dim=1)  # N x D
-
-    def contrast(self, x_query: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Loss and instance-discrimination accuracy (positive ranked first among 1 + K keys)."""
-        logits = moco_logits(self.query(x_query), keys, self.queue.keys, self.config.temperature)
-        return positive_first_cross_entropy(logits), (logits.argmax(dim=1) == 0).float().mean().detach()
-
-    def training_step(self, views: list[torch.Tensor], step: int, index: torch.Tensor | None = None) -> StepOutput:
-        x1, x2 = views
-        k2 = self.key(x2)
-        loss, acc = self.contrast(x1, k2)
-        keys = [k2]
-        if self.config.symmetric:
-            k1 = self.key(x1)
-            loss2, acc2 = self.contrast(x2, k1)
-            loss, acc = 0.5 * (loss + loss2), 0.5 * (acc + acc2)
-            keys.append(k1)
-        # the queue is read by the loss graph: write the new keys only after the optimizer step
-        self._new_keys = torch.cat(keys)
-        return StepOutput(loss, {"contrastive_acc": acc})
-
-    def after_optimizer_step(self, step: int, total_steps: int) -> None:
-        ema_update(self.key_backbone, self.backbone, self.config.momentum)
-        ema_update(self.key_projector, self.projector, self.config.momentum)
-        if self._new_keys is not None:
-            self.queue.enqueue(self._new_keys)
-            self._new_keys = None
