@@ -7,6 +7,14 @@ For a stock timm architecture::
     timm.create_model(name, num_classes=0, pretrained=True, pretrained_cfg_overlay=dict(file=out))
 
 loads it; for a changed stem (``small_stem``), ``ssl_cli.load_backbone(out)`` rebuilds it.
+
+``export_backbone(ckpt, out, projector_layers=k)`` also keeps the first ``k`` layers of the method's MLP
+projector (each Linear with its normalisation and ReLU): SimCLR v2 fine-tunes from the middle of the
+projection head [0, Sec. 2]. The file then holds the backbone's timm keys plus ``projector.*`` keys, the
+metadata describes the head's layers, and ``ssl_cli.load_backbone(out)`` returns a model whose output is
+the head applied to the pooled features (``num_features`` = the head's width).
+
+[0] SimCLR v2, Chen et al. 2020, arXiv:2006.10029.
 """
 
 from __future__ import annotations
@@ -54,22 +62,120 @@ def _backbone_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any], path
     )
 
 
+PROJECTOR_PREFIX = "projector."
+
+
+class ProjectedBackbone(nn.Module):
+    """A backbone followed by the first layers of a projection head; its output is the head's."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Sequential, num_features: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.num_features = num_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def head_spec(head: nn.Sequential) -> list[dict[str, Any]]:
+    """A JSON description of a projector prefix's modules, enough to rebuild it without the method."""
+    spec: list[dict[str, Any]] = []
+    for m in head:
+        if isinstance(m, nn.Linear):
+            spec.append({"type": "linear", "in": m.in_features, "out": m.out_features, "bias": m.bias is not None})
+        elif isinstance(m, nn.BatchNorm1d):
+            spec.append({"type": "batchnorm", "dim": m.num_features, "affine": m.affine, "eps": m.eps})
+        elif isinstance(m, nn.GroupNorm):
+            spec.append({"type": "groupnorm", "groups": m.num_groups, "dim": m.num_channels, "eps": m.eps})
+        elif isinstance(m, nn.ReLU):
+            spec.append({"type": "relu"})
+        else:
+            raise CheckpointError(f"--projector-layers: cannot export a projector layer of type {type(m).__name__}")
+    return spec
+
+
+def head_from_spec(spec: list[dict[str, Any]]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for s in spec:
+        if s["type"] == "linear":
+            layers.append(nn.Linear(s["in"], s["out"], bias=s["bias"]))
+        elif s["type"] == "batchnorm":
+            layers.append(nn.BatchNorm1d(s["dim"], eps=s["eps"], affine=s["affine"]))
+        elif s["type"] == "groupnorm":
+            layers.append(nn.GroupNorm(s["groups"], s["dim"], eps=s["eps"]))
+        elif s["type"] == "relu":
+            layers.append(nn.ReLU())
+        else:
+            raise CheckpointError(f"unknown projector layer type {s['type']!r} in the export's metadata")
+    return nn.Sequential(*layers)
+
+
+def projector_prefix(projector: nn.Module, layers: int) -> nn.Sequential:
+    """The first ``layers`` linear layers of an MLP projector, each with the normalisation / ReLU after it."""
+    modules = list(projector) if isinstance(projector, nn.Sequential) else []
+    starts = [i for i, m in enumerate(modules) if isinstance(m, nn.Linear)]
+    if layers > len(starts):
+        raise CheckpointError(f"--projector-layers {layers}: the projector has only {len(starts)} linear layers")
+    end = starts[layers] if layers < len(starts) else len(modules)
+    return nn.Sequential(*modules[:end])
+
+
+def _checkpoint_head(tensors: dict[str, torch.Tensor], meta: dict[str, Any], layers: int, in_dim: int, path: Path):
+    """The first ``layers`` projector layers of a training checkpoint's method (eval mode)."""
+    from ssl_cli.heads import projector
+
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"--projector-layers needs a training checkpoint; {path} is an export")
+    method_cfg = meta.get("recipe", {}).get("method", {})
+    name = method_cfg.get("name", meta.get("method"))
+    if method_cfg.get("projector") != "mlp":
+        kind = method_cfg.get("projector", "none")
+        raise CheckpointError(f"--projector-layers {layers}: method '{name}' has no MLP projector (projector: {kind})")
+    from ssl_cli.config import recipe_from_dict
+
+    cfg = recipe_from_dict(meta["recipe"], source=f"{path} (recipe)").method
+    head, _ = projector(cfg, in_dim)
+    state = {k[len("model.projector.") :]: v for k, v in tensors.items() if k.startswith("model.projector.")}
+    try:
+        head.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise CheckpointError(f"{path}: the projector weights do not fit method '{name}': {first}") from None
+    return projector_prefix(head, layers).eval()
+
+
 def load_backbone(path: str | Path, device: str = "cpu", with_meta: bool = False):
-    """Rebuild the timm backbone saved in a training checkpoint or an exported file (eval mode)."""
+    """Rebuild the timm backbone saved in a training checkpoint or an exported file (eval mode).
+
+    An export made with ``projector_layers > 0`` comes back as a ``ProjectedBackbone`` (backbone + head).
+    """
     path = Path(path).expanduser()
     tensors, meta = read_safetensors(path)
+    model = _rebuild(tensors, meta, path).to(device).eval()
+    return (model, meta) if with_meta else model
+
+
+def _rebuild(tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: Path) -> nn.Module:
     state = _backbone_state(tensors, meta, path)
     if "backbone" not in meta:
         raise CheckpointError(f"{path}: metadata lacks 'backbone'; cannot rebuild the model")
+    projected = meta.get("format") == EXPORT_FORMAT and bool(meta.get("projector"))
+    head_state = {k[len(PROJECTOR_PREFIX) :]: v for k, v in state.items() if k.startswith(PROJECTOR_PREFIX)}
+    if projected:
+        state = {k: v for k, v in state.items() if not k.startswith(PROJECTOR_PREFIX)}
     torch.manual_seed(0)
     model = build_backbone(backbone_config(meta).model_copy(update={"freeze_patch_embed": False}))
     try:
         model.load_state_dict(state, strict=True)
+        if projected:
+            head = head_from_spec(meta["projector"]["layers"])
+            head.load_state_dict(head_state, strict=True)
+            model = ProjectedBackbone(model, head, int(meta["projector"]["num_features"]))
     except RuntimeError as e:
         first = str(e).splitlines()[0]
         raise CheckpointError(f"{path}: weights do not fit {meta['backbone'].get('name')}: {first}") from None
-    model.to(device).eval()
-    return (model, meta) if with_meta else model
+    return model.eval()
 
 
 def export_config(meta: dict[str, Any], model: nn.Module) -> dict[str, Any]:
@@ -101,14 +207,31 @@ def export_config(meta: dict[str, Any], model: nn.Module) -> dict[str, Any]:
     }
 
 
-def export_backbone(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
-    """Write the backbone weights (timm keys) and a JSON config beside them; returns a summary."""
+def export_backbone(checkpoint: str | Path, out: str | Path, projector_layers: int = 0) -> dict[str, Any]:
+    """Write the backbone weights (timm keys) and a JSON config beside them; returns a summary.
+
+    ``projector_layers = k > 0``: also the first k layers of the method's MLP projector (see the module doc).
+    """
     out = Path(out).expanduser()
     if out.suffix != ".safetensors":
         raise CheckpointError(f"--out {out}: the file name must end in .safetensors")
     if out.resolve() == Path(checkpoint).expanduser().resolve():
         raise CheckpointError(f"--out {out} is the checkpoint itself; choose another file")
-    model, meta = load_backbone(checkpoint, with_meta=True)
+    if projector_layers < 0:
+        raise CheckpointError(f"--projector-layers {projector_layers}: must be 0 (backbone only) or more")
+    path = Path(checkpoint).expanduser()
+    ckpt_tensors, meta = read_safetensors(path)
+    if meta.get("format") == EXPORT_FORMAT and meta.get("projector"):
+        raise CheckpointError(f"{path} is already an export with projector layers; export from the training checkpoint")
+    model = _rebuild(ckpt_tensors, meta, path)
+    tensors = model.state_dict()
+    head = None
+    if projector_layers > 0:
+        head = _checkpoint_head(ckpt_tensors, meta, projector_layers, int(model.num_features), path)
+        spec = head_spec(head)
+        width = next(s["out"] for s in reversed(spec) if s["type"] == "linear")
+        tensors = {**tensors, **{PROJECTOR_PREFIX + k: v for k, v in head.state_dict().items()}}
+        model = ProjectedBackbone(model, head, width)
     config = export_config(meta, model)
     export_meta = {
         "format": EXPORT_FORMAT,
@@ -116,7 +239,14 @@ def export_backbone(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
         "preprocessing": meta["preprocessing"],
         "config": config,
     }
-    atomic_save(model.state_dict(), export_meta, out)
+    if head is not None:
+        config["projector_layers"] = projector_layers
+        config["projector_change"] = (
+            f"the output is the first {projector_layers} projector layer(s) on the pooled features; "
+            "rebuild with ssl_cli.load_backbone(file)"
+        )
+        export_meta["projector"] = {"layers": spec, "num_layers": projector_layers, "num_features": width}
+    atomic_save(tensors, export_meta, out)
     config_path = out.with_suffix(".json")
     tmp = config_path.with_name(f".{config_path.name}.tmp")
     tmp.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
@@ -127,4 +257,5 @@ def export_backbone(checkpoint: str | Path, out: str | Path) -> dict[str, Any]:
         "architecture": config["architecture"],
         "num_features": config["num_features"],
         "small_stem": config["small_stem"],
+        **({"projector_layers": projector_layers} if head is not None else {}),
     }

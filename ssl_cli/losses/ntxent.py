@@ -14,19 +14,26 @@ class NTXentLoss(nn.Module):
     """For 2N views, each view's positive is the other view of its image; the 2(N-1) other views are negatives.
 
     loss = mean over the 2N anchors of -log( exp(s(i, pos)/tau) / sum_{k != i} exp(s(i, k)/tau) ),
-    with s the cosine similarity.
+    with s the cosine similarity. Optional extra ``negatives`` (K x D, e.g. SimCLR v2's queue of momentum
+    keys [1]) join every anchor's denominator: + sum_j exp(s(i, neg_j)/tau).
+
+    [1] SimCLR v2, Chen et al. 2020, arXiv:2006.10029, Sec. 2.
     """
 
     def __init__(self, temperature: float = 0.1) -> None:
         super().__init__()
         self.temperature = temperature
 
-    def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
-        """z1, z2: N x D projections of the two views (row i of each from image i). Returns a scalar."""
+    def forward(self, z1: torch.Tensor, z2: torch.Tensor, negatives: torch.Tensor | None = None) -> torch.Tensor:
+        """z1, z2: N x D projections of the two views (row i of each from image i); ``negatives``: K x D
+        extra negatives shared by all anchors (no gradient flows into them). Returns a scalar."""
         n = z1.shape[0]
         z = F.normalize(torch.cat([z1, z2]), dim=1)  # 2N x D
         logits = z @ z.T / self.temperature  # 2N x 2N
         # an anchor is never its own negative: remove the diagonal from the softmax
         logits.fill_diagonal_(float("-inf"))
+        if negatives is not None:  # columns 2N.. : the extra negatives; the targets stay in the first 2N
+            extra = z @ F.normalize(negatives.detach().to(z.dtype), dim=1).T / self.temperature  # 2N x K
+            logits = torch.cat([logits, extra], dim=1)
         targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
         return F.cross_entropy(logits, targets)

@@ -1,6 +1,7 @@
 """Self-supervised methods, one file each; importing this package registers them."""
 
 from ssl_cli.methods import mocov2, simclr  # noqa: F401
+from ssl_cli.methods import simclrv2  # noqa: F401
 from ssl_cli.methods import instdisc  # noqa: F401
 from ssl_cli.methods import mocov1  # noqa: F401
 from ssl_cli.methods.base import Method, StepOutput

@@ -33,11 +33,15 @@ class SimCLR(Method):
 
     def __init__(self, config: SimCLRConfig, backbone, recipe) -> None:
         super().__init__(config, backbone, recipe)
-        self.projector, _ = projector(config, self.feature_dim)
+        self.projector, self.proj_dim = projector(config, self.feature_dim)
         self.loss = NTXentLoss(config.temperature)
 
-    def training_step(self, views: list[torch.Tensor], step: int, index: torch.Tensor | None = None) -> StepOutput:
+    def projections(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """z1, z2 (N x D each, not normalised) of the two views."""
         x1, x2 = views
         # one forward for both views: BatchNorm statistics are shared over all 2N views, as in SimCLR
-        z1, z2 = self.projector(self.backbone(torch.cat([x1, x2]))).chunk(2)  # N x D each
-        return StepOutput(self.loss(z1, z2))
+        z1, z2 = self.projector(self.backbone(torch.cat([x1, x2]))).chunk(2)
+        return z1, z2
+
+    def training_step(self, views: list[torch.Tensor], step: int, index: torch.Tensor | None = None) -> StepOutput:
+        return StepOutput(self.loss(*self.projections(views)))
