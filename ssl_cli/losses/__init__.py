@@ -1,6 +1,7 @@
 from ssl_cli.losses.instdisc import MemoryBank, nce_loss
+from ssl_cli.losses.invaspread import invaspread_loss
 from ssl_cli.losses.moco import KeyQueue, moco_contrastive, moco_logits, positive_first_cross_entropy
 from ssl_cli.losses.ntxent import NTXentLoss
 
 __all__ = ["KeyQueue", "NTXentLoss", "moco_contrastive", "moco_logits", "positive_first_cross_entropy"]
-__all__ += ["MemoryBank", "nce_loss"]
+__all__ += ["MemoryBank", "invaspread_loss", "nce_loss"]
