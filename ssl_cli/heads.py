@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Annotated, Literal
 
@@ -20,12 +21,25 @@ class ProjectorConfig(MethodConfig):
     proj_hidden_dim: PositiveInt = 2048
     proj_output_dim: PositiveInt = 128
     proj_batchnorm: bool = True
-    """BatchNorm after each hidden linear layer of the MLP."""
+    """A normalisation layer after each hidden linear layer of the MLP (BatchNorm unless ``proj_norm`` says)."""
+    proj_norm: Literal["batchnorm", "groupnorm"] | None = None
+    """The hidden layers' normalisation when ``proj_batchnorm`` is on: unset or ``batchnorm``: BatchNorm;
+    ``groupnorm`` (32 groups) uses no batch statistics, for BYOL with GroupNorm + WS (Richemond et al. 2020,
+    arXiv:2010.10241). Unset by default so recipes saved before this key existed still resume."""
     proj_layers: Annotated[int, Field(ge=2)] = 2
     """Linear layers in the MLP projector (SimCLR v2, SimSiam, Barlow Twins: 3)."""
     proj_last_batchnorm: Literal["none", "affine", "plain"] = "none"
     """BatchNorm on the MLP's output: ``affine`` (learned scale / shift, SimCLR v2) or ``plain`` (no parameters,
     SimSiam); the last linear layer then has no bias."""
+
+
+def _groups(width: int, max_groups: int = 32, min_size: int = 16) -> int:
+    """GroupNorm groups for a feature vector: the most groups (<= 32, dividing both 32 and ``width``) that keep
+    at least ``min_size`` channels each; a group of one channel would normalise every value to 0."""
+    groups = math.gcd(max_groups, width)
+    while groups > 1 and width // groups < min_size:
+        groups //= 2
+    return groups
 
 
 def mlp(
@@ -34,12 +48,14 @@ def mlp(
     last_batchnorm: bool = False,
     last_bias: bool = True,
     last_affine: bool = True,
+    norm: Literal["batchnorm", "groupnorm"] = "batchnorm",
 ) -> nn.Sequential:
     """Linear layers between ``dims[0] -> ... -> dims[-1]``; hidden layers get [BatchNorm] + ReLU.
 
     ``mlp([2048, 2048, 128])`` is the SimCLR / MoCo v2 projector; ``last_batchnorm`` adds a BatchNorm
     (without ReLU) after the final linear layer, as SimCLR v2's projector does (``last_affine=False``: no
-    learned scale / shift, as SimSiam's).
+    learned scale / shift, as SimSiam's). ``norm="groupnorm"``: the hidden layers get GroupNorm (32 groups; fewer for
+    narrow layers, see ``_groups``) instead of BatchNorm, so every sample is normalised on its own.
     """
     if len(dims) < 2:
         raise ValueError(f"an MLP needs at least input and output sizes, got {list(dims)}")
@@ -48,7 +64,9 @@ def mlp(
         last = i == len(dims) - 2
         layers.append(nn.Linear(d_in, d_out, bias=last_bias if last else not batchnorm))
         if not last:
-            if batchnorm:
+            if batchnorm and norm == "groupnorm":
+                layers.append(nn.GroupNorm(_groups(d_out), d_out))
+            elif batchnorm:
                 layers.append(nn.BatchNorm1d(d_out))
             layers.append(nn.ReLU(inplace=True))
         elif last_batchnorm:
@@ -76,5 +94,6 @@ def projector(cfg: ProjectorConfig, in_dim: int) -> tuple[nn.Module, int]:
         last_batchnorm=last_bn,
         last_bias=not last_bn,
         last_affine=cfg.proj_last_batchnorm == "affine",
+        norm=cfg.proj_norm or "batchnorm",
     )
     return layers, cfg.proj_output_dim
