@@ -1,7 +1,10 @@
+from ssl_cli.losses.byol import normalized_mse
 from ssl_cli.losses.instdisc import MemoryBank, nce_loss
 from ssl_cli.losses.invaspread import invaspread_loss
 from ssl_cli.losses.moco import KeyQueue, moco_contrastive, moco_logits, positive_first_cross_entropy
 from ssl_cli.losses.ntxent import NTXentLoss
+from ssl_cli.losses.simsiam import negative_cosine, normalized_std, simsiam_loss
 
 __all__ = ["KeyQueue", "NTXentLoss", "moco_contrastive", "moco_logits", "positive_first_cross_entropy"]
 __all__ += ["MemoryBank", "invaspread_loss", "nce_loss"]
+__all__ += ["negative_cosine", "normalized_mse", "normalized_std", "simsiam_loss"]
