@@ -1,3 +1,4 @@
+from ssl_cli.losses.barlow import BarlowTwinsLoss, cross_correlation
 from ssl_cli.losses.byol import normalized_mse
 from ssl_cli.losses.instdisc import MemoryBank, nce_loss
 from ssl_cli.losses.invaspread import invaspread_loss
@@ -8,3 +9,4 @@ from ssl_cli.losses.simsiam import negative_cosine, normalized_std, simsiam_loss
 __all__ = ["KeyQueue", "NTXentLoss", "moco_contrastive", "moco_logits", "positive_first_cross_entropy"]
 __all__ += ["MemoryBank", "invaspread_loss", "nce_loss"]
 __all__ += ["negative_cosine", "normalized_mse", "normalized_std", "simsiam_loss"]
+__all__ += ["BarlowTwinsLoss", "cross_correlation"]
