@@ -6,7 +6,19 @@ from ssl_cli.losses.moco import KeyQueue, moco_contrastive, moco_logits, positiv
 from ssl_cli.losses.ntxent import NTXentLoss
 from ssl_cli.losses.simsiam import negative_cosine, normalized_std, simsiam_loss
 
-__all__ = ["KeyQueue", "NTXentLoss", "moco_contrastive", "moco_logits", "positive_first_cross_entropy"]
-__all__ += ["MemoryBank", "invaspread_loss", "nce_loss"]
-__all__ += ["negative_cosine", "normalized_mse", "normalized_std", "simsiam_loss"]
-__all__ += ["BarlowTwinsLoss", "cross_correlation"]
+__all__ = [
+    "BarlowTwinsLoss",
+    "KeyQueue",
+    "MemoryBank",
+    "NTXentLoss",
+    "cross_correlation",
+    "invaspread_loss",
+    "moco_contrastive",
+    "moco_logits",
+    "nce_loss",
+    "negative_cosine",
+    "normalized_mse",
+    "normalized_std",
+    "positive_first_cross_entropy",
+    "simsiam_loss",
+]

@@ -1,11 +1,16 @@
 """Self-supervised methods, one file each; importing this package registers them."""
 
-from ssl_cli.methods import mocov2, simclr  # noqa: F401
-from ssl_cli.methods import simclrv2  # noqa: F401
-from ssl_cli.methods import instdisc, invaspread  # noqa: F401
-from ssl_cli.methods import mocov1  # noqa: F401
-from ssl_cli.methods import barlowtwins  # noqa: F401
-from ssl_cli.methods import byol, simsiam  # noqa: F401
+from ssl_cli.methods import (  # noqa: F401  (importing a method module registers it)
+    barlowtwins,
+    byol,
+    instdisc,
+    invaspread,
+    mocov1,
+    mocov2,
+    simclr,
+    simclrv2,
+    simsiam,
+)
 from ssl_cli.methods.base import Method, StepOutput
 from ssl_cli.methods.registry import METHODS, get_method, register
 
