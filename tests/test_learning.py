@@ -38,6 +38,8 @@ METHODS = {
         [("method.proj_hidden_dim", 256), ("method.proj_output_dim", 256), ("method.pred_hidden_dim", 64)],
         0.015,
     ),
+    # InvaSpread (linear 128-d head, in-batch negatives): 0.183 / 0.190 over seeds 0 / 1
+    "invaspread": ([("optim.lr", 0.1)], 0.015),
 }
 
 

@@ -49,8 +49,9 @@ class InstDisc(Method):
     Config = InstDiscConfig
     description = "InstDisc (2018): memory bank of 128-d features, NCE with 4096 noise samples, tau 0.07"
     num_views = 1
-    # 2,560 images: fewer noise samples than images, and a higher rate to learn within 80 steps
-    demo_overrides = {"method.nce_k": 1024, "optim.lr": 0.1}
+    # 2,560 images: fewer noise samples than images; tau 0.07 with a fixed Z collapses the features within a few
+    # dozen steps on tiny data (all f alike, the noise terms explode), tau 0.2 does not
+    demo_overrides = {"method.nce_k": 1024, "method.temperature": 0.2}
 
     def __init__(self, config: InstDiscConfig, backbone, recipe) -> None:
         super().__init__(config, backbone, recipe)
