@@ -23,6 +23,21 @@ TINY = [
 ]
 
 
+def tiny_method(name: str, *overrides) -> torch.nn.Module:
+    """The recipe ``name`` on TINY settings plus ``overrides``, built with weights from torch seed 0."""
+    from ssl_cli.config import load_recipe
+    from ssl_cli.train.pretrain import build_method
+
+    torch.manual_seed(0)
+    return build_method(load_recipe(name, [*TINY, *overrides]))
+
+
+def random_views(n: int = 8, seed: int = 0) -> list[torch.Tensor]:
+    """Two batches of ``n`` random 32x32 images (the two views of a training step)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, 3, 32, 32, generator=g), torch.randn(n, 3, 32, 32, generator=g)]
+
+
 @pytest.fixture(autouse=True)
 def _threads():
     """One torch thread per test process: avoids oversubscription when tests run beside other work."""

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import TINY
+from conftest import TINY, random_views, tiny_method
 from ssl_cli.config import load_recipe
 from ssl_cli.errors import RecipeError
 from ssl_cli.losses import BarlowTwinsLoss, cross_correlation
@@ -19,13 +19,11 @@ SMALL = [("method.proj_hidden_dim", 32), ("method.proj_output_dim", 16)]
 
 
 def tiny(name: str = "barlowtwins", *extra) -> nn.Module:
-    torch.manual_seed(0)
-    return build_method(load_recipe(name, [*TINY, *SMALL, *extra]))
+    return tiny_method(name, *SMALL, *extra)
 
 
 def views(n: int = 8) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    return [torch.randn(n, 3, 32, 32, generator=g), torch.randn(n, 3, 32, 32, generator=g)]
+    return random_views(n)
 
 
 def loop_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float, scale: float = 1.0, eps: float = 1e-5) -> float:

@@ -8,25 +8,22 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import TINY
+from conftest import random_views, tiny_method
 from ssl_cli.config import load_recipe
 from ssl_cli.errors import RecipeError
 from ssl_cli.heads import ProjectorConfig, mlp, projector
 from ssl_cli.losses import normalized_mse
 from ssl_cli.train.optim import build_optimizer
-from ssl_cli.train.pretrain import build_method
 
 SMALL_HEADS = [("method.proj_hidden_dim", 64), ("method.proj_output_dim", 16), ("method.pred_hidden_dim", 32)]
 
 
 def tiny(name: str = "byol", *extra) -> nn.Module:
-    torch.manual_seed(0)
-    return build_method(load_recipe(name, [*TINY, ("backbone.small_stem", False), *SMALL_HEADS, *extra]))
+    return tiny_method(name, ("backbone.small_stem", False), *SMALL_HEADS, *extra)
 
 
 def views(n: int = 8, seed: int = 0) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(n, 3, 32, 32, generator=g), torch.randn(n, 3, 32, 32, generator=g)]
+    return random_views(n, seed)
 
 
 def perturb(module: nn.Module, seed: int = 1) -> None:

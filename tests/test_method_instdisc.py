@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from test_resume import Interrupt
 
-from conftest import TINY, write_image_folder
+from conftest import TINY, tiny_method, write_image_folder
 from ssl_cli.config import load_recipe
 from ssl_cli.errors import RecipeError
 from ssl_cli.losses import MemoryBank, nce_loss
@@ -24,8 +24,7 @@ SMALL = [("method.proj_output_dim", 16), ("method.nce_k", 7)]
 
 
 def tiny(*extra, n: int = 40, labels: torch.Tensor | None = None):
-    torch.manual_seed(0)
-    m = build_method(load_recipe("instdisc", [*TINY, *SMALL, *extra]))
+    m = tiny_method("instdisc", *SMALL, *extra)
     m.bind_data(n, labels)
     return m
 

@@ -9,11 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import TINY
+from conftest import random_views, tiny_method
 from ssl_cli.config import load_recipe
 from ssl_cli.errors import RecipeError
 from ssl_cli.losses import invaspread_loss
-from ssl_cli.train.pretrain import build_method
 
 
 def loop_loss(z1: torch.Tensor, z2: torch.Tensor, tau: float, detach_keys: bool = False) -> torch.Tensor:
@@ -107,13 +106,11 @@ def test_aligned_orthogonal_embeddings_reach_the_closed_form(tau: float) -> None
 
 
 def tiny(*extra) -> nn.Module:
-    torch.manual_seed(0)
-    return build_method(load_recipe("invaspread", [*TINY, ("method.proj_output_dim", 16), *extra]))
+    return tiny_method("invaspread", ("method.proj_output_dim", 16), *extra)
 
 
 def views(n: int = 6) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    return [torch.randn(n, 3, 32, 32, generator=g), torch.randn(n, 3, 32, 32, generator=g)]
+    return random_views(n)
 
 
 def test_method_loss_is_the_loss_of_its_embeddings_and_trains_the_encoder() -> None:

@@ -13,24 +13,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import TINY
+from conftest import random_views, tiny_method
 from ssl_cli.config import load_recipe
 from ssl_cli.errors import RecipeError
 from ssl_cli.methods import METHODS
 from ssl_cli.methods.mocov1 import MoCoV1, MoCoV1Config
 from ssl_cli.methods.mocov2 import MoCoV2, MoCoV2Config
-from ssl_cli.train.pretrain import build_method
 from ssl_cli.train.schedule import lr_schedule
 
 
 def tiny(name: str, *extra) -> nn.Module:
-    torch.manual_seed(0)
-    return build_method(load_recipe(name, [*TINY, *extra]))
+    return tiny_method(name, *extra)
 
 
 def views(n: int = 8) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    return [torch.randn(n, 3, 32, 32, generator=g), torch.randn(n, 3, 32, 32, generator=g)]
+    return random_views(n)
 
 
 def test_defaults_are_the_papers() -> None:

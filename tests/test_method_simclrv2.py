@@ -16,7 +16,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 import ssl_cli
-from conftest import TINY, write_image_folder
+from conftest import TINY, random_views, tiny_method, write_image_folder
 from ssl_cli.cli.app import app
 from ssl_cli.config import load_recipe
 from ssl_cli.errors import CheckpointError, RecipeError
@@ -33,13 +33,11 @@ HEAD = [("method.proj_hidden_dim", 32), ("method.proj_output_dim", 16)]
 
 
 def tiny(*extra, name: str = "simclrv2") -> nn.Module:
-    torch.manual_seed(0)
-    return build_method(load_recipe(name, [*TINY, *HEAD, *extra]))
+    return tiny_method(name, *HEAD, *extra)
 
 
 def views(n: int = 8, seed: int = 0) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(n, 3, 32, 32, generator=g), torch.randn(n, 3, 32, 32, generator=g)]
+    return random_views(n, seed)
 
 
 def ntxent_loop(z1: torch.Tensor, z2: torch.Tensor, tau: float, negatives: torch.Tensor | None = None) -> float:

@@ -11,26 +11,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import TINY
+from conftest import TINY, random_views, tiny_method
 from ssl_cli.config import load_recipe
 from ssl_cli.errors import RecipeError
 from ssl_cli.losses import negative_cosine, normalized_std, simsiam_loss
 from ssl_cli.train.checkpoint import read_checkpoint
 from ssl_cli.train.optim import build_optimizer, set_lr
-from ssl_cli.train.pretrain import build_method, pretrain
+from ssl_cli.train.pretrain import pretrain
 from ssl_cli.train.schedule import lr_schedule
 
 SMALL_HEADS = [("method.proj_hidden_dim", 32), ("method.proj_output_dim", 32), ("method.pred_hidden_dim", 8)]
 
 
 def tiny(name: str = "simsiam", *extra) -> nn.Module:
-    torch.manual_seed(0)
-    return build_method(load_recipe(name, [*TINY, ("backbone.small_stem", False), *SMALL_HEADS, *extra]))
+    return tiny_method(name, ("backbone.small_stem", False), *SMALL_HEADS, *extra)
 
 
 def views(n: int = 8, seed: int = 0) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(n, 3, 32, 32, generator=g), torch.randn(n, 3, 32, 32, generator=g)]
+    return random_views(n, seed)
 
 
 def test_loss_matches_an_explicit_loop() -> None:

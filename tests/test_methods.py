@@ -8,24 +8,20 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import TINY
-from ssl_cli.config import load_recipe
+from conftest import random_views, tiny_method
 from ssl_cli.errors import RecipeError
 from ssl_cli.losses import NTXentLoss, moco_contrastive
 from ssl_cli.methods import METHODS, get_method
 from ssl_cli.methods.momentum import ema_update, frozen_copy, shuffled_forward
 from ssl_cli.train.optim import build_optimizer
-from ssl_cli.train.pretrain import build_method
 
 
 def tiny(name: str, *extra) -> nn.Module:
-    torch.manual_seed(0)
-    return build_method(load_recipe(name, [*TINY, *extra]))
+    return tiny_method(name, *extra)
 
 
 def views(n: int = 8) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    return [torch.randn(n, 3, 32, 32, generator=g), torch.randn(n, 3, 32, 32, generator=g)]
+    return random_views(n)
 
 
 def test_registry_lists_methods_and_rejects_unknown() -> None:
