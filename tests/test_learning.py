@@ -40,6 +40,22 @@ METHODS = {
     ),
     # InvaSpread (linear 128-d head, in-batch negatives): 0.183 / 0.190 over seeds 0 / 1
     "invaspread": ([("optim.lr", 0.1)], 0.015),
+    # MoCo v1 (linear head): a key encoder that follows fast (m 0.9) and a short queue; with a real ResNet-18 it
+    # gains +0.017 / +0.033 / +0.030 over random (0.080) on seeds 0 / 1 / 2 (the test ResNet: +0.076 / +0.030 /
+    # +0.013)
+    "mocov1": (
+        [("backbone.name", "resnet18"), ("method.queue_size", 128), ("method.momentum", 0.9)]
+        + [("method.temperature", 0.2), ("optim.lr", 0.06)],
+        0.012,
+    ),
+    # Barlow Twins stays at or below random with the tiny test ResNet (0.107-0.160 vs 0.143 over 12 settings x 3
+    # seeds); with a real ResNet-18 (plain stem, 512-d projector, LARS as in the -cifar recipe) it learns:
+    # 0.113 / 0.177 / 0.207 vs random 0.077 over seeds 0 / 1 / 2 (~20 s)
+    "barlowtwins-cifar": (
+        [("backbone.name", "resnet18"), ("backbone.small_stem", False)]
+        + [("method.proj_hidden_dim", 512), ("method.proj_output_dim", 512)],
+        0.02,
+    ),
 }
 
 
@@ -51,7 +67,16 @@ def demo_folders(tmp_path_factory) -> tuple[str, str]:
     return str(train), str(test)
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+# InstDisc does not learn yet (README, CIFAR-10 table): its features collapse onto one common direction within
+# a few dozen steps and kNN ends at or below random in every setting tried. Kept here, strict, so that the fix
+# turns this into a normal entry.
+INSTDISC = pytest.param(
+    "instdisc", marks=pytest.mark.xfail(strict=True, reason="InstDisc features collapse (known issue)")
+)
+METHODS["instdisc"] = ([("method.nce_k", 1024), ("optim.lr", 0.03)], 0.01)
+
+
+@pytest.mark.parametrize("name", [*sorted(set(METHODS) - {"instdisc"}), INSTDISC])
 def test_short_training_beats_random_encoder_on_knn(name: str, demo_folders, tmp_path: Path) -> None:
     torch.set_num_threads(2)
     train, test = demo_folders
