@@ -38,6 +38,15 @@ def random_views(n: int = 8, seed: int = 0) -> list[torch.Tensor]:
     return [torch.randn(n, 3, 32, 32, generator=g), torch.randn(n, 3, 32, 32, generator=g)]
 
 
+def assert_one_line_error(pattern: str, build, *args) -> None:
+    """``build(*args)`` raises a RecipeError matching ``pattern`` whose message is a single line."""
+    from ssl_cli.errors import RecipeError
+
+    with pytest.raises(RecipeError, match=pattern) as info:
+        build(*args)
+    assert "\n" not in str(info.value)
+
+
 @pytest.fixture(autouse=True)
 def _threads():
     """One torch thread per test process: avoids oversubscription when tests run beside other work."""
