@@ -67,16 +67,16 @@ def demo_folders(tmp_path_factory) -> tuple[str, str]:
     return str(train), str(test)
 
 
-# InstDisc does not learn yet (README, CIFAR-10 table): its features collapse onto one common direction within
-# a few dozen steps and kNN ends at or below random in every setting tried. Kept here, strict, so that the fix
-# turns this into a normal entry.
-INSTDISC = pytest.param(
-    "instdisc", marks=pytest.mark.xfail(strict=True, reason="InstDisc features collapse (known issue)")
+# InstDisc (NCE, fixed Z, memory bank refreshed once per epoch): with the tiny test ResNet it stays at or below
+# random; with a real ResNet-18 (plain stem) it gains +0.070 / +0.040 / +0.090 over random (0.080) on seeds
+# 0 / 1 / 2, although its NCE loss grows to 500-750 as the features bunch up (README, CIFAR-10 table)
+METHODS["instdisc"] = (
+    [("backbone.name", "resnet18"), ("backbone.small_stem", False), ("method.nce_k", 1024), ("optim.lr", 0.1)],
+    0.02,
 )
-METHODS["instdisc"] = ([("method.nce_k", 1024), ("optim.lr", 0.03)], 0.01)
 
 
-@pytest.mark.parametrize("name", [*sorted(set(METHODS) - {"instdisc"}), INSTDISC])
+@pytest.mark.parametrize("name", sorted(METHODS))
 def test_short_training_beats_random_encoder_on_knn(name: str, demo_folders, tmp_path: Path) -> None:
     torch.set_num_threads(2)
     train, test = demo_folders

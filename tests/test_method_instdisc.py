@@ -92,6 +92,33 @@ def test_loss_and_z_against_an_explicit_per_sample_computation() -> None:
     assert out2.loss.item() == pytest.approx(reference_loss(f2, bank2, index, noise, 0.07, z.item()).item(), rel=1e-4)
 
 
+def test_softmax_variant_is_the_exact_non_parametric_softmax_over_the_whole_bank() -> None:
+    """loss = "softmax": -log exp(v_i.f/tau) / sum_j exp(v_j.f/tau) over all n entries (paper Eq. 2), per sample."""
+    m = tiny(("method.loss", "softmax"))
+    m.eval()
+    index = torch.tensor([3, 17, 0, 39, 8, 21])
+    x = batch()
+    bank = m.bank.features.clone()
+    out = m.training_step(x, 0, index)
+    f = F.normalize(m.projector(m.backbone(x[0])), dim=1).double()
+    per_sample = []
+    for b, i in enumerate(index.tolist()):
+        sims = [math.exp(float(bank[j].double() @ f[b]) / 0.07) for j in range(40)]
+        per_sample.append(-math.log(sims[i] / sum(sims)))
+    assert out.loss.item() == pytest.approx(sum(per_sample) / len(per_sample), rel=1e-5)
+    assert m.nce_z.item() == 0.0  # no Z in the exact softmax
+    # one gradient step on f raises each sample's own probability; the bank is written only after the step
+    f_var = f.detach().float().requires_grad_(True)
+    logits = f_var @ bank.T / 0.07
+    torch.nn.functional.cross_entropy(logits, index).backward()
+    moved = F.normalize(f_var - 0.01 * f_var.grad, dim=1)
+    assert ((moved @ bank.T).softmax(1)[range(6), index] > (f_var @ bank.T).softmax(1)[range(6), index]).all()
+    assert torch.equal(m.bank.features, bank)
+    m.after_optimizer_step(0, 10)
+    expected = F.normalize(bank[index] * 0.5 + f.float() * 0.5, dim=1)
+    torch.testing.assert_close(m.bank.features[index], expected, rtol=1e-5, atol=1e-6)
+
+
 def test_gradient_reaches_the_encoder_and_never_the_bank() -> None:
     m = tiny()
     out = m.training_step(batch(), 0, torch.arange(6))
@@ -220,7 +247,8 @@ def test_recipes_load_and_build(name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("key", "value"), [("method.nce_k", 0), ("method.bank_momentum", 1.5), ("method.temperature", 0.0)]
+    ("key", "value"),
+    [("method.nce_k", 0), ("method.bank_momentum", 1.5), ("method.temperature", 0.0), ("method.loss", "full")],
 )
 def test_bad_values_are_one_clear_error(key: str, value) -> None:
     with pytest.raises(RecipeError, match=key.split(".")[1]) as e:
