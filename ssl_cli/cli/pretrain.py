@@ -35,9 +35,13 @@ def pretrain(
 ) -> None:
     """Pretrain a backbone with a self-supervised recipe; writes checkpoints/last.safetensors in the run folder."""
     # torch-heavy imports stay inside the command, so `ssl --help` and `ssl --version` start fast
+    from ssl_cli.distributed import agree, env_rank, init_from_env, launched_by_torchrun, shutdown
     from ssl_cli.train.checkpoint import read_checkpoint
     from ssl_cli.train.pretrain import demo_overrides
     from ssl_cli.train.pretrain import pretrain as run_pretrain
+
+    main_process = env_rank() == 0  # under torchrun only rank 0 talks: progress, notes, the result
+    quiet = quiet or not main_process
 
     flags = {
         "backbone.name": backbone,
@@ -71,9 +75,17 @@ def pretrain(
                 + ", ".join(f"{k}={v}" for k, v in pre),
                 markup=False,
             )
-    run_dir = out_dir or default_run_dir(resolved.recipe.name or "run")
-    with ProgressReporter(resolved.train.epochs, quiet=quiet) as reporter:
-        result = run_pretrain(resolved, data, run_dir, resume=resume, reporter=reporter)
+    if launched_by_torchrun():  # one process group for the folder choice and the training
+        init_from_env(resolved.train.device)
+    # a new folder is picked on rank 0, so every process writes into the same one
+    run_dir = out_dir or agree(default_run_dir(resolved.recipe.name or "run"))
+    try:
+        with ProgressReporter(resolved.train.epochs, quiet=quiet) as reporter:
+            result = run_pretrain(resolved, data, run_dir, resume=resume, reporter=reporter)
+    finally:
+        shutdown()
+    if not main_process:
+        return
     if as_json:
         emit_json(result.to_dict())
     else:

@@ -142,6 +142,8 @@ class ScheduleConfig(Section):
 class TrainConfig(Section):
     epochs: PositiveInt = 100
     batch_size: PositiveInt = 256
+    """Images per step on each process; the global batch (learning-rate scaling, steps per epoch) is
+    ``batch_size`` x the number of processes under torchrun."""
     seed: int = 0
     device: str = "auto"
     """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
@@ -150,6 +152,9 @@ class TrainConfig(Section):
     checkpoint_every: Annotated[int, Field(ge=0)] = 10
     """Save ``epoch_NNNN.safetensors`` every N epochs (0: only ``last``)."""
     channels_last: bool = False
+    sync_batchnorm: bool | None = None
+    """Under torchrun: BatchNorm statistics over the global batch of all processes (SimCLR, BYOL and Barlow
+    Twins at scale). Unset means off, so recipes saved before this key existed still resume."""
 
     @field_validator("device")
     @classmethod

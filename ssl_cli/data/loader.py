@@ -27,23 +27,38 @@ def _mix(*values: int) -> int:
 
 
 class EpochSampler(Sampler[int]):
-    """Shuffles indices per epoch from ``(seed, epoch)`` and yields ``epoch * N + index``."""
+    """Shuffles indices per epoch from ``(seed, epoch)`` and yields ``epoch * N + index``.
 
-    def __init__(self, num_samples: int, seed: int) -> None:
+    With ``world_size`` W > 1 (one sampler per rank), the epoch's permutation is cut into global batches of
+    W x ``batch_size`` and rank r takes the r-th slice of each: the ranks together see exactly the global
+    batches one process with a W times larger batch would, in the same order, and every rank the same number
+    of batches (the incomplete last global batch is dropped).
+    """
+
+    def __init__(self, num_samples: int, seed: int, batch_size: int = 1, rank: int = 0, world_size: int = 1) -> None:
         self.num_samples = num_samples
         self.seed = seed
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.num_samples
+        if self.world_size == 1:
+            return self.num_samples
+        return self.num_samples // (self.batch_size * self.world_size) * self.batch_size
 
     def __iter__(self) -> Iterator[int]:
         g = torch.Generator().manual_seed(_mix(self.seed, self.epoch))
         offset = self.epoch * self.num_samples
-        yield from (offset + i for i in torch.randperm(self.num_samples, generator=g).tolist())
+        order = torch.randperm(self.num_samples, generator=g)
+        if self.world_size > 1:
+            b, w = self.batch_size, self.world_size
+            order = order[: self.num_samples // (b * w) * b * w].view(-1, w, b)[:, self.rank].reshape(-1)
+        yield from (offset + i for i in order.tolist())
 
 
 class ViewDataset(Dataset):
@@ -73,8 +88,11 @@ def resolve_workers(num_workers: int | str) -> int:
     return int(num_workers)
 
 
-def train_loader(dataset: ViewDataset, batch_size: int, num_workers: int, seed: int) -> DataLoader:
-    sampler = EpochSampler(len(dataset), seed)
+def train_loader(
+    dataset: ViewDataset, batch_size: int, num_workers: int, seed: int, rank: int = 0, world_size: int = 1
+) -> DataLoader:
+    """Batches of ``batch_size`` (per rank) in the order of :class:`EpochSampler`."""
+    sampler = EpochSampler(len(dataset), seed, batch_size, rank, world_size)
     return DataLoader(
         dataset,
         batch_size=batch_size,

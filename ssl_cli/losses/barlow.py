@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ssl_cli.distributed import all_reduce_with_grad, world_size
+
 
 def standardize(z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """Each feature (column) to zero mean and unit variance over the batch: BatchNorm without affine parameters.
@@ -15,8 +17,9 @@ def standardize(z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     Uses the biased variance and ``eps`` inside the square root, exactly as ``BatchNorm1d(affine=False)`` in
     training mode (what the reference applies to both embeddings).
     """
-    mean = z.mean(dim=0, keepdim=True)
-    var = z.var(dim=0, unbiased=False, keepdim=True)
+    count = z.shape[0] * world_size()  # under torchrun: the statistics of the global batch
+    mean = all_reduce_with_grad(z.sum(dim=0, keepdim=True)) / count
+    var = all_reduce_with_grad((z - mean).pow(2).sum(dim=0, keepdim=True)) / count
     return (z - mean) / torch.sqrt(var + eps)
 
 
@@ -31,7 +34,8 @@ def cross_correlation(z1: torch.Tensor, z2: torch.Tensor, normalize: bool = True
         z1, z2 = z1.float(), z2.float()
         if normalize:
             z1, z2 = standardize(z1), standardize(z2)
-        return z1.T @ z2 / z1.shape[0]
+        # under torchrun: summed over the ranks, so C is the global batch's (its gradient reaches every rank)
+        return all_reduce_with_grad(z1.T @ z2) / (z1.shape[0] * world_size())
 
 
 class BarlowTwinsLoss(nn.Module):

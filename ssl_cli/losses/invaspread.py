@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ssl_cli.distributed import gather, gather_with_grad, rank
+
 
 def invaspread_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float, detach_keys: bool = False) -> torch.Tensor:
     """z1, z2: N x D embeddings of the two views (row i of each from image i). Returns a scalar.
@@ -27,15 +29,17 @@ def invaspread_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float, deta
     n = z1.shape[0]
     z = torch.cat([z1, z2])
     z = F.normalize(z.float() if z.dtype in (torch.float16, torch.bfloat16) else z, dim=1)  # 2N x D, fp32 or fp64
-    keys = z.detach() if detach_keys else z
+    # under torchrun the other samples are the whole global batch (rank r's 2N rows at r 2N ..)
+    keys = gather(z) if detach_keys else gather_with_grad(z)
+    offset = rank() * 2 * n
     logits = z @ keys.T / temperature  # row a: anchor a against every sample
-    logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
-    log_p = logits - torch.logsumexp(logits, dim=1, keepdim=True)  # log P(b|a), -inf on the diagonal
-    twin = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
     rows = torch.arange(2 * n, device=z.device)
+    own, twin = offset + rows, offset + (rows + n) % (2 * n)
+    logits[rows, own] = float("-inf")
+    log_p = logits - torch.logsumexp(logits, dim=1, keepdim=True)  # log P(b|a), -inf on the anchor itself
     log_pos = log_p[rows, twin]
     negative = torch.ones_like(log_p, dtype=torch.bool)
-    negative[rows, rows] = False
+    negative[rows, own] = False
     negative[rows, twin] = False
     # log(1 - P) = log(-expm1(log P)), exact for small P; the clamp keeps it finite if P rounds to 1
     log_not = torch.log((-torch.expm1(log_p[negative])).clamp_min(1e-30))

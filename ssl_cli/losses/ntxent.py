@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssl_cli.distributed import gather_with_grad, rank
+
 
 class NTXentLoss(nn.Module):
     """For 2N views, each view's positive is the other view of its image; the 2(N-1) other views are negatives.
@@ -26,14 +28,21 @@ class NTXentLoss(nn.Module):
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor, negatives: torch.Tensor | None = None) -> torch.Tensor:
         """z1, z2: N x D projections of the two views (row i of each from image i); ``negatives``: K x D
-        extra negatives shared by all anchors (no gradient flows into them). Returns a scalar."""
+        extra negatives shared by all anchors (no gradient flows into them). Returns a scalar.
+
+        Under torchrun the anchors are this rank's 2N views and the candidates are the 2N x W views of the
+        global batch, gathered with their gradient, as the reference does on TPU pods [0, Sec. 2].
+        """
         n = z1.shape[0]
-        z = F.normalize(torch.cat([z1, z2]), dim=1)  # 2N x D
-        logits = z @ z.T / self.temperature  # 2N x 2N
-        # an anchor is never its own negative: remove the diagonal from the softmax
-        logits.fill_diagonal_(float("-inf"))
-        if negatives is not None:  # columns 2N.. : the extra negatives; the targets stay in the first 2N
+        z = F.normalize(torch.cat([z1, z2]), dim=1)  # 2N x D: this rank's anchors
+        candidates = gather_with_grad(z)  # 2N W x D, rank r's block at rows r 2N .. (r + 1) 2N
+        offset = rank() * 2 * n
+        logits = z @ candidates.T / self.temperature  # 2N x 2N W
+        rows = torch.arange(2 * n, device=z.device)
+        # an anchor is never its own negative: remove its own column from the softmax
+        logits[rows, offset + rows] = float("-inf")
+        if negatives is not None:  # columns 2N W.. : the extra negatives; the targets stay in the first 2N W
             extra = z @ F.normalize(negatives.detach().to(z.dtype), dim=1).T / self.temperature  # 2N x K
             logits = torch.cat([logits, extra], dim=1)
-        targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+        targets = offset + (rows + n) % (2 * n)  # the twin: the other view of the same image
         return F.cross_entropy(logits, targets)

@@ -62,6 +62,10 @@ class Method(nn.Module):
         """The loss for one batch. ``index``: the dataset indices of the batch's images (memory banks)."""
         raise NotImplementedError
 
+    def forward(self, views: list[torch.Tensor], step: int, index: torch.Tensor | None = None) -> StepOutput:
+        """``training_step``: the trainer calls the module (through DistributedDataParallel when distributed)."""
+        return self.training_step(views, step, index)
+
     def after_optimizer_step(self, step: int, total_steps: int) -> None:
         """Called after every optimizer step; momentum updates and queue writes go here."""
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from ssl_cli.config.schema import PositiveInt, Probability
+from ssl_cli.distributed import gather
 from ssl_cli.heads import ProjectorConfig, ProjectorKind, projector
 from ssl_cli.losses.moco import KeyQueue, moco_logits, positive_first_cross_entropy
 from ssl_cli.methods.base import Method, StepOutput
@@ -78,7 +79,8 @@ class MoCoV1(Method):
             loss, acc = 0.5 * (loss + loss2), 0.5 * (acc + acc2)
             keys.append(k1)
         # the queue is read by the loss graph: write the new keys only after the optimizer step
-        self._new_keys = torch.cat(keys)
+        # every rank's keys, in the order one process with the global batch would enqueue them
+        self._new_keys = torch.cat([gather(k) for k in keys])
         return StepOutput(loss, {"contrastive_acc": acc})
 
     def after_optimizer_step(self, step: int, total_steps: int) -> None:

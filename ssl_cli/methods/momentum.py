@@ -11,6 +11,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ssl_cli.distributed import broadcast, gather, is_distributed, rank, world_size
+
 
 def frozen_copy(module: nn.Module) -> nn.Module:
     """A deep copy that receives no gradient (the key / target encoder starts equal to the online one)."""
@@ -32,18 +34,38 @@ def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
 
 
 def shuffled_forward(encoder: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, splits: int) -> torch.Tensor:
-    """Shuffle-BN emulated on one device.
+    """Shuffle-BN: the key encoder's BatchNorm never sees a key's own query batch as its statistics.
 
     With BatchNorm, a key computed in the same batch as its query can "cheat" through the batch
     statistics. The reference shuffles the key batch across GPUs so each GPU's BN sees other samples.
-    On one device we shuffle and then forward ``splits`` sub-batches separately, so every sub-batch
-    has its own BN statistics, and undo the shuffle afterwards. ``splits = 1`` is a plain forward.
+    Under torchrun this is what happens: the global key batch is gathered, shuffled with one permutation
+    (rank 0's, broadcast), each rank encodes its slice, and the keys are gathered and unshuffled. On one
+    device the shuffled batch is forwarded in ``splits`` sub-batches with their own BN statistics instead; with
+    W ranks each rank splits its slice into ``splits // W`` sub-batches, so there are ``splits`` BN groups in all
+    whatever the number of processes. ``splits = 1`` on one process is a plain forward.
 
     Args:
-        x: N x ... inputs. Returns the encoder's outputs in the original order.
+        x: N x ... inputs (this rank's). Returns the encoder's outputs for them, in their original order.
     """
+    if is_distributed():
+        return _shuffled_across_ranks(encoder, x, splits)
     if splits <= 1 or x.shape[0] < 2 * splits:
         return encoder(x)
     perm = torch.randperm(x.shape[0], device=x.device)
     out = torch.cat([encoder(chunk) for chunk in x[perm].chunk(splits)])
     return out[torch.argsort(perm)]
+
+
+def _shuffled_across_ranks(
+    encoder: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, splits: int
+) -> torch.Tensor:
+    n, r, w = x.shape[0], rank(), world_size()
+    everything = gather(x)  # W N x ...
+    perm = broadcast(torch.randperm(everything.shape[0], device=x.device))
+    mine = everything[perm[r * n : (r + 1) * n]]
+    local_splits = max(1, splits // w)
+    if local_splits > 1 and n >= 2 * local_splits:
+        out = torch.cat([encoder(chunk) for chunk in mine.chunk(local_splits)])
+    else:
+        out = encoder(mine)
+    return gather(out)[torch.argsort(perm)][r * n : (r + 1) * n]

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from ssl_cli.config.schema import Probability
+from ssl_cli.distributed import gather
 from ssl_cli.losses.moco import KeyQueue
 from ssl_cli.methods.base import StepOutput
 from ssl_cli.methods.momentum import ema_update, frozen_copy
@@ -82,7 +83,8 @@ class SimCLRv2(SimCLR):
         if not self.uses_queue:
             return StepOutput(self.loss(z1, z2))
         # the queue is read by the loss graph: this batch's keys are written after the optimizer step
-        self._new_keys = self.keys(views)
+        # every rank's keys (the same queue everywhere), view by view as one process with the global batch
+        self._new_keys = torch.cat([gather(k) for k in self.keys(views).chunk(len(views))])
         return StepOutput(self.loss(z1, z2, self.queue.keys))
 
     def after_optimizer_step(self, step: int, total_steps: int) -> None:

@@ -20,9 +20,18 @@ from ssl_cli.augment import MultiView
 from ssl_cli.backbones import build_backbone, timm_kwargs
 from ssl_cli.config.schema import Recipe
 from ssl_cli.data import ImageSet, open_dataset
-from ssl_cli.data.loader import ViewDataset, resolve_workers, train_loader
+from ssl_cli.data.loader import ViewDataset, _mix, resolve_workers, train_loader
+from ssl_cli.distributed import (
+    DistEnv,
+    all_reduce_mean,
+    barrier,
+    data_parallel,
+    init_from_env,
+    launched_by_torchrun,
+)
 from ssl_cli.errors import CheckpointError, DataError, RecipeError, TrainingError
 from ssl_cli.methods import Method, get_method
+from ssl_cli.sync_batchnorm import convert_global_batchnorm
 from ssl_cli.train.checkpoint import load_optimizer, read_checkpoint, restore_rng, save_checkpoint
 from ssl_cli.train.optim import build_optimizer, effective_lr, set_lr
 from ssl_cli.train.run_dir import RunDir
@@ -93,6 +102,18 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+def resolve_env(recipe: Recipe) -> DistEnv:
+    """The process group under torchrun (one process per device), else one process on the recipe's device."""
+    if launched_by_torchrun():
+        return init_from_env(recipe.train.device)
+    return DistEnv(0, 1, 0, resolve_device(recipe.train.device))
+
+
+def wrap_distributed(method: Method, env: DistEnv) -> torch.nn.Module:
+    """DistributedDataParallel around the method on more than one process (gradients averaged over ranks)."""
+    return method if env.world_size == 1 else data_parallel(method, env.device)
+
+
 def build_method(recipe: Recipe) -> Method:
     """Backbone + method for a recipe (weights initialised from the current torch seed)."""
     return get_method(recipe.method.name)(recipe.method, build_backbone(recipe.backbone), recipe)
@@ -152,36 +173,47 @@ def pretrain(
     reporter: Reporter | None = None,
 ) -> PretrainResult:
     """Train ``recipe`` on ``data`` (a folder, a dataset name, or None for the demo set) into ``out``."""
-    reporter = reporter or SilentReporter()
+    env = resolve_env(recipe)
+    device, world, main = env.device, env.world_size, env.rank == 0
+    reporter = (reporter or SilentReporter()) if main else SilentReporter()  # progress from rank 0 only
     run = RunDir(Path(out))
     ckpt = _check_resume(recipe, run) if resume else None
-    device = resolve_device(recipe.train.device)
     train = recipe.train
+    global_batch = train.batch_size * world
 
     images = open_dataset(data, role="train").cached(recipe.data.cache)
-    if len(images) < train.batch_size:
-        raise DataError(
-            f"{images.name} has {len(images)} images, fewer than one batch ({train.batch_size}); lower --batch-size"
-        )
+    if len(images) < global_batch:
+        batch = f"{global_batch}" if world == 1 else f"{train.batch_size} x {world} processes = {global_batch}"
+        raise DataError(f"{images.name} has {len(images)} images, fewer than one batch ({batch}); lower --batch-size")
     torch.manual_seed(train.seed)
-    method = build_method(recipe).to(device)
+    method = build_method(recipe)
+    if world > 1 and train.sync_batchnorm:
+        method = convert_global_batchnorm(method)
+    method = method.to(device)
     if train.channels_last:
         method = method.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(method.param_groups(), recipe.optim, train.batch_size)
-    steps_per_epoch = len(images) // train.batch_size
+    optimizer = build_optimizer(method.param_groups(), recipe.optim, global_batch)
+    steps_per_epoch = len(images) // global_batch
     total_steps = steps_per_epoch * train.epochs
-    lrs = lr_schedule(recipe.schedule, effective_lr(recipe.optim, train.batch_size), steps_per_epoch, train.epochs)
+    lrs = lr_schedule(recipe.schedule, effective_lr(recipe.optim, global_batch), steps_per_epoch, train.epochs)
 
     start_epoch, step = 0, 0
-    run.prepare(recipe, resume)
-    reporter.log(f"run folder: {run.root}")
+    if main:
+        run.prepare(recipe, resume)
+    barrier()
+    reporter.log(
+        f"run folder: {run.root}" + (f" ({world} processes, global batch {global_batch})" if world > 1 else "")
+    )
     method.bind_data(len(images), images.labels.clone() if images.labeled else None)
     if ckpt is not None:
         method.load_state_dict(ckpt.section("model"))
         load_optimizer(optimizer, ckpt)
         restore_rng(ckpt)
-        start_epoch, step = int(ckpt.meta["epoch"]), int(ckpt.meta["step"])
-        run.truncate_metrics(start_epoch)
+        # from the epoch: a run resumed with another number of processes has another number of steps per epoch
+        start_epoch = int(ckpt.meta["epoch"])
+        step = start_epoch * steps_per_epoch
+        if main:
+            run.truncate_metrics(start_epoch)
         reporter.log(f"resuming {run.last} at epoch {start_epoch}, step {step}")
         if start_epoch >= train.epochs:
             reporter.log(f"the run is already complete ({train.epochs} epochs); nothing to train")
@@ -195,7 +227,8 @@ def pretrain(
 
     workers = resolve_workers(recipe.data.num_workers)
     dataset = ViewDataset(images, MultiView(recipe.views, recipe.data.mean, recipe.data.std), train.seed)
-    loader = train_loader(dataset, train.batch_size, workers, train.seed)
+    loader = train_loader(dataset, train.batch_size, workers, train.seed, env.rank, world)
+    model = wrap_distributed(method, env)
     memory_format = torch.channels_last if train.channels_last else torch.contiguous_format
 
     reporter.start(total_steps, step)
@@ -204,6 +237,8 @@ def pretrain(
     method.train()
     for epoch in range(start_epoch, train.epochs):
         loader.sampler.set_epoch(epoch)
+        if world > 1:  # per-rank random streams (shuffle-BN, noise samples), the same after a resume
+            torch.manual_seed(_mix(train.seed, epoch, env.rank))
         epoch_start, loss_sum, n_steps = time.perf_counter(), torch.zeros((), device=device), 0
         method_sums: dict[str, torch.Tensor] = {}  # the method's own monitors, averaged over the epoch
         for views, _labels, index in loader:
@@ -211,7 +246,7 @@ def pretrain(
             index = index.to(device, non_blocking=True)
             set_lr(optimizer, float(lrs[step]))
             with autocast(device, train.precision):
-                out_step = method.training_step(views, step, index)
+                out_step = model(views, step, index)
             loss = out_step.loss.float()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -222,10 +257,11 @@ def pretrain(
             loss_sum += loss.detach()
             for name, value in out_step.metrics.items():
                 method_sums[name] = method_sums.get(name, 0.0) + value.detach().float()
-            trained_images += views[0].shape[0]
+            trained_images += views[0].shape[0] * world
             if n_steps % 10 == 0 or n_steps == steps_per_epoch:
-                # the only host sync of the step loop: divergence is caught here, before any checkpoint
-                mean_loss = float(loss_sum) / n_steps
+                # the only host sync of the step loop: divergence is caught here (on every rank alike, from
+                # the ranks' mean), before any checkpoint
+                mean_loss = float(all_reduce_mean(loss_sum)) / n_steps
                 if not math.isfinite(mean_loss):
                     raise TrainingError(
                         f"loss became {mean_loss} at epoch {epoch + 1}, step {step}; lower optim.lr or check the "
@@ -233,27 +269,30 @@ def pretrain(
                     )
                 elapsed = time.perf_counter() - epoch_start
                 metrics = {"loss": mean_loss, "lr": float(lrs[step - 1])}
-                metrics["images_per_second"] = n_steps * train.batch_size / max(elapsed, 1e-9)
+                metrics["images_per_second"] = n_steps * global_batch / max(elapsed, 1e-9)
                 metrics.update({k: float(v) / n_steps for k, v in method_sums.items()})
                 reporter.update(step, epoch, metrics)
         seconds = time.perf_counter() - epoch_start
-        loss_value = float(loss_sum) / max(n_steps, 1)
+        loss_value = float(all_reduce_mean(loss_sum)) / max(n_steps, 1)
         record = {
             "epoch": epoch + 1,
             "step": step,
             "loss": loss_value,
             "lr": float(lrs[step - 1]),
-            "images_per_second": n_steps * train.batch_size / max(seconds, 1e-9),
+            "images_per_second": n_steps * global_batch / max(seconds, 1e-9),
             "seconds": seconds,
-            **{k: float(v) / max(n_steps, 1) for k, v in method_sums.items()},
+            **{k: float(all_reduce_mean(v)) / max(n_steps, 1) for k, v in sorted(method_sums.items())},
             **method.epoch_end(epoch + 1),
         }
-        run.log_metrics(record)
         reporter.epoch_end(record)
-        meta = checkpoint_meta(recipe, method, images, data, epoch + 1, step, record)
-        save_checkpoint(run.last, method, optimizer, meta)
-        if train.checkpoint_every and (epoch + 1) % train.checkpoint_every == 0:
-            save_checkpoint(run.epoch_checkpoint(epoch + 1), method, optimizer, meta)
+        if main:  # one writer; the other ranks wait, so none runs ahead of a checkpoint it may resume from
+            run.log_metrics(record)
+            meta = checkpoint_meta(recipe, method, images, data, epoch + 1, step, record)
+            meta["world_size"] = world
+            save_checkpoint(run.last, method, optimizer, meta)
+            if train.checkpoint_every and (epoch + 1) % train.checkpoint_every == 0:
+                save_checkpoint(run.epoch_checkpoint(epoch + 1), method, optimizer, meta)
+        barrier()
 
     seconds = time.perf_counter() - started
     ips = trained_images / seconds if trained_images else None

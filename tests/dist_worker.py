@@ -1,0 +1,79 @@
+"""One or two optimizer steps of a method on one rank's share of a fixed global batch (tests/test_distributed.py).
+
+Runs in the test process (one process, the whole batch) and in spawned gloo ranks (each its slice of the batch,
+DistributedDataParallel, BatchNorm over the global batch); the test compares the two.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from conftest import TINY
+from ssl_cli.config import load_recipe
+from ssl_cli.distributed import all_reduce_mean, data_parallel
+from ssl_cli.sync_batchnorm import convert_global_batchnorm
+from ssl_cli.train.optim import build_optimizer
+from ssl_cli.train.pretrain import build_method
+
+GLOBAL_BATCH = 16
+STEPS = 2
+
+# name: (recipe, overrides) -- settings whose step is deterministic (no random noise samples)
+CASES: dict[str, tuple[str, list]] = {
+    "simclr": ("simclr", []),
+    "mocov2": ("mocov2", [("method.queue_size", 64), ("method.shuffle_bn_splits", 1)]),
+    "simclrv2-queue": ("simclrv2", [("method.queue_size", 64)]),
+    "byol": ("byol", [("method.proj_hidden_dim", 64), ("method.pred_hidden_dim", 64)]),
+    "simsiam": ("simsiam", [("method.proj_hidden_dim", 64), ("method.pred_hidden_dim", 16)]),
+    "barlowtwins": ("barlowtwins", [("method.proj_hidden_dim", 64), ("method.proj_output_dim", 64)]),
+    # the paper's symmetric gradient: with the official detach_keys = true the two runs agree after one step, but
+    # its second step is ill-conditioned on this random data (3e-7 of parameter noise moves the gradient by 1%)
+    "invaspread": ("invaspread", [("method.detach_keys", False)]),
+    "instdisc-softmax": ("instdisc", [("method.loss", "softmax")]),
+}
+
+
+def global_batch(num_views: int, step: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + step)
+    views = [torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=g) for _ in range(num_views)]
+    index = torch.randperm(4 * GLOBAL_BATCH, generator=g)[:GLOBAL_BATCH]
+    return views, index
+
+
+def run_case(case: str, rank: int = 0, world: int = 1) -> dict:
+    """Losses (mean over ranks) and the final state dict after ``STEPS`` steps."""
+    name, overrides = CASES[case]
+    torch.manual_seed(0)
+    recipe = load_recipe(name, [*TINY, *overrides])
+    method = build_method(recipe)
+    method.bind_data(4 * GLOBAL_BATCH, None)
+    if world > 1:
+        method = convert_global_batchnorm(method)
+    optimizer = build_optimizer(method.param_groups(), recipe.optim, GLOBAL_BATCH)
+    for group in optimizer.param_groups:
+        group["lr"] = 0.05 * group.get("lr_scale", 1.0)
+    model = data_parallel(method, torch.device("cpu")) if world > 1 else method
+    share = GLOBAL_BATCH // world
+    losses = []
+    for step in range(STEPS):
+        views, index = global_batch(recipe.num_views, step)
+        mine = slice(rank * share, (rank + 1) * share)
+        out = model([v[mine] for v in views], step, index[mine])
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        method.after_optimizer_step(step, 10)
+        losses.append(float(all_reduce_mean(out.loss.detach())))
+    return {"losses": losses, "state": {k: v.detach().clone() for k, v in method.state_dict().items()}}
+
+
+def worker(rank: int, world: int, init_file: str, out_file: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        results = {case: run_case(case, rank, world) for case in CASES}
+        if rank == 0:
+            torch.save(results, out_file)
+    finally:
+        dist.destroy_process_group()
