@@ -38,11 +38,11 @@ def random_views(n: int = 8, seed: int = 0) -> list[torch.Tensor]:
     return [torch.randn(n, 3, 32, 32, generator=g), torch.randn(n, 3, 32, 32, generator=g)]
 
 
-def assert_one_line_error(pattern: str, build, *args) -> None:
-    """``build(*args)`` raises a RecipeError matching ``pattern`` whose message is a single line."""
+def assert_one_line_error(pattern: str, build, *args, error: type[Exception] | None = None) -> None:
+    """``build(*args)`` raises ``error`` (default RecipeError) matching ``pattern``, its message a single line."""
     from ssl_cli.errors import RecipeError
 
-    with pytest.raises(RecipeError, match=pattern) as info:
+    with pytest.raises(error or RecipeError, match=pattern) as info:
         build(*args)
     assert "\n" not in str(info.value)
 

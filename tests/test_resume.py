@@ -33,8 +33,10 @@ class Interrupt(SilentReporter):
         ("simclr", [("schedule.warmup_epochs", 1), ("optim.name", "lars")]),
         # a worker process: persistent workers start at a different epoch after resume
         ("mocov2", [("method.queue_size", 64), ("method.shuffle_bn_splits", 2), ("data.num_workers", 1)]),
+        # whole-batch augmentation: its generator is seeded per (seed, epoch, batch), not restored
+        ("simclr", [("data.augment", "batch"), ("views.*.blur_prob", 0.5)]),
     ],
-    ids=["mocov2", "simclr", "mocov2-worker"],
+    ids=["mocov2", "simclr", "mocov2-worker", "simclr-batch-augment"],
 )
 def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path: Path, recipe) -> None:
     name, extra = recipe

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +50,10 @@ class ViewParams:
     blur: torch.Tensor  # N bool
     sigma: torch.Tensor  # N float: blur sigma
     solarize: torch.Tensor  # N bool
+
+    def rows(self, start: int, stop: int) -> ViewParams:
+        """The parameters of images ``start .. stop - 1`` (one rank's share of a global batch)."""
+        return ViewParams(*(getattr(self, f.name)[start:stop] for f in fields(self)))
 
 
 def crop_boxes(
@@ -242,3 +246,13 @@ class BatchedMultiView:
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> list[torch.Tensor]:
         return [view(images, generator) for view in self.views]
+
+    def share(self, images: torch.Tensor, generator: torch.Generator, total: int, start: int) -> list[torch.Tensor]:
+        """Views of ``images``, rows ``start ..`` of a global batch of ``total`` images: the parameters are drawn
+        for the whole global batch, so every process of a multi-process run draws the same ones and applies its
+        slice (one process with the global batch gets the same views)."""
+        n, _, height, width = images.shape
+        return [
+            view.apply(images, view.sample(total, height, width, generator).rows(start, start + n))
+            for view in self.views
+        ]

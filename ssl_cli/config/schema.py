@@ -105,6 +105,10 @@ class DataConfig(Section):
     num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
     cache: Literal["auto", "memory", "none"] = "auto"
     """``memory``: decode every image once and keep it; ``auto``: do so when the set fits (< 4 GiB)."""
+    augment: Literal["sample", "batch"] | None = None
+    """``sample`` (unset): torchvision per image in loader workers; ``batch``: whole batches as tensors on the
+    training device (needs the images in memory at one size; no workers). Unset means ``sample``, so recipes
+    saved before this key existed still resume."""
 
 
 class OptimConfig(Section):

@@ -20,6 +20,7 @@ from ssl_cli.augment import MultiView
 from ssl_cli.backbones import build_backbone, timm_kwargs
 from ssl_cli.config.schema import Recipe
 from ssl_cli.data import ImageSet, open_dataset
+from ssl_cli.data.batches import BatchedEpochs
 from ssl_cli.data.loader import ViewDataset, _mix, resolve_workers, train_loader
 from ssl_cli.distributed import (
     DistEnv,
@@ -107,6 +108,19 @@ def resolve_env(recipe: Recipe) -> DistEnv:
     if launched_by_torchrun():
         return init_from_env(recipe.train.device)
     return DistEnv(0, 1, 0, resolve_device(recipe.train.device))
+
+
+def training_batches(recipe: Recipe, images: ImageSet, device: torch.device, env: DistEnv):
+    """Per-sample augmentation in loader workers, or whole-batch augmentation on ``device`` (``data.augment``)."""
+    train, data = recipe.train, recipe.data
+    if data.augment == "batch":
+        return BatchedEpochs(
+            images, recipe.views, data.mean, data.std, train.batch_size, train.seed, device, env.rank, env.world_size
+        )
+    dataset = ViewDataset(images, MultiView(recipe.views, data.mean, data.std), train.seed)
+    return train_loader(
+        dataset, train.batch_size, resolve_workers(data.num_workers), train.seed, env.rank, env.world_size
+    )
 
 
 def wrap_distributed(method: Method, env: DistEnv) -> torch.nn.Module:
@@ -225,9 +239,7 @@ def pretrain(
             f"({train.epochs}); the learning rate will not reach its peak"
         )
 
-    workers = resolve_workers(recipe.data.num_workers)
-    dataset = ViewDataset(images, MultiView(recipe.views, recipe.data.mean, recipe.data.std), train.seed)
-    loader = train_loader(dataset, train.batch_size, workers, train.seed, env.rank, world)
+    loader = training_batches(recipe, images, device, env)
     model = wrap_distributed(method, env)
     memory_format = torch.channels_last if train.channels_last else torch.contiguous_format
 

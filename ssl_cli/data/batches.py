@@ -1,0 +1,68 @@
+"""Training batches augmented as whole tensors (``data.augment = "batch"``), without loader workers.
+
+The images stay decoded in memory as one uint8 N x 3 x H x W tensor; each step takes the batch's images,
+moves them to the training device and augments them there with ``ssl_cli.augment.batched`` (on the GPU when
+there is one). No per-sample Python runs in the hot path, and no worker process competes with the training
+step for the CPU cores.
+
+Order and randomness are reproducible: the batches follow :class:`EpochSampler` (the same global batches as the
+per-sample loader), and the augmentation parameters of global batch g of epoch e are drawn from a generator
+seeded by (seed, e, g) for the whole global batch, of which each process applies its slice. A resumed run, or a
+run on another number of processes, therefore sees the same views. (They are not the per-sample pipeline's
+views: the two paths draw from different random streams, with the same distributions.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from ssl_cli.augment.batched import BatchedMultiView
+from ssl_cli.config.schema import ViewConfig
+from ssl_cli.data.images import ImageSet
+from ssl_cli.data.loader import EpochSampler, _mix
+from ssl_cli.errors import DataError
+
+
+class BatchedEpochs:
+    """Iterable like the per-sample loader: ``(views, labels, index)`` per step, ``sampler.set_epoch(epoch)``."""
+
+    def __init__(
+        self,
+        images: ImageSet,
+        views: Sequence[ViewConfig],
+        mean: Sequence[float],
+        std: Sequence[float],
+        batch_size: int,
+        seed: int,
+        device: torch.device,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if not isinstance(images.images, torch.Tensor):
+            reason = "are not decoded in memory (data.cache)" if images.images is None else "differ in size"
+            raise DataError(
+                f"data.augment: 'batch' needs every image decoded in memory at one size, but the images of "
+                f"{images.name} {reason}; use data.augment = 'sample' (or data.cache = 'memory')"
+            )
+        self.pixels = images.images
+        self.labels = images.labels
+        self.transform = BatchedMultiView(views, mean, std)
+        self.batch_size, self.seed, self.device = batch_size, seed, device
+        self.rank, self.world_size = rank, world_size
+        self.sampler = EpochSampler(len(images), seed, batch_size, rank, world_size)
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.batch_size
+
+    def __iter__(self) -> Iterator[tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]]:
+        n = len(self.pixels)
+        order = torch.tensor(list(self.sampler), dtype=torch.int64) % n
+        total = self.batch_size * self.world_size
+        for g in range(len(self)):
+            index = order[g * self.batch_size : (g + 1) * self.batch_size]
+            images = self.pixels[index].to(self.device, non_blocking=True)
+            generator = torch.Generator().manual_seed(_mix(self.seed, self.sampler.epoch, g, 2))
+            views = self.transform.share(images, generator, total, self.rank * self.batch_size)
+            yield views, self.labels[index], index

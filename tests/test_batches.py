@@ -1,0 +1,74 @@
+"""Whole-batch augmentation in training (``data.augment = "batch"``): order, slices, reproducibility, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import assert_one_line_error
+from ssl_cli.config import load_recipe
+from ssl_cli.data.batches import BatchedEpochs
+from ssl_cli.data.images import ImageSet
+from ssl_cli.data.loader import EpochSampler
+from ssl_cli.errors import DataError
+
+VIEWS = load_recipe("simclr-cifar").views
+
+
+def image_set(n: int = 40, size: int = 16) -> ImageSet:
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
+    return ImageSet("random", torch.arange(n) % 4, ["a", "b", "c", "d"], images=pixels)
+
+
+def epochs(images: ImageSet, batch: int, rank: int = 0, world: int = 1, seed: int = 3) -> BatchedEpochs:
+    return BatchedEpochs(images, VIEWS, [0.5] * 3, [0.25] * 3, batch, seed, torch.device("cpu"), rank, world)
+
+
+def test_batches_follow_the_epoch_sampler_and_views_have_the_view_size() -> None:
+    images = image_set()
+    source = epochs(images, batch=8)
+    source.sampler.set_epoch(2)
+    batches = list(source)
+    assert len(batches) == len(source) == 5
+    sampler = EpochSampler(40, 3)
+    sampler.set_epoch(2)
+    order = torch.tensor(list(sampler)) % 40
+    for g, (views, labels, index) in enumerate(batches):
+        assert torch.equal(index, order[g * 8 : (g + 1) * 8])
+        assert torch.equal(labels, images.labels[index])
+        assert len(views) == 2 and all(v.shape == (8, 3, 32, 32) and v.dtype == torch.float32 for v in views)
+        assert not torch.equal(views[0], views[1])  # two independent views
+
+
+def test_two_processes_see_the_views_of_one_process_with_the_global_batch() -> None:
+    images = image_set()
+    one = epochs(images, batch=8)
+    halves = [epochs(images, batch=4, rank=r, world=2) for r in range(2)]
+    for s in [one, *halves]:
+        s.sampler.set_epoch(1)
+    for (views, _, index), *parts in zip(one, *halves, strict=True):
+        assert torch.equal(index, torch.cat([p[2] for p in parts]))
+        for v, view in enumerate(views):
+            torch.testing.assert_close(view, torch.cat([p[0][v] for p in parts]))
+
+
+def test_same_seed_and_epoch_give_the_same_views_another_epoch_others() -> None:
+    images = image_set()
+
+    def first(epoch: int) -> torch.Tensor:
+        s = epochs(images, batch=8)
+        s.sampler.set_epoch(epoch)
+        return next(iter(s))[0][0]
+
+    assert torch.equal(first(0), first(0))
+    assert not torch.equal(first(0), first(1))
+
+
+def test_images_of_different_sizes_or_not_in_memory_are_one_clear_error(tmp_path) -> None:
+    mixed = ImageSet("mixed", torch.zeros(2, dtype=torch.long), images=[torch.zeros(3, 8, 8), torch.zeros(3, 9, 9)])
+    pattern = r"data\.augment: 'batch' needs every image decoded in memory.*differ in size"
+    assert_one_line_error(pattern, epochs, mixed, 1, error=DataError)
+    on_disk = ImageSet("files", torch.zeros(2, dtype=torch.long), paths=[tmp_path / "a.png", tmp_path / "b.png"])
+    with pytest.raises(DataError, match="are not decoded in memory"):
+        epochs(on_disk, 1)
