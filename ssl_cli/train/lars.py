@@ -80,33 +80,36 @@ class LARS(torch.optim.Optimizer):
                 loss = closure()
 
         for group in self.param_groups:
-            lr = group["lr"]
-            momentum = group["momentum"]
-            weight_decay = group["weight_decay"]
-            eta = group["trust_coefficient"]
-            adapt = group["lars_adapt"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("LARS does not support sparse gradients")
-                g = p.grad
-                if weight_decay != 0.0:
-                    g = g.add(p, alpha=weight_decay)
-                if adapt:
-                    w_norm = torch.linalg.vector_norm(p)
-                    g_norm = torch.linalg.vector_norm(g)
-                    # torch.where keeps it on-device (no host sync); the discarded branch may be inf/nan.
-                    ratio = torch.where((w_norm > 0) & (g_norm > 0), eta * w_norm / g_norm, torch.ones_like(w_norm))
-                    g = g.mul(ratio)
-                if momentum != 0.0:
-                    state = self.state[p]
-                    buf = state.get("momentum_buffer")
-                    if buf is None:
-                        buf = torch.clone(g).detach()
-                        state["momentum_buffer"] = buf
-                    else:
-                        buf.mul_(momentum).add_(g)
-                    g = buf
-                p.add_(g, alpha=-lr)
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            if any(p.grad.is_sparse for p in params):
+                raise RuntimeError("LARS does not support sparse gradients")
+            self._update(params, group)
         return loss
+
+    def _update(self, params: list[torch.Tensor], group: dict[str, Any]) -> None:
+        """One group's step with multi-tensor (``_foreach``) ops: a few kernels for all parameters, not a few per
+        parameter (what the per-parameter loop cost: ~30 ms of a ResNet-18 step on 2 CPU cores)."""
+        lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
+        grads = [p.grad for p in params]
+        if weight_decay != 0.0:
+            grads = torch._foreach_add(grads, params, alpha=weight_decay)
+        if group["lars_adapt"]:
+            w_norms = torch.stack(torch._foreach_norm(params))
+            g_norms = torch.stack(torch._foreach_norm(grads))
+            # torch.where keeps it on-device (no host sync); the discarded branch may be inf/nan
+            ok = (w_norms > 0) & (g_norms > 0)
+            ratios = torch.where(ok, group["trust_coefficient"] * w_norms / g_norms, torch.ones_like(w_norms))
+            grads = torch._foreach_mul(grads, list(ratios.unbind()))
+        if momentum != 0.0:
+            bufs = []
+            for p in params:
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                bufs.append(state["momentum_buffer"])
+            torch._foreach_mul_(bufs, momentum)
+            torch._foreach_add_(bufs, grads)
+            grads = bufs
+        torch._foreach_add_(params, grads, alpha=-lr)
