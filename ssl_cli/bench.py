@@ -3,9 +3,10 @@
 Three measurements on the recipe's device, each after a few untimed warm-up iterations:
 
 - **ceiling**: the backbone alone, forward + backward (sum of its features as the loss) on random tensors of
-  every view's shape, plus the forwards the method's momentum encoders make in a step (MoCo's keys, BYOL's
-  targets; their input shapes are recorded from a real step). No pretraining step can be faster: it runs this
-  plus heads, loss and optimizer. ``backbone_images_per_second`` is the backbone's forward + backward alone.
+  every view's shape (views of one size batched together, as the methods run them), plus the forwards the
+  method's momentum encoders make in a step (MoCo's keys, BYOL's targets; their input shapes are recorded from
+  a real step). No pretraining step can be faster: it runs this plus heads, loss and optimizer.
+  ``backbone_images_per_second`` is the backbone's forward + backward alone.
 - **data**: the data path alone, from dataset indices to augmented views on the device (loader workers for
   ``data.augment = "sample"``, whole-batch augmentation for ``"batch"``).
 - **step**: full training steps as ``ssl pretrain`` runs them (data, method step, backward, optimizer, momentum
@@ -30,6 +31,7 @@ from torch import nn
 from ssl_cli.config.schema import Recipe
 from ssl_cli.data import open_dataset
 from ssl_cli.distributed import DistEnv
+from ssl_cli.methods.multicrop import encode_by_size
 from ssl_cli.train.optim import build_optimizer, effective_lr, set_lr
 from ssl_cli.train.pretrain import autocast, build_method, resolve_device, training_batches
 
@@ -103,6 +105,7 @@ def bench(recipe: Recipe, data: str | None = None, steps: int = 20, warmup: int 
             out = method(views, counter["step"], index)
         optimizer.zero_grad(set_to_none=True)
         out.loss.float().backward()
+        method.before_optimizer_step(counter["step"], steps + warmup + 1)
         optimizer.step()
         method.after_optimizer_step(counter["step"], steps + warmup + 1)
         counter["step"] += 1
@@ -122,7 +125,7 @@ def bench(recipe: Recipe, data: str | None = None, steps: int = 20, warmup: int 
 
     def backbone_step() -> None:
         with autocast(device, train.precision):
-            loss = sum(backbone(x).float().sum() for x in inputs)
+            loss = sum(f.float().sum() for f in encode_by_size(backbone, inputs))  # same-size views together
         loss.backward()
         backbone.zero_grad(set_to_none=True)
 

@@ -2,7 +2,8 @@
 
 A method composes a backbone (timm, ``num_classes=0``), heads, a loss and optional momentum copies.
 The trainer calls ``bind_data(num_samples, labels)`` once (before a resume loads the state), then per step:
-``training_step(views, step, index)`` -> backward -> optimizer step -> ``after_optimizer_step(step, total_steps)``
+``training_step(views, step, index)`` -> backward -> ``before_optimizer_step`` -> optimizer step
+-> ``after_optimizer_step(step, total_steps)``
 (EMA updates, queue / memory-bank writes), and ``epoch_end(epoch)`` after each epoch (monitors that need
 more than one batch). Everything a method needs to resume (queues, memory banks, momentum encoders) is a
 parameter or persistent buffer, so it travels in ``state_dict``.
@@ -34,14 +35,17 @@ class Method(nn.Module):
     description: ClassVar[str] = ""
     num_views: ClassVar[int] = 2
     """How many views per image the method consumes (the recipe's ``[[views]]`` counts must add up to it)."""
+    multi_crop: ClassVar[bool] = False
+    """``num_views`` is a minimum: any further views (multi-crop's small crops) are welcome."""
     demo_overrides: ClassVar[dict[str, object]] = {}
     """Recipe keys changed for the built-in demo data (a few thousand 32x32 images), e.g. a smaller queue."""
 
     def __init__(self, config: MethodConfig, backbone: nn.Module, recipe: Recipe) -> None:
         super().__init__()
-        if recipe.num_views != self.num_views:
+        if recipe.num_views != self.num_views and not (self.multi_crop and recipe.num_views > self.num_views):
+            needs = f"at least {self.num_views}" if self.multi_crop else f"{self.num_views}"
             raise RecipeError(
-                f"views: method '{config.name}' needs {self.num_views} views per image, "
+                f"views: method '{config.name}' needs {needs} views per image, "
                 f"the recipe's [[views]] give {recipe.num_views}"
             )
         self.config = config
@@ -65,6 +69,9 @@ class Method(nn.Module):
     def forward(self, views: list[torch.Tensor], step: int, index: torch.Tensor | None = None) -> StepOutput:
         """``training_step``: the trainer calls the module (through DistributedDataParallel when distributed)."""
         return self.training_step(views, step, index)
+
+    def before_optimizer_step(self, step: int, total_steps: int) -> None:
+        """Called after backward, before the optimizer step (e.g. dropping gradients of frozen-for-now layers)."""
 
     def after_optimizer_step(self, step: int, total_steps: int) -> None:
         """Called after every optimizer step; momentum updates and queue writes go here."""

@@ -262,6 +262,7 @@ def pretrain(
             loss = out_step.loss.float()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            method.before_optimizer_step(step, total_steps)
             optimizer.step()
             method.after_optimizer_step(step, total_steps)
             step += 1

@@ -1,0 +1,24 @@
+"""Multi-crop: views of several sizes through one encoder, same-size views batched together.
+
+SwAV and DINO train on 2 global crops plus several small local crops. Running every view on its own wastes
+the device; running all of them as one batch is impossible (sizes differ). As the references do, consecutive
+views of one size are concatenated and encoded together, then split back into one tensor per view.
+
+[0] SwAV, Caron et al. 2020, arXiv:2006.09882, Sec. 3.2 (multi-crop).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from itertools import groupby
+
+import torch
+
+
+def encode_by_size(encoder: Callable[[torch.Tensor], torch.Tensor], views: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``encoder`` applied to every view, one forward per run of consecutive same-size views, in view order."""
+    out: list[torch.Tensor] = []
+    for _, group in groupby(views, key=lambda v: tuple(v.shape[-2:])):
+        batch = list(group)
+        out.extend(encoder(torch.cat(batch)).split([v.shape[0] for v in batch]))
+    return out
