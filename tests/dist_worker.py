@@ -31,6 +31,12 @@ CASES: dict[str, tuple[str, list]] = {
     # its second step is ill-conditioned on this random data (3e-7 of parameter noise moves the gradient by 1%)
     "invaspread": ("invaspread", [("method.detach_keys", False)]),
     "instdisc-softmax": ("instdisc", [("method.loss", "softmax")]),
+    # Sinkhorn's sums all-reduced; a queue that is full from the second step (the queue joins Sinkhorn)
+    "swav": (
+        "swav-cifar",
+        [("backbone.small_stem", False), ("method.proj_hidden_dim", 32), ("method.num_prototypes", 20)]
+        + [("method.queue_size", 16), ("method.queue_start_epoch", 0), ("method.freeze_prototypes_epochs", 0.0)],
+    ),
 }
 
 
@@ -62,6 +68,7 @@ def run_case(case: str, rank: int = 0, world: int = 1) -> dict:
         out = model([v[mine] for v in views], step, index[mine])
         optimizer.zero_grad()
         out.loss.backward()
+        method.before_optimizer_step(step, 10)
         optimizer.step()
         method.after_optimizer_step(step, 10)
         losses.append(float(all_reduce_mean(out.loss.detach())))

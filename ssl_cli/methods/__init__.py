@@ -10,6 +10,7 @@ from ssl_cli.methods import (  # noqa: F401  (importing a method module register
     simclr,
     simclrv2,
     simsiam,
+    swav,
 )
 from ssl_cli.methods.base import Method, StepOutput
 from ssl_cli.methods.registry import METHODS, get_method, register
