@@ -24,11 +24,16 @@ def frozen_copy(module: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
-    """target <- momentum * target + (1 - momentum) * online, for parameters (buffers keep their own stats)."""
-    t_params = list(target.parameters())
-    o_params = [p.detach() for p in online.parameters()]
-    if len(t_params) != len(o_params):
+    """target <- momentum * target + (1 - momentum) * online, for trained parameters (buffers keep their own
+    statistics; the copies of frozen parameters stay as they are)."""
+    pairs = list(zip(target.parameters(), online.parameters(), strict=False))
+    if len(pairs) != len(list(online.parameters())) or len(pairs) != len(list(target.parameters())):
         raise ValueError("ema_update: target and online modules differ in structure")
+    # a frozen online parameter (MoCo v3's patch projection) keeps its copy exactly, not m w + (1 - m) w
+    pairs = [(t, o.detach()) for t, o in pairs if o.requires_grad]
+    if not pairs:
+        return
+    t_params, o_params = [t for t, _ in pairs], [o for _, o in pairs]
     torch._foreach_mul_(t_params, momentum)
     torch._foreach_add_(t_params, o_params, alpha=1.0 - momentum)
 
