@@ -31,6 +31,8 @@ CASES: dict[str, tuple[str, list]] = {
     # its second step is ill-conditioned on this random data (3e-7 of parameter noise moves the gradient by 1%)
     "invaspread": ("invaspread", [("method.detach_keys", False)]),
     "instdisc-softmax": ("instdisc", [("method.loss", "softmax")]),
+    # in-batch keys gathered from every rank, momentum encoder
+    "mocov3": ("mocov3", [("method.proj_hidden_dim", 32), ("method.pred_hidden_dim", 32), ("method.temperature", 0.2)]),
     # Sinkhorn's sums all-reduced; a queue that is full from the second step (the queue joins Sinkhorn)
     "swav": (
         "swav-cifar",

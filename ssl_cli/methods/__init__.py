@@ -7,6 +7,7 @@ from ssl_cli.methods import (  # noqa: F401  (importing a method module register
     invaspread,
     mocov1,
     mocov2,
+    mocov3,
     simclr,
     simclrv2,
     simsiam,
