@@ -33,7 +33,7 @@ from ssl_cli.data import open_dataset
 from ssl_cli.distributed import DistEnv
 from ssl_cli.methods.multicrop import encode_by_size
 from ssl_cli.train.optim import build_optimizer, effective_lr, set_lr
-from ssl_cli.train.pretrain import autocast, build_method, resolve_device, training_batches
+from ssl_cli.train.pretrain import autocast, build_method, optimizer_step, resolve_device, training_batches
 
 
 def _timed(run: Callable[[], Any], iterations: int, warmup: int, device: torch.device) -> float:
@@ -101,13 +101,7 @@ def bench(recipe: Recipe, data: str | None = None, steps: int = 20, warmup: int 
 
     def train_step() -> None:
         views, index = data_step()
-        with autocast(device, train.precision):
-            out = method(views, counter["step"], index)
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.float().backward()
-        method.before_optimizer_step(counter["step"], steps + warmup + 1)
-        optimizer.step()
-        method.after_optimizer_step(counter["step"], steps + warmup + 1)
+        optimizer_step(method, method, optimizer, views, index, counter["step"], steps + warmup + 1, train.precision)
         counter["step"] += 1
 
     # one real step records what the momentum encoders (frozen copies of the backbone) are fed

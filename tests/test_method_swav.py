@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TINY, assert_one_line_error, tiny_method
+from conftest import assert_one_line_error, tiny_method
 from ssl_cli.config import load_recipe
 from ssl_cli.losses.swav import sinkhorn, swapped_prediction
 from ssl_cli.methods.multicrop import encode_by_size
@@ -155,4 +155,3 @@ def test_too_few_views_and_bad_values_are_one_clear_error() -> None:
     )
     assert_one_line_error("epsilon", load_recipe, "swav", [("method.epsilon", 0.0)])
     assert_one_line_error("num_prototypes", load_recipe, "swav", [("method.num_prototypes", 0)])
-    assert TINY  # the tests above run on the TINY settings (conftest)

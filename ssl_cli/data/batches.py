@@ -21,7 +21,7 @@ import torch
 from ssl_cli.augment.batched import BatchedMultiView
 from ssl_cli.config.schema import ViewConfig
 from ssl_cli.data.images import ImageSet
-from ssl_cli.data.loader import EpochSampler, _mix
+from ssl_cli.data.loader import EpochSampler, mix_seed
 from ssl_cli.errors import DataError
 
 
@@ -63,6 +63,6 @@ class BatchedEpochs:
         for g in range(len(self)):
             index = order[g * self.batch_size : (g + 1) * self.batch_size]
             images = self.pixels[index].to(self.device, non_blocking=True)
-            generator = torch.Generator().manual_seed(_mix(self.seed, self.sampler.epoch, g, 2))
+            generator = torch.Generator().manual_seed(mix_seed(self.seed, self.sampler.epoch, g, 2))
             views = self.transform.share(images, generator, total, self.rank * self.batch_size)
             yield views, self.labels[index], index

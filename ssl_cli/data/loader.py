@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ssl_cli.data.images import ImageSet
 
 
-def _mix(*values: int) -> int:
+def mix_seed(*values: int) -> int:
     """A 63-bit hash of integers (splitmix64 steps), so neighbouring ids get unrelated seeds."""
     x = 0x9E3779B97F4A7C15
     for v in values:
@@ -52,7 +52,7 @@ class EpochSampler(Sampler[int]):
         return self.num_samples // (self.batch_size * self.world_size) * self.batch_size
 
     def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(_mix(self.seed, self.epoch))
+        g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
         offset = self.epoch * self.num_samples
         order = torch.randperm(self.num_samples, generator=g)
         if self.world_size > 1:
@@ -76,7 +76,7 @@ class ViewDataset(Dataset):
         index = global_id % len(self.images)
         image = self.images.load(index)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_mix(self.seed, global_id, 1))
+            torch.manual_seed(mix_seed(self.seed, global_id, 1))
             views = self.transform(image)
         return views, int(self.images.labels[index]), index
 

@@ -26,14 +26,14 @@ def frozen_copy(module: nn.Module) -> nn.Module:
 def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
     """target <- momentum * target + (1 - momentum) * online, for trained parameters (buffers keep their own
     statistics; the copies of frozen parameters stay as they are)."""
-    pairs = list(zip(target.parameters(), online.parameters(), strict=False))
-    if len(pairs) != len(list(online.parameters())) or len(pairs) != len(list(target.parameters())):
+    targets, onlines = list(target.parameters()), list(online.parameters())
+    if len(targets) != len(onlines):
         raise ValueError("ema_update: target and online modules differ in structure")
     # a frozen online parameter (MoCo v3's patch projection) keeps its copy exactly, not m w + (1 - m) w
-    pairs = [(t, o.detach()) for t, o in pairs if o.requires_grad]
-    if not pairs:
+    trained = [i for i, o in enumerate(onlines) if o.requires_grad]
+    if not trained:
         return
-    t_params, o_params = [t for t, _ in pairs], [o for _, o in pairs]
+    t_params, o_params = [targets[i] for i in trained], [onlines[i].detach() for i in trained]
     torch._foreach_mul_(t_params, momentum)
     torch._foreach_add_(t_params, o_params, alpha=1.0 - momentum)
 
@@ -54,11 +54,18 @@ def shuffled_forward(encoder: Callable[[torch.Tensor], torch.Tensor], x: torch.T
     """
     if is_distributed():
         return _shuffled_across_ranks(encoder, x, splits)
+    perm = torch.randperm(x.shape[0], device=x.device) if splits > 1 and x.shape[0] >= 2 * splits else None
+    if perm is None:
+        return encoder(x)
+    return _in_sub_batches(encoder, x[perm], splits)[torch.argsort(perm)]
+
+
+def _in_sub_batches(encoder: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, splits: int) -> torch.Tensor:
+    """``encoder`` on ``splits`` sub-batches of ``x`` (each with its own BatchNorm statistics), concatenated;
+    one forward when the batch is too small to split (fewer than 2 samples per sub-batch)."""
     if splits <= 1 or x.shape[0] < 2 * splits:
         return encoder(x)
-    perm = torch.randperm(x.shape[0], device=x.device)
-    out = torch.cat([encoder(chunk) for chunk in x[perm].chunk(splits)])
-    return out[torch.argsort(perm)]
+    return torch.cat([encoder(chunk) for chunk in x.chunk(splits)])
 
 
 def _shuffled_across_ranks(
@@ -68,9 +75,5 @@ def _shuffled_across_ranks(
     everything = gather(x)  # W N x ...
     perm = broadcast(torch.randperm(everything.shape[0], device=x.device))
     mine = everything[perm[r * n : (r + 1) * n]]
-    local_splits = max(1, splits // w)
-    if local_splits > 1 and n >= 2 * local_splits:
-        out = torch.cat([encoder(chunk) for chunk in mine.chunk(local_splits)])
-    else:
-        out = encoder(mine)
+    out = _in_sub_batches(encoder, mine, max(1, splits // w))
     return gather(out)[torch.argsort(perm)][r * n : (r + 1) * n]

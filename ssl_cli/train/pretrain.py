@@ -21,7 +21,7 @@ from ssl_cli.backbones import build_backbone, timm_kwargs
 from ssl_cli.config.schema import Recipe
 from ssl_cli.data import ImageSet, open_dataset
 from ssl_cli.data.batches import BatchedEpochs
-from ssl_cli.data.loader import ViewDataset, _mix, resolve_workers, train_loader
+from ssl_cli.data.loader import ViewDataset, mix_seed, resolve_workers, train_loader
 from ssl_cli.distributed import (
     DistEnv,
     all_reduce_mean,
@@ -31,7 +31,7 @@ from ssl_cli.distributed import (
     launched_by_torchrun,
 )
 from ssl_cli.errors import CheckpointError, DataError, RecipeError, TrainingError
-from ssl_cli.methods import Method, get_method
+from ssl_cli.methods import Method, StepOutput, get_method
 from ssl_cli.sync_batchnorm import convert_global_batchnorm
 from ssl_cli.train.checkpoint import load_optimizer, read_checkpoint, restore_rng, save_checkpoint
 from ssl_cli.train.optim import build_optimizer, effective_lr, set_lr
@@ -121,6 +121,29 @@ def training_batches(recipe: Recipe, images: ImageSet, device: torch.device, env
     return train_loader(
         dataset, train.batch_size, resolve_workers(data.num_workers), train.seed, env.rank, env.world_size
     )
+
+
+def optimizer_step(
+    model: torch.nn.Module,
+    method: Method,
+    optimizer: torch.optim.Optimizer,
+    views: list[torch.Tensor],
+    index: torch.Tensor,
+    step: int,
+    total_steps: int,
+    precision: str,
+) -> StepOutput:
+    """One training step: forward (``model`` is the method, or DDP around it), backward, the method's hooks around
+    the optimizer step. Returns the step's output with the loss in fp32, detached."""
+    with autocast(views[0].device, precision):
+        out = model(views, step, index)
+    loss = out.loss.float()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    method.before_optimizer_step(step, total_steps)
+    optimizer.step()
+    method.after_optimizer_step(step, total_steps)
+    return StepOutput(loss.detach(), out.metrics)
 
 
 def wrap_distributed(method: Method, env: DistEnv) -> torch.nn.Module:
@@ -250,21 +273,15 @@ def pretrain(
     for epoch in range(start_epoch, train.epochs):
         loader.sampler.set_epoch(epoch)
         if world > 1:  # per-rank random streams (shuffle-BN, noise samples), the same after a resume
-            torch.manual_seed(_mix(train.seed, epoch, env.rank))
+            torch.manual_seed(mix_seed(train.seed, epoch, env.rank))
         epoch_start, loss_sum, n_steps = time.perf_counter(), torch.zeros((), device=device), 0
         method_sums: dict[str, torch.Tensor] = {}  # the method's own monitors, averaged over the epoch
         for views, _labels, index in loader:
             views = [v.to(device, non_blocking=True, memory_format=memory_format) for v in views]
             index = index.to(device, non_blocking=True)
             set_lr(optimizer, float(lrs[step]))
-            with autocast(device, train.precision):
-                out_step = model(views, step, index)
-            loss = out_step.loss.float()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            method.before_optimizer_step(step, total_steps)
-            optimizer.step()
-            method.after_optimizer_step(step, total_steps)
+            out_step = optimizer_step(model, method, optimizer, views, index, step, total_steps, train.precision)
+            loss = out_step.loss
             step += 1
             n_steps += 1
             loss_sum += loss.detach()
