@@ -1,7 +1,8 @@
 """The method contract: the one small base class every method derives from.
 
 A method composes a backbone (timm, ``num_classes=0``), heads, a loss and optional momentum copies.
-The trainer calls ``bind_data(num_samples, labels)`` once (before a resume loads the state), then per step:
+The trainer calls ``bind_data(num_samples, labels)`` once (before a resume loads the state), ``epoch_start(epoch,
+batches)`` before each epoch, then per step:
 ``training_step(views, step, index)`` -> backward -> ``before_optimizer_step`` -> optimizer step
 -> ``after_optimizer_step(step, total_steps)``
 (EMA updates, queue / memory-bank writes), and ``epoch_end(epoch)`` after each epoch (monitors that need
@@ -11,6 +12,7 @@ parameter or persistent buffer, so it travels in ``state_dict``.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -60,6 +62,14 @@ class Method(nn.Module):
         """Called once with the training set's size and labels (None when unlabeled), before any state is loaded.
 
         Methods with per-image state (InstDisc's memory bank) allocate it here.
+        """
+
+    def epoch_start(self, epoch: int, batches: Callable[[], Iterable[tuple[list[torch.Tensor], torch.Tensor]]]) -> None:
+        """Called before each epoch (``epoch`` counts from 0, also the first epoch of a resumed run).
+
+        ``batches()`` starts one pass over this rank's share of the epoch's data, yielding ``(views, index)`` on
+        the training device: the same views the epoch will train on. Methods that need a look at the data before
+        training (DeepCluster v2 filling its feature memory) use it; most ignore it and never call it.
         """
 
     def training_step(self, views: list[torch.Tensor], step: int, index: torch.Tensor | None = None) -> StepOutput:

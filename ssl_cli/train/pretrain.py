@@ -151,6 +151,13 @@ def wrap_distributed(method: Method, env: DistEnv) -> torch.nn.Module:
     return method if env.world_size == 1 else data_parallel(method, env.device)
 
 
+def _device_batches(loader, device: torch.device, memory_format: torch.memory_format):
+    """``(views, index)`` of one pass over ``loader``, on ``device``."""
+    for views, _labels, index in loader:
+        views = [v.to(device, non_blocking=True, memory_format=memory_format) for v in views]
+        yield views, index.to(device, non_blocking=True)
+
+
 def build_method(recipe: Recipe) -> Method:
     """Backbone + method for a recipe (weights initialised from the current torch seed)."""
     return get_method(recipe.method.name)(recipe.method, build_backbone(recipe.backbone), recipe)
@@ -274,11 +281,10 @@ def pretrain(
         loader.sampler.set_epoch(epoch)
         if world > 1:  # per-rank random streams (shuffle-BN, noise samples), the same after a resume
             torch.manual_seed(mix_seed(train.seed, epoch, env.rank))
+        method.epoch_start(epoch, lambda: _device_batches(loader, device, memory_format))
         epoch_start, loss_sum, n_steps = time.perf_counter(), torch.zeros((), device=device), 0
         method_sums: dict[str, torch.Tensor] = {}  # the method's own monitors, averaged over the epoch
-        for views, _labels, index in loader:
-            views = [v.to(device, non_blocking=True, memory_format=memory_format) for v in views]
-            index = index.to(device, non_blocking=True)
+        for views, index in _device_batches(loader, device, memory_format):
             set_lr(optimizer, float(lrs[step]))
             out_step = optimizer_step(model, method, optimizer, views, index, step, total_steps, train.precision)
             loss = out_step.loss
