@@ -7,7 +7,7 @@ import sys
 import typer
 
 import ssl_cli
-from ssl_cli.cli import bench, evaluate, export, pretrain, recipes, transfer
+from ssl_cli.cli import bench, evaluate, export, pretrain, recipes, transfer, visualize
 from ssl_cli.cli.console import err
 
 app = typer.Typer(
@@ -40,6 +40,7 @@ app.command("probe", help="Alias of linear-probe.")(evaluate.linear_probe)
 app.command("export")(export.export)
 app.command("transfer")(transfer.transfer)
 app.command("bench")(bench.bench)
+app.command("visualize")(visualize.visualize)
 app.add_typer(recipes.app, name="recipes")
 
 
