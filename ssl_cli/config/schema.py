@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -49,6 +49,9 @@ class BackboneConfig(Section):
     """ViT patch size (timm ``patch_size``)."""
     freeze_patch_embed: bool = False
     """Keep the random patch projection of a ViT frozen (MoCo v3)."""
+    dynamic_img_size: bool | None = None
+    """ViTs: accept inputs of any size, the position embedding interpolated to the patch grid (timm
+    ``dynamic_img_size``), so multi-crop's small crops go through the same ViT (DINO). Unset means off."""
     drop_path_rate: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     norm: Literal["batchnorm", "groupnorm_ws"] = "batchnorm"
     """``groupnorm_ws``: every BatchNorm2d becomes GroupNorm (32 groups) and every Conv2d a weight-standardised
@@ -123,6 +126,18 @@ class OptimConfig(Section):
     """No weight decay (and no LARS adaptation) for biases and normalisation parameters."""
     trust_coefficient: Annotated[float, Field(gt=0.0)] = 0.001
     """LARS trust coefficient (eta)."""
+    weight_decay_end: Annotated[float, Field(ge=0.0)] | None = None
+    """Weight decay at the end of the run, reached on a cosine from ``weight_decay`` (DINO: 0.04 -> 0.4); unset:
+    constant. Scales every decayed group alike."""
+    clip_grad: Annotated[float, Field(ge=0.0)] | None = None
+    """Clip each parameter's gradient to this L2 norm before the step (DINO's per-parameter clipping, 3.0);
+    unset or 0: no clipping."""
+
+    @model_validator(mode="after")
+    def _weight_decay_end(self) -> OptimConfig:
+        if self.weight_decay_end is not None and self.weight_decay <= 0.0:
+            raise ValueError("weight_decay_end needs a positive weight_decay to start its schedule from")
+        return self
 
 
 class ScheduleConfig(Section):

@@ -90,6 +90,7 @@ def build_optimizer(groups: list[dict], cfg: OptimConfig, batch_size: int) -> to
         g.setdefault("lr_scale", 1.0)
         g.setdefault("fixed_lr", False)
         g["base_lr"] = base_lr
+        g["base_weight_decay"] = g.get("weight_decay", cfg.weight_decay)
         g["lr"] = base_lr * g["lr_scale"]
         built.append(g)
     if not any(g["params"] for g in built):
@@ -124,3 +125,26 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         else:
             rate = lr
         group["lr"] = float(rate) * group.get("lr_scale", 1.0)
+
+
+def set_weight_decay(optimizer: torch.optim.Optimizer, weight_decay: float, base: float) -> None:
+    """Scheduled weight decay: every group's decay becomes ``base_weight_decay * weight_decay / base``.
+
+    ``base`` is the recipe's ``optim.weight_decay``, the schedule's start: the decayed groups follow the schedule and
+    the groups without decay (biases, norms) keep 0.
+    """
+    for group in optimizer.param_groups:
+        start = group.get("base_weight_decay", group["weight_decay"])
+        group["weight_decay"] = float(start) * weight_decay / base
+
+
+@torch.no_grad()
+def clip_gradients(params: Iterable[nn.Parameter], max_norm: float) -> None:
+    """Scale each parameter's gradient down to L2 norm ``max_norm`` where it is larger (DINO's per-parameter clipping,
+    unlike ``torch.nn.utils.clip_grad_norm_``, which scales all gradients by their joint norm)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    norms = torch.stack(torch._foreach_norm(grads))
+    coefficients = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    torch._foreach_mul_(grads, list(coefficients.to(grads[0].dtype).unbind()))

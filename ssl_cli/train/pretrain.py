@@ -34,9 +34,9 @@ from ssl_cli.errors import CheckpointError, DataError, RecipeError, TrainingErro
 from ssl_cli.methods import Method, StepOutput, get_method
 from ssl_cli.sync_batchnorm import convert_global_batchnorm
 from ssl_cli.train.checkpoint import load_optimizer, read_checkpoint, restore_rng, save_checkpoint
-from ssl_cli.train.optim import build_optimizer, effective_lr, set_lr
+from ssl_cli.train.optim import build_optimizer, clip_gradients, effective_lr, set_lr, set_weight_decay
 from ssl_cli.train.run_dir import RunDir
-from ssl_cli.train.schedule import lr_schedule
+from ssl_cli.train.schedule import lr_schedule, weight_decay_schedule
 
 
 class Reporter(Protocol):
@@ -132,14 +132,18 @@ def optimizer_step(
     step: int,
     total_steps: int,
     precision: str,
+    clip_grad: float | None = None,
 ) -> StepOutput:
-    """One training step: forward (``model`` is the method, or DDP around it), backward, the method's hooks around
-    the optimizer step. Returns the step's output with the loss in fp32, detached."""
+    """One training step: forward (``model`` is the method, or DDP around it), backward, per-parameter gradient
+    clipping (``optim.clip_grad``), the method's hooks around the optimizer step. Returns the step's output with the
+    loss in fp32, detached."""
     with autocast(views[0].device, precision):
         out = model(views, step, index)
     loss = out.loss.float()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if clip_grad:
+        clip_gradients(method.parameters(), clip_grad)
     method.before_optimizer_step(step, total_steps)
     optimizer.step()
     method.after_optimizer_step(step, total_steps)
@@ -240,6 +244,7 @@ def pretrain(
     steps_per_epoch = len(images) // global_batch
     total_steps = steps_per_epoch * train.epochs
     lrs = lr_schedule(recipe.schedule, effective_lr(recipe.optim, global_batch), steps_per_epoch, train.epochs)
+    wds = weight_decay_schedule(recipe.optim, total_steps)
 
     start_epoch, step = 0, 0
     if main:
@@ -286,7 +291,11 @@ def pretrain(
         method_sums: dict[str, torch.Tensor] = {}  # the method's own monitors, averaged over the epoch
         for views, index in _device_batches(loader, device, memory_format):
             set_lr(optimizer, float(lrs[step]))
-            out_step = optimizer_step(model, method, optimizer, views, index, step, total_steps, train.precision)
+            if wds is not None:
+                set_weight_decay(optimizer, float(wds[step]), recipe.optim.weight_decay)
+            out_step = optimizer_step(
+                model, method, optimizer, views, index, step, total_steps, train.precision, recipe.optim.clip_grad
+            )
             loss = out_step.loss
             step += 1
             n_steps += 1

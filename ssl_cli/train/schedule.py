@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from ssl_cli.config.schema import ScheduleConfig
+from ssl_cli.config.schema import OptimConfig, ScheduleConfig
 
 
 def _check(total_steps: int, warmup_steps: int) -> None:
@@ -106,3 +106,11 @@ def momentum_schedule(base: float, final: float, total_steps: int) -> torch.Tens
     _check(total_steps, 0)
     k = torch.arange(total_steps, dtype=torch.float64)
     return final - (final - base) * (torch.cos(math.pi * k / max(total_steps, 1)) + 1.0) / 2.0
+
+
+def weight_decay_schedule(cfg: OptimConfig, total_steps: int) -> torch.Tensor | None:
+    """DINO's weight-decay schedule: a cosine from ``cfg.weight_decay`` to ``cfg.weight_decay_end`` over the run, no
+    warm-up (one value per step); None when ``weight_decay_end`` is unset (constant decay)."""
+    if cfg.weight_decay_end is None:
+        return None
+    return cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, total_steps)
