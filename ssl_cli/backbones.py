@@ -41,6 +41,8 @@ def timm_kwargs(cfg: BackboneConfig) -> dict[str, Any]:
         kwargs["patch_size"] = cfg.patch_size
     if cfg.drop_path_rate:
         kwargs["drop_path_rate"] = cfg.drop_path_rate
+    if cfg.dynamic_img_size:
+        kwargs["dynamic_img_size"] = True
     return kwargs
 
 

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Annotated, Literal
 
 from pydantic import Field
+import torch
 from torch import nn
 
 from ssl_cli.config.schema import MethodConfig, PositiveInt
@@ -97,3 +98,66 @@ def projector(cfg: ProjectorConfig, in_dim: int) -> tuple[nn.Module, int]:
         norm=cfg.proj_norm or "batchnorm",
     )
     return layers, cfg.proj_output_dim
+
+
+class WeightNormLinear(nn.Module):
+    """A bias-free linear layer with weight normalisation: row k of the weight is ``g_k * v_k / ||v_k||``.
+
+    DINO's last layer [0]. With ``fixed_norm`` the gains ``g`` stay 1 (not trained), so every output is a cosine
+    between the input and a direction scaled only by the input's norm (``norm_last_layer = true``). Written out
+    rather than with torch's weight-norm parametrisation so the state is two plain parameters, ``weight_v`` and
+    ``weight_g``, that deep copies (the teacher) and checkpoints handle like any other.
+
+    [0] DINO, Caron et al. 2021, arXiv:2104.14294, Sec. 3.1 (projection head).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, fixed_norm: bool = True) -> None:
+        super().__init__()
+        init = nn.Linear(in_dim, out_dim, bias=False).weight.detach()  # torch's default (Kaiming-uniform) init
+        self.weight_v = nn.Parameter(init.clone())
+        self.weight_g = nn.Parameter(torch.ones(out_dim, 1), requires_grad=not fixed_norm)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.weight_g * self.weight_v / self.weight_v.norm(dim=1, keepdim=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight)
+
+
+class DINOHead(nn.Module):
+    """DINO's projection head: MLP ``in -> hidden -> ... -> bottleneck`` (GELU, optional BatchNorm, truncated
+    normal init std 0.02), L2 normalisation, then a weight-normalised bias-free layer to ``out_dim`` [0].
+
+    [0] DINO, Caron et al. 2021, arXiv:2104.14294, Sec. 3.1 and Appendix; official code facebookresearch/dino
+        (vision_transformer.DINOHead).
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        layers: int = 3,
+        batchnorm: bool = False,
+        norm_last_layer: bool = True,
+    ) -> None:
+        super().__init__()
+        dims = [in_dim] + [hidden_dim] * (layers - 1) + [bottleneck_dim]
+        modules: list[nn.Module] = []
+        for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+            modules.append(nn.Linear(d_in, d_out))
+            if i < len(dims) - 2:
+                if batchnorm:
+                    modules.append(nn.BatchNorm1d(d_out))
+                modules.append(nn.GELU())
+        self.mlp = nn.Sequential(*modules)
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, fixed_norm=norm_last_layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last_layer(nn.functional.normalize(self.mlp(x), dim=-1))
