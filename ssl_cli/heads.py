@@ -6,8 +6,8 @@ import math
 from collections.abc import Sequence
 from typing import Annotated, Literal
 
-from pydantic import Field
 import torch
+from pydantic import Field
 from torch import nn
 
 from ssl_cli.config.schema import MethodConfig, PositiveInt

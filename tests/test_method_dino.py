@@ -1,6 +1,6 @@
-"""DINO: the loss against a direct computation (same-view pairs skipped), centering step by step, the teacher-temperature
-schedule, the weight-normalised last layer (frozen in the first epoch), the EMA teacher on global crops only, and the
-trainer options DINO needs: per-parameter gradient clipping and the weight-decay schedule."""
+"""DINO: the loss against a direct computation (same-view pairs skipped), centering step by step, the teacher
+temperature schedule, the weight-normalised last layer (frozen in the first epoch), the EMA teacher on global crops
+only, and the trainer options DINO needs: per-parameter gradient clipping and the weight-decay schedule."""
 
 from __future__ import annotations
 
@@ -70,6 +70,7 @@ def test_centering_and_sharpening_of_the_teacher() -> None:
     g = torch.Generator().manual_seed(2)
     t, c = 0.1 * torch.randn(6, 5, generator=g), 0.1 * torch.randn(1, 5, generator=g)
     torch.testing.assert_close(teacher_probs(t, c, 0.04), torch.softmax((t - c) / 0.04, dim=1))
+
     # sharper at lower temperature: lower entropy
     def entropy(p: torch.Tensor) -> float:
         return float(-(p * p.clamp_min(1e-30).log()).sum(dim=1).mean())

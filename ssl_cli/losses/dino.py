@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from ssl_cli.distributed import all_reduce_mean
 
 
-def dino_loss(student: list[torch.Tensor], teacher_probs: list[torch.Tensor], student_temperature: float) -> torch.Tensor:
+def dino_loss(
+    student: list[torch.Tensor], teacher_probs: list[torch.Tensor], student_temperature: float
+) -> torch.Tensor:
     """Mean over (teacher view t, student view s != t) of ``-sum_k P_t[k] log softmax(student_s / T_s)[k]``.
 
     Args:
@@ -59,7 +61,9 @@ def updated_center(center: torch.Tensor, teacher: torch.Tensor, momentum: float)
     return center * momentum + batch_center * (1.0 - momentum)
 
 
-def teacher_temperatures(warmup_temperature: float, temperature: float, warmup_epochs: int, epochs: int) -> torch.Tensor:
+def teacher_temperatures(
+    warmup_temperature: float, temperature: float, warmup_epochs: int, epochs: int
+) -> torch.Tensor:
     """One teacher temperature per epoch: a linear ramp over ``warmup_epochs`` epochs from ``warmup_temperature``
     (epoch 0) to ``temperature`` (epoch ``warmup_epochs - 1``), then ``temperature`` (DINO: 0.04 -> 0.07, 30).
 

@@ -27,9 +27,8 @@ from ssl_cli.heads import ProjectorConfig, mlp, projector
 from ssl_cli.losses.byol import normalized_mse
 from ssl_cli.losses.simsiam import normalized_std
 from ssl_cli.methods.base import Method, StepOutput
-from ssl_cli.methods.momentum import ema_update, frozen_copy
+from ssl_cli.methods.momentum import CosineMomentum, ema_update, frozen_copy
 from ssl_cli.methods.registry import register
-from ssl_cli.train.schedule import momentum_schedule
 
 
 class BYOLConfig(ProjectorConfig):
@@ -65,7 +64,7 @@ class BYOL(Method):
         )
         self.target_backbone = frozen_copy(self.backbone)
         self.target_projector = frozen_copy(self.projector)
-        self._taus: torch.Tensor | None = None
+        self._taus = CosineMomentum(config.tau_base, config.tau_final)
 
     def online(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Projection z and prediction q(z) of the online network."""
@@ -87,9 +86,7 @@ class BYOL(Method):
 
     def tau(self, step: int, total_steps: int) -> float:
         """The target EMA rate after optimizer step ``step`` (0-based) of ``total_steps``."""
-        if self._taus is None or self._taus.numel() != total_steps:
-            self._taus = momentum_schedule(self.config.tau_base, self.config.tau_final, total_steps)
-        return float(self._taus[min(step, total_steps - 1)])
+        return self._taus(step, total_steps)
 
     def after_optimizer_step(self, step: int, total_steps: int) -> None:
         tau = self.tau(step, total_steps)

@@ -26,10 +26,9 @@ from ssl_cli.errors import RecipeError
 from ssl_cli.heads import DINOHead
 from ssl_cli.losses.dino import dino_loss, teacher_probs, teacher_temperatures, updated_center
 from ssl_cli.methods.base import Method, StepOutput
-from ssl_cli.methods.momentum import ema_update, frozen_copy
+from ssl_cli.methods.momentum import CosineMomentum, ema_update, frozen_copy
 from ssl_cli.methods.multicrop import encode_by_size
 from ssl_cli.methods.registry import register
-from ssl_cli.train.schedule import momentum_schedule
 
 Temperature = Annotated[float, Field(gt=0.0)]
 
@@ -92,7 +91,7 @@ class DINO(Method):
             config.warmup_teacher_temperature_epochs,
             recipe.train.epochs,
         )
-        self._momenta: torch.Tensor | None = None
+        self._momenta = CosineMomentum(config.momentum_base)
         self._new_center: torch.Tensor | None = None
 
     def teacher_temperature(self, epoch: int) -> float:
@@ -126,9 +125,7 @@ class DINO(Method):
                 p.grad = None  # no update at all during the first epoch(s): no weight decay, no momentum
 
     def momentum(self, step: int, total_steps: int) -> float:
-        if self._momenta is None or self._momenta.numel() != total_steps:
-            self._momenta = momentum_schedule(self.config.momentum_base, 1.0, total_steps)
-        return float(self._momenta[min(step, total_steps - 1)])
+        return self._momenta(step, total_steps)
 
     @torch.no_grad()
     def after_optimizer_step(self, step: int, total_steps: int) -> None:

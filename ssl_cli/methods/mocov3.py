@@ -22,9 +22,8 @@ from ssl_cli.config.schema import PositiveInt, Probability
 from ssl_cli.heads import ProjectorConfig, mlp, projector
 from ssl_cli.losses.mocov3 import mocov3_contrastive
 from ssl_cli.methods.base import Method, StepOutput
-from ssl_cli.methods.momentum import ema_update, frozen_copy
+from ssl_cli.methods.momentum import CosineMomentum, ema_update, frozen_copy
 from ssl_cli.methods.registry import register
-from ssl_cli.train.schedule import momentum_schedule
 
 
 class MoCoV3Config(ProjectorConfig):
@@ -52,7 +51,7 @@ class MoCoV3(Method):
         self.predictor = mlp([dim, config.pred_hidden_dim, dim], last_bias=False)
         self.key_backbone = frozen_copy(self.backbone)
         self.key_projector = frozen_copy(self.projector)
-        self._momenta: torch.Tensor | None = None
+        self._momenta = CosineMomentum(config.momentum_base)
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
         return self.predictor(self.projector(self.backbone(x)))
@@ -70,9 +69,7 @@ class MoCoV3(Method):
         return StepOutput(loss)
 
     def momentum(self, step: int, total_steps: int) -> float:
-        if self._momenta is None or self._momenta.numel() != total_steps:
-            self._momenta = momentum_schedule(self.config.momentum_base, 1.0, total_steps)
-        return float(self._momenta[min(step, total_steps - 1)])
+        return self._momenta(step, total_steps)
 
     def after_optimizer_step(self, step: int, total_steps: int) -> None:
         m = self.momentum(step, total_steps)

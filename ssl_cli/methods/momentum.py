@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ssl_cli.distributed import broadcast, gather, is_distributed, rank, world_size
+from ssl_cli.train.schedule import momentum_schedule
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:
@@ -20,6 +21,20 @@ def frozen_copy(module: nn.Module) -> nn.Module:
     for p in target.parameters():
         p.requires_grad_(False)
     return target
+
+
+class CosineMomentum:
+    """The EMA rate after optimizer step ``step`` of ``total_steps``: ``base`` rising to ``final`` on a cosine
+    (BYOL's target, MoCo v3's key encoder, DINO's teacher), computed once per run length."""
+
+    def __init__(self, base: float, final: float = 1.0) -> None:
+        self.base, self.final = base, final
+        self._values: torch.Tensor | None = None
+
+    def __call__(self, step: int, total_steps: int) -> float:
+        if self._values is None or self._values.numel() != total_steps:
+            self._values = momentum_schedule(self.base, self.final, total_steps)
+        return float(self._values[min(step, total_steps - 1)])
 
 
 @torch.no_grad()
