@@ -55,6 +55,24 @@ def test_lars_one_step_matches_formula():
     assert not np.allclose(p.detach().numpy(), other, atol=1e-6)
 
 
+def test_lars_clip_lr_takes_the_smaller_of_the_trust_rate_and_lr():
+    """LARC's clip mode: the step is min(eta ||w|| / ||g||, lr) * g, not lr * eta ||w|| / ||g|| * g."""
+    wd, eta = 0.1, 0.02
+    d = G1 + wd * W0
+    trust = eta * 5.0 / np.linalg.norm(d)  # ||W0|| = 5
+    for lr in (10.0 * trust, 0.1 * trust):  # the trust rate is the smaller / the larger one
+        p = _param(W0)
+        opt = LARS([p], lr=lr, momentum=0.0, weight_decay=wd, trust_coefficient=eta, clip_lr=True)
+        p.grad = torch.tensor(G1)
+        opt.step()
+        np.testing.assert_allclose(p.detach().numpy(), W0 - min(trust, lr) * d, rtol=0, atol=1e-12)
+    # build_optimizer passes optim.clip_lr through
+    from ssl_cli.config import load_recipe
+
+    cfg = load_recipe("simclr", [("optim.clip_lr", True)]).optim
+    assert build_optimizer([{"params": [_param(W0)]}], cfg, 256).param_groups[0]["clip_lr"] is True
+
+
 def test_lars_two_steps_with_momentum_and_changing_lr():
     m, wd, eta = 0.9, 0.1, 0.02
     lr1, lr2 = 0.5, 0.2

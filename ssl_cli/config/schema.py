@@ -126,6 +126,9 @@ class OptimConfig(Section):
     """No weight decay (and no LARS adaptation) for biases and normalisation parameters."""
     trust_coefficient: Annotated[float, Field(gt=0.0)] = 0.001
     """LARS trust coefficient (eta)."""
+    clip_lr: bool | None = None
+    """LARS only: LARC's clip mode, each layer's rate min(trust_coefficient * ||w|| / ||g||, lr) instead of their
+    product (solo-learn's CIFAR recipes). Unset means off."""
     weight_decay_end: Annotated[float, Field(ge=0.0)] | None = None
     """Weight decay at the end of the run, reached on a cosine from ``weight_decay`` (DINO: 0.04 -> 0.4); unset:
     constant. Scales every decayed group alike."""

@@ -35,6 +35,9 @@ class LARS(torch.optim.Optimizer):
         weight_decay: L2 penalty added to the gradient before the trust ratio is computed.
         trust_coefficient: the trust coefficient ``eta`` (0.001 in SimCLR / BYOL / Barlow Twins).
         lars_adapt: default for groups that do not set ``lars_adapt`` themselves.
+        clip_lr: LARC's clip mode (NVIDIA apex ``LARC(clip=True)``, solo-learn's ``clip_lr``): an adapted
+            parameter moves by ``min(trust_coefficient * ||w|| / ||g||, lr) * g`` instead of ``lr * trust * g``,
+            so the trust ratio only ever lowers a layer's rate below the scheduled one.
     """
 
     # Variant. The trust ratio is eta * ||w|| / ||g + wd * w||, i.e. computed AFTER weight decay has been
@@ -54,6 +57,7 @@ class LARS(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         trust_coefficient: float = 0.001,
         lars_adapt: bool = True,
+        clip_lr: bool = False,
     ) -> None:
         if lr < 0.0:
             raise ValueError(f"invalid learning rate: {lr}")
@@ -69,6 +73,7 @@ class LARS(torch.optim.Optimizer):
             weight_decay=weight_decay,
             trust_coefficient=trust_coefficient,
             lars_adapt=lars_adapt,
+            clip_lr=clip_lr,
         )
         super().__init__(params, defaults)
 
@@ -101,6 +106,8 @@ class LARS(torch.optim.Optimizer):
             # torch.where keeps it on-device (no host sync); the discarded branch may be inf/nan
             ok = (w_norms > 0) & (g_norms > 0)
             ratios = torch.where(ok, group["trust_coefficient"] * w_norms / g_norms, torch.ones_like(w_norms))
+            if group.get("clip_lr", False) and lr > 0:
+                ratios = torch.clamp(ratios / lr, max=1.0)  # LARC's clip mode: the layer's rate is min(eta r, lr)
             grads = torch._foreach_mul(grads, list(ratios.unbind()))
         if momentum != 0.0:
             bufs = []

@@ -105,6 +105,7 @@ def build_optimizer(groups: list[dict], cfg: OptimConfig, batch_size: int) -> to
             momentum=cfg.momentum,
             weight_decay=cfg.weight_decay,
             trust_coefficient=cfg.trust_coefficient,
+            clip_lr=bool(cfg.clip_lr),
         )
     if cfg.name == "adamw":
         return torch.optim.AdamW(built, lr=base_lr, betas=(cfg.betas[0], cfg.betas[1]), weight_decay=cfg.weight_decay)
