@@ -19,6 +19,7 @@ Peak memory: CUDA's peak allocation on a GPU, the process's peak resident set on
 
 from __future__ import annotations
 
+import itertools
 import resource
 import sys
 import time
@@ -97,11 +98,22 @@ def bench(recipe: Recipe, data: str | None = None, steps: int = 20, warmup: int 
     optimizer = build_optimizer(method.param_groups(), recipe.optim, batch)
     set_lr(optimizer, effective_lr(recipe.optim, batch))
     method.bind_data(len(images), None)
+
+    def first_batches() -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
+        for views, _labels, index in itertools.islice(loader, 1 + 2 * (steps + warmup)):
+            yield [v.to(device, non_blocking=True, memory_format=memory_format) for v in views], index.to(device)
+
+    # untimed, the hook before an epoch (DeepCluster v2 fills its feature memory and runs k-means), over the batches
+    # this benchmark draws (a pass's first ones, as ``next_batch`` restarts there) rather than a whole epoch
+    method.epoch_start(0, first_batches)
     counter = {"step": 0}
 
     def train_step() -> None:
         views, index = data_step()
-        optimizer_step(method, method, optimizer, views, index, counter["step"], steps + warmup + 1, train.precision)
+        total = steps + warmup + 1
+        optimizer_step(
+            method, method, optimizer, views, index, counter["step"], total, train.precision, recipe.optim.clip_grad
+        )
         counter["step"] += 1
 
     # one real step records what the momentum encoders (frozen copies of the backbone) are fed

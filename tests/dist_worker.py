@@ -13,7 +13,7 @@ from conftest import TINY
 from ssl_cli.config import load_recipe
 from ssl_cli.distributed import all_reduce_mean, data_parallel
 from ssl_cli.sync_batchnorm import convert_global_batchnorm
-from ssl_cli.train.optim import build_optimizer
+from ssl_cli.train.optim import build_optimizer, clip_gradients
 from ssl_cli.train.pretrain import build_method
 
 GLOBAL_BATCH = 16
@@ -39,6 +39,19 @@ CASES: dict[str, tuple[str, list]] = {
         [("backbone.small_stem", False), ("method.proj_hidden_dim", 32), ("method.num_prototypes", 20)]
         + [("method.queue_size", 16), ("method.queue_start_epoch", 0), ("method.freeze_prototypes_epochs", 0.0)],
     ),
+    # DINO: the centre is the mean of every rank's teacher outputs; a third (student-only) view
+    "dino": (
+        "dino-resnet-cifar",
+        [("backbone.small_stem", False), ("method.proj_hidden_dim", 32), ("method.num_prototypes", 20)]
+        + [("method.freeze_last_layer_epochs", 0.0), ("method.momentum_base", 0.9), ("optim.clip_grad", 1.0)]
+        + [("views", [{"count": 2, "size": 32}, {"count": 1, "size": 32}])],
+    ),
+    # DeepCluster v2: memory fill and writes with every rank's rows, the same k-means on every rank; a local view
+    "deepclusterv2": (
+        "deepclusterv2-cifar",
+        [("backbone.small_stem", False), ("method.proj_hidden_dim", 32), ("method.num_prototypes", [6, 5, 4])]
+        + [("views", [{"count": 2, "size": 32}, {"count": 1, "size": 32}])],
+    ),
 }
 
 
@@ -63,6 +76,13 @@ def run_case(case: str, rank: int = 0, world: int = 1) -> dict:
         group["lr"] = 0.05 * group.get("lr_scale", 1.0)
     model = data_parallel(method, torch.device("cpu")) if world > 1 else method
     share = GLOBAL_BATCH // world
+
+    def batches():  # this rank's share of the steps' batches: the pass of the epoch hook (DeepCluster v2's fill)
+        for step in range(STEPS):
+            views, index = global_batch(recipe.num_views, step)
+            yield [v[rank * share : (rank + 1) * share] for v in views], index[rank * share : (rank + 1) * share]
+
+    method.epoch_start(0, batches)
     losses = []
     for step in range(STEPS):
         views, index = global_batch(recipe.num_views, step)
@@ -70,6 +90,8 @@ def run_case(case: str, rank: int = 0, world: int = 1) -> dict:
         out = model([v[mine] for v in views], step, index[mine])
         optimizer.zero_grad()
         out.loss.backward()
+        if recipe.optim.clip_grad:
+            clip_gradients(method.parameters(), recipe.optim.clip_grad)
         method.before_optimizer_step(step, 10)
         optimizer.step()
         method.after_optimizer_step(step, 10)

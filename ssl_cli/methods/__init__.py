@@ -3,6 +3,8 @@
 from ssl_cli.methods import (  # noqa: F401  (importing a method module registers it)
     barlowtwins,
     byol,
+    deepclusterv2,
+    dino,
     instdisc,
     invaspread,
     mocov1,
