@@ -73,3 +73,18 @@ def test_resume_refuses_a_different_recipe(tmp_path: Path) -> None:
     other = load_recipe("simclr", [*TINY, ("train.batch_size", 8), ("optim.lr", 0.5)])
     with pytest.raises(CheckpointError, match=r"different recipe \(optim.lr: 0.3 then, 0.5 now\)"):
         pretrain(other, data, tmp_path / "run", resume=True)
+
+
+def test_resume_on_other_data_is_one_clear_error(tmp_path: Path) -> None:
+    """A memory bank sized for the first data set cannot take the second: one line, the checkpoint kept."""
+    from ssl_cli.errors import CheckpointError
+
+    first = str(write_image_folder(tmp_path / "a", per_class=8, classes=2))
+    second = str(write_image_folder(tmp_path / "b", per_class=8, classes=3))
+    r = load_recipe("instdisc", [*TINY, ("train.batch_size", 8), ("method.nce_k", 4), ("method.loss", "softmax")])
+    result = pretrain(r, first, tmp_path / "run")
+    before = Path(result.checkpoint).read_bytes()
+    with pytest.raises(CheckpointError, match="does not fit this run's model") as info:
+        pretrain(r, second, tmp_path / "run", resume=True)
+    assert "\n" not in str(info.value)
+    assert Path(result.checkpoint).read_bytes() == before

@@ -255,7 +255,14 @@ def pretrain(
     )
     method.bind_data(len(images), images.labels.clone() if images.labeled else None)
     if ckpt is not None:
-        method.load_state_dict(ckpt.section("model"))
+        try:
+            method.load_state_dict(ckpt.section("model"))
+        except RuntimeError as e:  # e.g. a memory bank sized for another dataset
+            first = str(e).strip().splitlines()[-1].strip()
+            raise CheckpointError(
+                f"--resume: {run.last} does not fit this run's model ({first}); was it trained on other data? "
+                "resume with the same --data, or start a new run with another --out"
+            ) from None
         load_optimizer(optimizer, ckpt)
         restore_rng(ckpt)
         # from the epoch: a run resumed with another number of processes has another number of steps per epoch
