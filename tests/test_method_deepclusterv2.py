@@ -307,7 +307,7 @@ def test_recipes_load_with_the_reference_settings() -> None:
     c = load_recipe("deepclusterv2-cifar")
     assert c.method.num_prototypes == [3000] * 3 and c.backbone.small_stem and c.backbone.name == "resnet18"
     assert [(v.count, v.size, v.scale, v.blur_prob) for v in c.views] == [(2, 32, [0.08, 1.0], 0.0)]
-    assert (c.optim.lr, c.optim.trust_coefficient, c.optim.weight_decay) == (0.6, 0.02, 1e-6)
+    assert (c.optim.lr, c.optim.trust_coefficient, c.optim.weight_decay, c.optim.clip_lr) == (0.6, 0.02, 1e-6, True)
     assert (c.schedule.warmup_epochs, c.schedule.min_lr, c.train.epochs, c.train.batch_size) == (11, 0.0006, 1000, 256)
     demo = load_recipe("deepclusterv2-cifar", demo_overrides("deepclusterv2"))
     assert demo.method.num_prototypes == [100, 100, 100]
@@ -337,6 +337,7 @@ LEARNING = [
     ("method.proj_hidden_dim", 256),
     ("method.num_prototypes", [300, 300, 300]),
     ("optim.lr", 0.2),
+    ("optim.clip_lr", False),  # calibrated before the recipe took solo-learn's clip_lr
 ]
 
 
