@@ -100,3 +100,30 @@ def test_device_resolution() -> None:
 
         with pytest.raises(RecipeError, match="no CUDA device is available"):
             resolve_device("cuda")
+
+
+@pytest.mark.parametrize("name", ["dino", "dino-cifar", "mocov3-vit", "mocov3-vit-cifar", "simclr", "dino-resnet"])
+def test_every_recipe_builds_with_the_demo_settings(name: str) -> None:
+    """``ssl pretrain --recipe R`` without --data: ViT recipes get a small ViT (not the ResNet, which would refuse
+    their ViT options), the others the plain-stem ResNet-18."""
+    from ssl_cli.config.load import builtin_recipes
+    from ssl_cli.train.pretrain import build_method, demo_overrides
+
+    assert name in builtin_recipes()
+    base = load_recipe(name)
+    recipe = load_recipe(name, demo_overrides(base.method.name, base))
+    method = build_method(recipe)
+    vit = name.startswith("dino-cifar") or name in ("dino", "mocov3-vit", "mocov3-vit-cifar")
+    assert recipe.backbone.name == ("vit_tiny_patch16_224" if vit else "resnet18")
+    if vit:
+        assert len(method.backbone.blocks) == 4 and recipe.backbone.img_size == 32
+        assert recipe.backbone.freeze_patch_embed == base.backbone.freeze_patch_embed
+
+
+def test_all_builtin_recipes_build_with_the_demo_settings() -> None:
+    from ssl_cli.config.load import builtin_recipes
+    from ssl_cli.train.pretrain import build_method, demo_overrides
+
+    for name in builtin_recipes():
+        base = load_recipe(name)
+        build_method(load_recipe(name, demo_overrides(base.method.name, base)))

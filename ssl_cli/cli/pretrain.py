@@ -67,7 +67,8 @@ def pretrain(
             raise RecipeError("pass --recipe NAME or --recipe FILE.toml (see: ssl recipes list)")
         pre = []
         if data is None:
-            pre = demo_overrides(load_recipe(recipe).method.name)
+            base = load_recipe(recipe)
+            pre = demo_overrides(base.method.name, base)
         resolved = load_recipe(recipe, [*pre, *typed, *overrides])
         if data is None and not quiet:
             err.print(

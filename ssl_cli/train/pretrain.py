@@ -82,9 +82,27 @@ DEMO_OVERRIDES: dict[str, object] = {
 }
 
 
-def demo_overrides(method_name: str) -> list[tuple[str, object]]:
-    """Recipe changes that make any recipe a ~2-minute CPU run on the demo data."""
-    return [*DEMO_OVERRIDES.items(), *get_method(method_name).demo_overrides.items()]
+# ViT recipes stay ViTs on the demo: a 4-block ViT-Tiny with 8x8 patches at 32x32 (16 tokens), as fast as the ResNet
+DEMO_VIT_OVERRIDES: dict[str, object] = {
+    "backbone.name": "vit_tiny_patch16_224",
+    "backbone.img_size": 32,
+    "backbone.patch_size": 8,
+    "backbone.kwargs.depth": 4,
+}
+
+
+def demo_overrides(method_name: str, recipe: Recipe | None = None) -> list[tuple[str, object]]:
+    """Recipe changes that make any recipe a ~2-minute CPU run on the demo data (a small ViT for ViT recipes)."""
+    general = dict(DEMO_OVERRIDES)
+    if recipe is not None and _is_vit(recipe):
+        del general["backbone.small_stem"]
+        general.update(DEMO_VIT_OVERRIDES)
+    return [*general.items(), *get_method(method_name).demo_overrides.items()]
+
+
+def _is_vit(recipe: Recipe) -> bool:
+    b = recipe.backbone
+    return b.name.startswith(("vit", "deit")) or bool(b.patch_size or b.freeze_patch_embed or b.dynamic_img_size)
 
 
 def resolve_device(name: str) -> torch.device:
