@@ -20,7 +20,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-METHODS = "simclr mocov2 instdisc invaspread mocov1 simclrv2 byol simsiam barlowtwins swav mocov3 deepclusterv2 dino-resnet".split()
+METHODS = (
+    "simclr mocov2 instdisc invaspread mocov1 simclrv2 byol simsiam barlowtwins swav mocov3 deepclusterv2 dino-resnet"
+).split()
 BUDGET = (
     "--backbone resnet18 --set backbone.small_stem=false --set views.*.size=32 --epochs 3 --batch-size 256 "
     "--set schedule.warmup_epochs=1 --set train.checkpoint_every=0"
