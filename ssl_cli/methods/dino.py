@@ -19,6 +19,7 @@ from typing import Annotated, Literal
 
 import torch
 from pydantic import Field
+from timm.layers import DropPath
 from torch import nn
 
 from ssl_cli.config.schema import MethodConfig, PositiveInt, Probability
@@ -140,6 +141,6 @@ class DINO(Method):
 def _without_drop_path(module: nn.Module) -> nn.Module:
     """The teacher has no stochastic depth (the reference builds it without ``drop_path_rate``)."""
     for m in module.modules():
-        if hasattr(m, "drop_prob") and type(m).__name__ == "DropPath":
+        if isinstance(m, DropPath):
             m.drop_prob = 0.0
     return module
