@@ -22,6 +22,8 @@ STEPS = 2
 # name: (recipe, overrides) -- settings whose step is deterministic (no random noise samples)
 CASES: dict[str, tuple[str, list]] = {
     "simclr": ("simclr", []),
+    # the online linear classifier (ssl pretrain --val): its gradient averaged over the ranks like the method's
+    "simclr-online": ("simclr", []),
     "mocov2": ("mocov2", [("method.queue_size", 64), ("method.shuffle_bn_splits", 1)]),
     "simclrv2-queue": ("simclrv2", [("method.queue_size", 64)]),
     "byol": ("byol", [("method.proj_hidden_dim", 64), ("method.pred_hidden_dim", 64)]),
@@ -69,9 +71,13 @@ def run_case(case: str, rank: int = 0, world: int = 1) -> dict:
     recipe = load_recipe(name, [*TINY, *overrides])
     method = build_method(recipe)
     method.bind_data(4 * GLOBAL_BATCH, None)
+    groups = method.param_groups()
+    if case.endswith("-online"):
+        method.attach_online_classifier(torch.arange(4 * GLOBAL_BATCH) % 3, 3, torch.Generator().manual_seed(0))
+        groups.append({"params": list(method.online_classifier.parameters()), "weight_decay": 0.0})
     if world > 1:
         method = convert_global_batchnorm(method)
-    optimizer = build_optimizer(method.param_groups(), recipe.optim, GLOBAL_BATCH)
+    optimizer = build_optimizer(groups, recipe.optim, GLOBAL_BATCH)
     for group in optimizer.param_groups:
         group["lr"] = 0.05 * group.get("lr_scale", 1.0)
     model = data_parallel(method, torch.device("cpu")) if world > 1 else method
@@ -89,7 +95,7 @@ def run_case(case: str, rank: int = 0, world: int = 1) -> dict:
         mine = slice(rank * share, (rank + 1) * share)
         out = model([v[mine] for v in views], step, index[mine])
         optimizer.zero_grad()
-        out.loss.backward()
+        (out.loss if out.monitor_loss is None else out.loss + out.monitor_loss).backward()
         if recipe.optim.clip_grad:
             clip_gradients(method.parameters(), recipe.optim.clip_grad)
         method.before_optimizer_step(step, 10)

@@ -21,6 +21,12 @@ def pretrain(
         "-d",
         help="Image folder, or cifar10 / cifar100 / stl10[:split]; omitted: built-in demo data.",
     ),
+    val: str = typer.Option(
+        None,
+        "--val",
+        help="Labeled held-out images (folder with class sub-folders, dataset name, demo:test): online monitors, "
+        "kNN every monitor.knn_every epochs and an online linear classifier; --data must be labeled too.",
+    ),
     out_dir: Path = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<recipe>, never reused)."),
     backbone: str = typer.Option(None, "--backbone", help="timm model name (recipe key backbone.name)."),
     epochs: int = typer.Option(None, "--epochs", min=1, help="Epochs (train.epochs)."),
@@ -60,8 +66,11 @@ def pretrain(
             raise RecipeError(f"--resume: no checkpoint to resume at {run.last}")
         # the run folder's recipe.toml is the resolved recipe of the first run (demo settings included)
         resolved = load_recipe(recipe or str(run.root / "recipe.toml"), [*typed, *overrides])
+        saved_data = read_checkpoint(run.last).meta["data"]
         if data is None:
-            data = read_checkpoint(run.last).meta["data"].get("spec")
+            data = saved_data.get("spec")
+        if val is None:
+            val = saved_data.get("val")
     else:
         if recipe is None:
             raise RecipeError("pass --recipe NAME or --recipe FILE.toml (see: ssl recipes list)")
@@ -82,7 +91,7 @@ def pretrain(
     run_dir = out_dir or agree(default_run_dir(resolved.recipe.name or "run"))
     try:
         with ProgressReporter(resolved.train.epochs, quiet=quiet) as reporter:
-            result = run_pretrain(resolved, data, run_dir, resume=resume, reporter=reporter)
+            result = run_pretrain(resolved, data, run_dir, resume=resume, reporter=reporter, val=val)
     finally:
         shutdown()
     if not main_process:

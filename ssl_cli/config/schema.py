@@ -187,6 +187,37 @@ class TrainConfig(Section):
         return v
 
 
+class MonitorConfig(Section):
+    """Online monitors during pretraining, on when ``ssl pretrain --val DIR`` gives labeled held-out images (and the
+    training images have labels too): weighted kNN of the held-out images against the training set every
+    ``knn_every`` epochs, and a linear classifier trained on the detached features of the training batches
+    (solo-learn's online classifier), scored on the held-out images at the same time. Unset keys take the defaults
+    named below, so recipes saved before this section existed still resume."""
+
+    knn_every: Annotated[int, Field(ge=0)] | None = None
+    """Epochs between kNN evaluations (and held-out scores of the online classifier); the last epoch is always
+    evaluated. Unset: 1; 0: never."""
+    knn_k: PositiveInt | None = None
+    """Neighbours (unset: 20, as solo-learn's and DINO's monitors)."""
+    knn_temperature: Annotated[float, Field(gt=0.0)] | None = None
+    """Vote weight exp(similarity / T) (unset: 0.07)."""
+    online_linear: bool | None = None
+    """Train the online linear classifier (unset: true). It sees only detached features: the backbone is trained
+    exactly as without it."""
+    online_lr: Annotated[float, Field(gt=0.0)] | None = None
+    """The classifier's learning rate at the schedule's peak, no weight decay (unset: 0.1, or 1e-3 under AdamW)."""
+
+    def settings(self, optimizer: str) -> dict[str, float | int | bool]:
+        """Every key with its default filled in."""
+        return {
+            "knn_every": 1 if self.knn_every is None else self.knn_every,
+            "knn_k": self.knn_k or 20,
+            "knn_temperature": self.knn_temperature or 0.07,
+            "online_linear": True if self.online_linear is None else self.online_linear,
+            "online_lr": self.online_lr or (1e-3 if optimizer == "adamw" else 0.1),
+        }
+
+
 class Recipe(Section):
     """A fully resolved recipe: what ``ssl pretrain`` runs, saved in the run folder and every checkpoint."""
 
@@ -198,6 +229,8 @@ class Recipe(Section):
     optim: OptimConfig = OptimConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     train: TrainConfig = TrainConfig()
+    monitor: MonitorConfig | None = None
+    """Online monitors (``ssl pretrain --val``); unset: the defaults of ``MonitorConfig``."""
 
     @property
     def num_views(self) -> int:

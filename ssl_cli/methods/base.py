@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ssl_cli.config.schema import MethodConfig, Recipe
@@ -30,6 +31,9 @@ class StepOutput:
     """The scalar to minimise."""
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
     """Detached scalars to log next to the loss (converted to floats only when logged)."""
+    monitor_loss: torch.Tensor | None = None
+    """The online classifier's loss: minimised together with ``loss`` but not logged as it (it only reaches the
+    classifier's own weights)."""
 
 
 class Method(nn.Module):
@@ -53,6 +57,8 @@ class Method(nn.Module):
         self.config = config
         self.recipe = recipe
         self.backbone = backbone
+        self.online_classifier: nn.Linear | None = None
+        self._online_features: torch.Tensor | None = None
 
     @property
     def feature_dim(self) -> int:
@@ -77,8 +83,52 @@ class Method(nn.Module):
         raise NotImplementedError
 
     def forward(self, views: list[torch.Tensor], step: int, index: torch.Tensor | None = None) -> StepOutput:
-        """``training_step``: the trainer calls the module (through DistributedDataParallel when distributed)."""
-        return self.training_step(views, step, index)
+        """``training_step``: the trainer calls the module (through DistributedDataParallel when distributed).
+
+        With an online classifier attached, its loss on the step's detached backbone features comes along as
+        ``monitor_loss`` (computed here, inside the module DDP wraps, so its gradients are averaged too).
+        """
+        if self.online_classifier is None or index is None:
+            return self.training_step(views, step, index)
+        self._online_features = None
+        out = self.training_step(views, step, index)
+        features, self._online_features = self._online_features, None
+        if features is None:
+            raise RuntimeError(f"{type(self).__name__}: the online classifier saw no backbone forward in the step")
+        return self._online_step(out, features, self.online_labels[index])
+
+    def attach_online_classifier(self, labels: torch.Tensor, num_classes: int, generator: torch.Generator) -> None:
+        """A linear classifier on the backbone's features, trained during pretraining from the labels of the batch's
+        images (solo-learn's online linear evaluation). It reads the features of the step's first backbone forward
+        (the first view, or the first views when same-size views are batched), detached: the backbone's gradients
+        and updates are exactly those of the method alone. ``labels``: the training set's, by dataset index.
+        """
+        # nn.Linear's own init, drawn from ``generator``: the global RNG stays untouched
+        classifier = nn.utils.skip_init(nn.Linear, self.feature_dim, num_classes)
+        bound = 1.0 / self.feature_dim**0.5
+        with torch.no_grad():
+            classifier.weight.uniform_(-bound, bound, generator=generator)
+            classifier.bias.uniform_(-bound, bound, generator=generator)
+        self.online_classifier = classifier
+        self.register_buffer("online_labels", labels.to(torch.long), persistent=False)
+        self.backbone.register_forward_hook(self._capture_features)
+
+    def _capture_features(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if self._online_features is None and self.training:
+            self._online_features = output
+
+    def _online_step(self, out: StepOutput, features: torch.Tensor, labels: torch.Tensor) -> StepOutput:
+        if features.shape[0] % labels.shape[0]:
+            raise RuntimeError(f"online classifier: {features.shape[0]} features for a batch of {labels.shape[0]}")
+        targets = labels.repeat(features.shape[0] // labels.shape[0])  # batched views: view-major order
+        logits = self.online_classifier(features.detach()).float()
+        loss = F.cross_entropy(logits, targets)
+        metrics = {
+            **out.metrics,
+            "online_loss": loss.detach(),
+            "online_top1": (logits.argmax(dim=1) == targets).float().mean().detach(),
+        }
+        return StepOutput(out.loss, metrics, loss)
 
     def before_optimizer_step(self, step: int, total_steps: int) -> None:
         """Called after backward, before the optimizer step (e.g. dropping gradients of frozen-for-now layers)."""
@@ -91,6 +141,11 @@ class Method(nn.Module):
         return {}
 
     def param_groups(self) -> list[dict]:
-        """Parameter groups for the optimizer (frozen parameters, e.g. momentum encoders, are left out)."""
+        """Parameter groups for the optimizer (frozen parameters, e.g. momentum encoders, are left out; so is the
+        online classifier, which the trainer gives a group of its own)."""
         optim = self.recipe.optim
-        return param_groups(self.named_parameters(), optim.weight_decay, optim.exclude_bias_norm)
+        return param_groups(self.method_parameters(), optim.weight_decay, optim.exclude_bias_norm)
+
+    def method_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """``named_parameters()`` without the online classifier's."""
+        return [(n, p) for n, p in self.named_parameters() if not n.startswith("online_classifier.")]

@@ -65,7 +65,7 @@ class SimSiam(Method):
     def param_groups(self) -> list[dict]:
         """The usual decay / no-decay groups; the predictor's groups get ``fixed_lr`` (not scheduled)."""
         wd, exclude = self.recipe.optim.weight_decay, self.recipe.optim.exclude_bias_norm
-        rest = [(n, p) for n, p in self.named_parameters() if not n.startswith("predictor.")]
+        rest = [(n, p) for n, p in self.method_parameters() if not n.startswith("predictor.")]
         pred = param_groups(self.predictor.named_parameters(prefix="predictor"), wd, exclude)
         for g in pred:
             g["fixed_lr"] = self.config.fix_pred_lr

@@ -34,6 +34,7 @@ from ssl_cli.errors import CheckpointError, DataError, RecipeError, TrainingErro
 from ssl_cli.methods import Method, StepOutput, get_method
 from ssl_cli.sync_batchnorm import convert_global_batchnorm
 from ssl_cli.train.checkpoint import load_optimizer, read_checkpoint, restore_rng, save_checkpoint
+from ssl_cli.train.monitors import OnlineMonitors, check_resume_monitors
 from ssl_cli.train.optim import build_optimizer, clip_gradients, effective_lr, set_lr, set_weight_decay
 from ssl_cli.train.run_dir import RunDir
 from ssl_cli.train.schedule import lr_schedule, weight_decay_schedule
@@ -64,6 +65,8 @@ class PretrainResult:
     loss: float | None
     images_per_second: float | None
     seconds: float
+    monitors: dict[str, float] | None = None
+    """The last held-out evaluation of the online monitors (``--val``): kNN and online classifier accuracies."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -159,7 +162,7 @@ def optimizer_step(
         out = model(views, step, index)
     loss = out.loss.float()
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss if out.monitor_loss is None else loss + out.monitor_loss.float()).backward()
     if clip_grad:
         clip_gradients(method.parameters(), clip_grad)
     method.before_optimizer_step(step, total_steps)
@@ -186,7 +189,15 @@ def build_method(recipe: Recipe) -> Method:
 
 
 def checkpoint_meta(
-    recipe: Recipe, method: Method, data: ImageSet, spec: str | None, epoch: int, step: int, metrics: dict
+    recipe: Recipe,
+    method: Method,
+    data: ImageSet,
+    spec: str | None,
+    epoch: int,
+    step: int,
+    metrics: dict,
+    monitors: OnlineMonitors | None = None,
+    val: str | None = None,
 ) -> dict:
     size = max(v.size for v in recipe.views)
     return {
@@ -200,10 +211,17 @@ def checkpoint_meta(
             "num_features": method.feature_dim,
         },
         "preprocessing": {"mean": recipe.data.mean, "std": recipe.data.std, "input_size": [3, size, size]},
-        "data": {"spec": spec, "name": data.name, "num_images": len(data), "classes": data.classes},
+        "data": {
+            "spec": spec,
+            "name": data.name,
+            "num_images": len(data),
+            "classes": data.classes,
+            **({"val": val} if monitors is not None else {}),
+        },
         "epoch": epoch,
         "step": step,
         "metrics": metrics,
+        **({"monitor": monitors.describe()} if monitors is not None else {}),
     }
 
 
@@ -237,8 +255,12 @@ def pretrain(
     out: Path,
     resume: bool = False,
     reporter: Reporter | None = None,
+    val: str | None = None,
 ) -> PretrainResult:
-    """Train ``recipe`` on ``data`` (a folder, a dataset name, or None for the demo set) into ``out``."""
+    """Train ``recipe`` on ``data`` (a folder, a dataset name, or None for the demo set) into ``out``.
+
+    ``val``: labeled held-out images (folder, dataset name, ``demo:test``) for the online monitors (kNN, online
+    linear classifier; ``ssl_cli.train.monitors``)."""
     env = resolve_env(recipe)
     device, world, main = env.device, env.world_size, env.rank == 0
     reporter = (reporter or SilentReporter()) if main else SilentReporter()  # progress from rank 0 only
@@ -251,14 +273,20 @@ def pretrain(
     if len(images) < global_batch:
         batch = f"{global_batch}" if world == 1 else f"{train.batch_size} x {world} processes = {global_batch}"
         raise DataError(f"{images.name} has {len(images)} images, fewer than one batch ({batch}); lower --batch-size")
+    monitors = OnlineMonitors.open(recipe, images, val) if val is not None else None
     torch.manual_seed(train.seed)
     method = build_method(recipe)
+    if monitors is not None:
+        monitors.attach(method)
     if world > 1 and train.sync_batchnorm:
         method = convert_global_batchnorm(method)
     method = method.to(device)
     if train.channels_last:
         method = method.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(method.param_groups(), recipe.optim, global_batch)
+    groups = method.param_groups()
+    if monitors is not None:
+        groups = monitors.param_groups(groups, method, effective_lr(recipe.optim, global_batch))
+    optimizer = build_optimizer(groups, recipe.optim, global_batch)
     steps_per_epoch = len(images) // global_batch
     total_steps = steps_per_epoch * train.epochs
     lrs = lr_schedule(recipe.schedule, effective_lr(recipe.optim, global_batch), steps_per_epoch, train.epochs)
@@ -271,8 +299,16 @@ def pretrain(
     reporter.log(
         f"run folder: {run.root}" + (f" ({world} processes, global batch {global_batch})" if world > 1 else "")
     )
+    if monitors is not None:
+        m = monitors.settings
+        reporter.log(
+            f"monitors on {monitors.val.name} ({len(monitors.val)} images): "
+            + (f"kNN (k={m['knn_k']}) every {m['knn_every']} epoch(s)" if m["knn_every"] else "no kNN")
+            + (f", online linear classifier (lr {m['online_lr']:g})" if m["online_linear"] else "")
+        )
     method.bind_data(len(images), images.labels.clone() if images.labeled else None)
     if ckpt is not None:
+        check_resume_monitors(ckpt.section("model").keys(), monitors, run.last)
         try:
             method.load_state_dict(ckpt.section("model"))
         except RuntimeError as e:  # e.g. a memory bank sized for another dataset
@@ -305,7 +341,7 @@ def pretrain(
 
     reporter.start(total_steps, step)
     started = time.perf_counter()
-    trained_images, record, loss_value = 0, {}, None
+    trained_images, record, loss_value, evaluation = 0, {}, None, None
     method.train()
     for epoch in range(start_epoch, train.epochs):
         loader.sampler.set_epoch(epoch)
@@ -354,10 +390,13 @@ def pretrain(
             **{k: float(all_reduce_mean(v)) / max(n_steps, 1) for k, v in sorted(method_sums.items())},
             **method.epoch_end(epoch + 1),
         }
+        if monitors is not None and main and monitors.due(epoch + 1):
+            evaluation = monitors.evaluate(method, device)
+            record.update(evaluation)
         reporter.epoch_end(record)
         if main:  # one writer; the other ranks wait, so none runs ahead of a checkpoint it may resume from
             run.log_metrics(record)
-            meta = checkpoint_meta(recipe, method, images, data, epoch + 1, step, record)
+            meta = checkpoint_meta(recipe, method, images, data, epoch + 1, step, record, monitors, val)
             meta["world_size"] = world
             save_checkpoint(run.last, method, optimizer, meta)
             if train.checkpoint_every and (epoch + 1) % train.checkpoint_every == 0:
@@ -366,4 +405,4 @@ def pretrain(
 
     seconds = time.perf_counter() - started
     ips = trained_images / seconds if trained_images else None
-    return PretrainResult(str(run.last), str(run.root), train.epochs, step, loss_value, ips, seconds)
+    return PretrainResult(str(run.last), str(run.root), train.epochs, step, loss_value, ips, seconds, evaluation)
