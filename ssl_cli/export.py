@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,8 @@ def _backbone_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any], path
 
 
 PROJECTOR_PREFIX = "projector."
+HF_WEIGHTS = "model.safetensors"
+"""The weights file of a Hugging Face-style folder (timm's ``local-dir:`` / hub layout)."""
 
 
 class ProjectedBackbone(nn.Module):
@@ -149,8 +152,11 @@ def load_backbone(path: str | Path, device: str = "cpu", with_meta: bool = False
     """Rebuild the timm backbone saved in a training checkpoint or an exported file (eval mode).
 
     An export made with ``projector_layers > 0`` comes back as a ``ProjectedBackbone`` (backbone + head).
+    ``path`` may also be a folder written by ``ssl export --format hf`` (its ``model.safetensors`` is read).
     """
     path = Path(path).expanduser()
+    if path.is_dir() and (path / HF_WEIGHTS).is_file():  # an ``ssl export --format hf`` folder
+        path = path / HF_WEIGHTS
     tensors, meta = read_safetensors(path)
     model = _rebuild(tensors, meta, path).to(device).eval()
     return (model, meta) if with_meta else model
@@ -207,21 +213,35 @@ def export_config(meta: dict[str, Any], model: nn.Module) -> dict[str, Any]:
     }
 
 
-def export_backbone(checkpoint: str | Path, out: str | Path, projector_layers: int = 0) -> dict[str, Any]:
-    """Write the backbone weights (timm keys) and a JSON config beside them; returns a summary.
+@dataclass
+class PreparedExport:
+    """What every export format writes: the eval-mode model, its tensors (timm keys) and metadata."""
 
-    ``projector_layers = k > 0``: also the first k layers of the method's MLP projector (see the module doc).
-    """
-    out = Path(out).expanduser()
-    if out.suffix != ".safetensors":
-        raise CheckpointError(f"--out {out}: the file name must end in .safetensors")
-    if out.resolve() == Path(checkpoint).expanduser().resolve():
-        raise CheckpointError(f"--out {out} is the checkpoint itself; choose another file")
+    checkpoint: Path
+    model: nn.Module
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+    """The export's safetensors metadata (``format`` = ``ssl-backbone/1``)."""
+    config: dict[str, Any]
+    """The JSON config written beside a safetensors export (also ``meta["config"]``)."""
+    projector_layers: int = 0
+
+
+def _source(meta: dict[str, Any]) -> dict[str, Any]:
+    """How the weights were trained (recipe, data, epoch, last metrics), kept for ``ssl inspect`` of an export."""
+    if meta.get("format") == EXPORT_FORMAT:
+        return dict(meta.get("source") or {})
+    keys = ("ssl_version", "method", "recipe", "data", "epoch", "step", "metrics", "monitor", "world_size")
+    return {k: meta[k] for k in keys if k in meta}
+
+
+def prepare_export(checkpoint: str | Path, projector_layers: int = 0) -> PreparedExport:
+    """Rebuild the backbone (plus ``projector_layers`` projector layers) of a checkpoint or export, in eval mode."""
     if projector_layers < 0:
         raise CheckpointError(f"--projector-layers {projector_layers}: must be 0 (backbone only) or more")
     path = Path(checkpoint).expanduser()
     ckpt_tensors, meta = read_safetensors(path)
-    if meta.get("format") == EXPORT_FORMAT and meta.get("projector"):
+    if projector_layers > 0 and meta.get("format") == EXPORT_FORMAT and meta.get("projector"):
         raise CheckpointError(f"{path} is already an export with projector layers; export from the training checkpoint")
     model = _rebuild(ckpt_tensors, meta, path)
     tensors = model.state_dict()
@@ -232,12 +252,22 @@ def export_backbone(checkpoint: str | Path, out: str | Path, projector_layers: i
         width = next(s["out"] for s in reversed(spec) if s["type"] == "linear")
         tensors = {**tensors, **{PROJECTOR_PREFIX + k: v for k, v in head.state_dict().items()}}
         model = ProjectedBackbone(model, head, width)
+    elif isinstance(model, ProjectedBackbone):  # an export that already holds projector layers
+        projector_layers = int(meta["projector"]["num_layers"])
+        head, spec, width = model.head, meta["projector"]["layers"], int(model.num_features)
+        tensors = {
+            **model.backbone.state_dict(),
+            **{PROJECTOR_PREFIX + k: v for k, v in model.head.state_dict().items()},
+        }
     config = export_config(meta, model)
+    if meta.get("format") == EXPORT_FORMAT:  # re-exporting an export: keep what it said about its training
+        config.update({k: meta.get("config", {}).get(k, config[k]) for k in ("method", "epoch")})
     export_meta = {
         "format": EXPORT_FORMAT,
         "backbone": meta["backbone"],
         "preprocessing": meta["preprocessing"],
         "config": config,
+        "source": _source(meta),
     }
     if head is not None:
         config["projector_layers"] = projector_layers
@@ -246,16 +276,43 @@ def export_backbone(checkpoint: str | Path, out: str | Path, projector_layers: i
             "rebuild with ssl_cli.load_backbone(file)"
         )
         export_meta["projector"] = {"layers": spec, "num_layers": projector_layers, "num_features": width}
-    atomic_save(tensors, export_meta, out)
+    return PreparedExport(path, model.eval(), tensors, export_meta, config, projector_layers)
+
+
+def write_safetensors_export(prepared: PreparedExport, out: Path) -> dict[str, Any]:
+    """``out`` (safetensors, timm keys) and ``out.with_suffix('.json')``, each written atomically."""
+    atomic_save(prepared.tensors, prepared.meta, out)
     config_path = out.with_suffix(".json")
     tmp = config_path.with_name(f".{config_path.name}.tmp")
-    tmp.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps(prepared.config, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, config_path)
+    config = prepared.config
     return {
         "backbone": str(out),
         "config": str(config_path),
         "architecture": config["architecture"],
         "num_features": config["num_features"],
         "small_stem": config["small_stem"],
-        **({"projector_layers": projector_layers} if head is not None else {}),
+        **({"projector_layers": prepared.projector_layers} if prepared.projector_layers else {}),
     }
+
+
+def export_backbone(checkpoint: str | Path, out: str | Path, projector_layers: int = 0) -> dict[str, Any]:
+    """Write the backbone weights (timm keys) and a JSON config beside them; returns a summary.
+
+    ``projector_layers = k > 0``: also the first k layers of the method's MLP projector (see the module doc).
+    The other formats (TorchScript, ONNX, a Hugging Face-style folder), and the check of what was written,
+    are ``ssl_cli.export_formats.export_model``.
+    """
+    out = Path(out).expanduser()
+    if out.suffix != ".safetensors":
+        raise CheckpointError(f"--out {out}: the file name must end in .safetensors")
+    if out.resolve() == Path(checkpoint).expanduser().resolve():
+        raise CheckpointError(f"--out {out} is the checkpoint itself; choose another file")
+    if projector_layers < 0:
+        raise CheckpointError(f"--projector-layers {projector_layers}: must be 0 (backbone only) or more")
+    path = Path(checkpoint).expanduser()
+    prepared = prepare_export(path, projector_layers)
+    if projector_layers == 0 and prepared.projector_layers:
+        raise CheckpointError(f"{path} is already an export with projector layers; export from the training checkpoint")
+    return write_safetensors_export(prepared, out)

@@ -400,7 +400,7 @@ def test_garbage_file_as_checkpoint(world, tmp_path: Path, command: str, content
 
 def test_export_bad_out(world, tmp_path: Path) -> None:
     before = world.ckpt.read_bytes()
-    user_error(invoke("export", world.ckpt, "--out", tmp_path / "x.pt"), ".safetensors")
+    user_error(invoke("export", world.ckpt, "--out", tmp_path / "x.pth"), ".safetensors")
     user_error(invoke("export", world.ckpt, "--out", world.ckpt), "checkpoint itself")
     assert world.ckpt.read_bytes() == before
 

@@ -1,26 +1,38 @@
-"""Export and checkpoint files: timm loads the export as is, nothing is pickled, writes are atomic."""
+"""Export and checkpoint files: timm loads the export as is, nothing is pickled, writes are atomic; TorchScript,
+ONNX and Hugging Face-style exports give PyTorch's features on other batch sizes, bad requests are one line."""
 
 from __future__ import annotations
 
 import json
 import struct
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import timm
 import torch
+from click.testing import Result
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
 
 import ssl_cli
+import ssl_cli.export_formats as formats
 import ssl_cli.train.checkpoint as checkpoint_module
 from conftest import TINY, write_image_folder
+from ssl_cli.backbones import build_backbone
+from ssl_cli.cli.app import app
 from ssl_cli.config import load_recipe
+from ssl_cli.config.schema import BackboneConfig
 from ssl_cli.errors import CheckpointError
 from ssl_cli.export import export_backbone
+from ssl_cli.export_formats import export_model, resolve_format
 from ssl_cli.train.checkpoint import EXPORT_FORMAT, FORMAT, atomic_save, read_checkpoint, save_checkpoint
 from ssl_cli.train.pretrain import build_method, pretrain
+
+# torch >= 2.9 deprecates TorchScript; the format is still what many deployments load
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 
 # a small projector keeps the tiny runs fast; the backbone is what these tests are about
 SMALL_HEAD = [("method.proj_hidden_dim", 64), ("method.proj_output_dim", 32)]
@@ -334,3 +346,303 @@ def test_successful_save_replaces_and_leaves_no_temp(tmp_path: Path, stock) -> N
     again = read_checkpoint(target)
     assert again.meta["epoch"] == 7 and again.meta["step"] == 70
     assert not again.section("optim")
+
+
+# --- export formats: TorchScript, ONNX, Hugging Face-style folder -----------------------------------------
+
+OTHER_BATCH = 5  # neither the batch the model was exported with (2) nor the one the export checked (3)
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def vit(tmp_path_factory) -> SimpleNamespace:
+    """timm's ``test_vit`` (6 blocks of width 64) with 8x8 patches at 32x32, trained one step."""
+    return _train(
+        tmp_path_factory.mktemp("vit"),
+        [
+            ("backbone.name", "test_vit"),
+            ("backbone.img_size", 32),
+            ("backbone.patch_size", 8),
+            ("train.batch_size", 16),
+        ],
+        per_class=8,
+        classes=2,
+    )
+
+
+def _trained_backbone(ckpt: Path) -> torch.nn.Module:
+    """The method's own backbone with the checkpoint's weights: the reference, built without ssl_cli.export."""
+    loaded = read_checkpoint(ckpt)
+    method = build_method(loaded.recipe)
+    method.load_state_dict(loaded.section("model"))
+    return method.backbone.eval()
+
+
+def _size(t: SimpleNamespace) -> int:
+    return max(v.size for v in t.recipe.views)
+
+
+def _run_export(t: SimpleNamespace, fmt: str, tmp_path: Path):
+    """Export ``t`` as ``fmt``; returns the summary and a function that runs the written file."""
+    out = tmp_path / {"torchscript": "b.pt", "onnx": "b.onnx", "hf": "hf", "safetensors": "b.safetensors"}[fmt]
+    summary = export_model(t.ckpt, out, fmt)
+    assert summary["format"] == fmt and summary["path"] == str(out)
+    assert 0 <= summary["max_abs_diff"] <= summary["tolerance"]
+    if fmt == "torchscript":
+        module = torch.jit.load(str(out))
+        return summary, lambda x: module(x)
+    if fmt == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        assert [i.name for i in session.get_inputs()] == ["images"]
+        assert [o.name for o in session.get_outputs()] == ["features"]
+        assert isinstance(session.get_inputs()[0].shape[0], str)  # a named, dynamic batch axis
+        assert session.get_inputs()[0].shape[1:] == [3, _size(t), _size(t)]
+        return summary, lambda x: torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+    if fmt == "hf":
+        model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+        return summary, lambda x: model(x)
+    return summary, lambda x: ssl_cli.load_backbone(out)(x)
+
+
+@pytest.mark.parametrize(
+    "which, fmt",
+    [
+        ("stock", "torchscript"),
+        ("stock", "onnx"),
+        ("stock", "hf"),
+        ("stock", "safetensors"),
+        ("small_stem", "torchscript"),
+        pytest.param("small_stem", "onnx", marks=pytest.mark.slow),  # ~4 s: ONNX of a ResNet is covered above
+        ("vit", "torchscript"),
+        ("vit", "onnx"),
+        ("vit", "hf"),
+    ],
+)
+def test_every_format_gives_pytorchs_features(request, tmp_path: Path, which: str, fmt: str) -> None:
+    t = request.getfixturevalue(which)
+    summary, run = _run_export(t, fmt, tmp_path)
+    reference_model = _trained_backbone(t.ckpt)
+    x = torch.randn(OTHER_BATCH, 3, _size(t), _size(t), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        reference, got = reference_model(x), run(x)
+    assert got.shape == (OTHER_BATCH, reference_model.num_features)
+    assert (got - reference).abs().max() <= ATOL, (got - reference).abs().max()
+    assert summary["num_features"] == reference_model.num_features
+    # the same architecture with other weights is far off: the comparison above can fail
+    torch.manual_seed(1)
+    with torch.no_grad():
+        other = build_backbone(read_checkpoint(t.ckpt).recipe.backbone).eval()(x)
+    assert (other - reference).abs().max() > 100 * ATOL
+
+
+def test_torchscript_keeps_projector_layers(stock, tmp_path: Path) -> None:
+    summary = export_model(stock.ckpt, tmp_path / "p.pt", projector_layers=1)
+    assert summary["projector_layers"] == 1 and summary["num_features"] == 64
+    head = read_checkpoint(stock.ckpt).section("model.projector")
+    x = _input()
+    with torch.no_grad():
+        pooled = _trained_backbone(stock.ckpt)(x)
+        # Linear (no bias: a BatchNorm follows) -> BatchNorm1d with its running statistics -> ReLU, by hand
+        h = pooled @ head["0.weight"].T
+        h = (h - head["1.running_mean"]) / torch.sqrt(head["1.running_var"] + 1e-5) * head["1.weight"] + head["1.bias"]
+        expected = torch.relu(h)
+        got = torch.jit.load(str(tmp_path / "p.pt"))(x)
+    assert got.shape == (4, 64) and (got - expected).abs().max() <= ATOL
+
+
+def test_onnx_falls_back_to_the_torchscript_based_exporter(stock, tmp_path: Path, monkeypatch) -> None:
+    """Where torch.export cannot take a model, torch's older exporter is used, and checked the same way."""
+    real = torch.onnx.export
+
+    def no_dynamo(*args, **kwargs):
+        if kwargs.get("dynamo", True):
+            raise RuntimeError("torch.export failed\nsecond line")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", no_dynamo)
+    summary, run = _run_export(stock, "onnx", tmp_path)
+    assert summary["exporter"] == "torchscript"
+    x = torch.randn(OTHER_BATCH, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    assert (run(x) - _features(_trained_backbone(stock.ckpt), x)).abs().max() <= ATOL
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.onnx"]
+
+
+def test_hf_folder_is_timms_hub_layout(vit, tmp_path: Path) -> None:
+    export_model(vit.ckpt, tmp_path / "hf", "hf")
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "model.safetensors"]
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["architecture"] == "test_vit" and config["num_classes"] == 0 and config["num_features"] == 64
+    assert config["model_args"] == {"num_classes": 0, "img_size": 32, "patch_size": 8}
+    cfg = config["pretrained_cfg"]
+    assert (
+        cfg["input_size"] == [3, 32, 32] and cfg["mean"] == vit.recipe.data.mean and cfg["std"] == vit.recipe.data.std
+    )
+    assert cfg["crop_pct"] == 1.0 and cfg["crop_mode"] == "center" and cfg["num_classes"] == 0
+    # timm's own preprocessing resolution reads it back
+    model = timm.create_model(f"local-dir:{tmp_path / 'hf'}", pretrained=True)
+    data_cfg = timm.data.resolve_data_config({}, model=model)
+    assert list(data_cfg["mean"]) == vit.recipe.data.mean and tuple(data_cfg["input_size"]) == (3, 32, 32)
+    # the weights file is exactly timm's state_dict, and ssl reads the folder too
+    weights = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert set(weights) == set(model.state_dict())
+    x = _input()
+    assert torch.equal(_features(model, x), _features(ssl_cli.load_backbone(str(tmp_path / "hf")), x))
+
+
+def _gn_export(path: Path) -> Path:
+    torch.manual_seed(0)
+    model = build_backbone(BackboneConfig(name="test_resnet", norm="groupnorm_ws"))
+    meta = {
+        "format": EXPORT_FORMAT,
+        "backbone": {"name": "test_resnet", "kwargs": {}, "small_stem": False, "norm": "groupnorm_ws"},
+        "preprocessing": {"mean": [0.5] * 3, "std": [0.25] * 3, "input_size": [3, 32, 32]},
+    }
+    atomic_save(model.state_dict(), meta, path)
+    return path
+
+
+@pytest.mark.parametrize("which", ["small_stem", "groupnorm_ws", "projector"])
+def test_hf_refuses_what_timm_cannot_rebuild(request, tmp_path: Path, which: str) -> None:
+    if which == "small_stem":
+        ckpt, layers, named = request.getfixturevalue("small_stem").ckpt, 0, "small (CIFAR) stem"
+    elif which == "groupnorm_ws":
+        ckpt, layers, named = _gn_export(tmp_path / "gn.safetensors"), 0, "norm groupnorm_ws"
+    else:
+        ckpt, layers, named = request.getfixturevalue("stock").ckpt, 1, "1 projector layer"
+    with pytest.raises(CheckpointError) as err:
+        export_model(ckpt, tmp_path / "hf", "hf", projector_layers=layers)
+    line = _one_line(err)
+    assert named in line and "torchscript" in line and "onnx" in line and "load_backbone" in line
+    assert not (tmp_path / "hf").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_groupnorm_ws_exports_to_torchscript(tmp_path: Path) -> None:
+    src = _gn_export(tmp_path / "gn.safetensors")
+    summary = export_model(src, tmp_path / "gn.pt")
+    x = torch.randn(OTHER_BATCH, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    expected = _features(ssl_cli.load_backbone(src), x)
+    assert summary["format"] == "torchscript"
+    assert (_features(torch.jit.load(str(tmp_path / "gn.pt")), x) - expected).abs().max() <= ATOL
+
+
+@pytest.mark.parametrize(
+    "fmt, out, expected",
+    [
+        (None, None, ("safetensors", "backbone.safetensors")),
+        ("onnx", None, ("onnx", "backbone.onnx")),
+        ("hf", None, ("hf", "backbone")),
+        (None, "a/b.safetensors", ("safetensors", "a/b.safetensors")),
+        (None, "b.pt", ("torchscript", "b.pt")),
+        (None, "b.torchscript", ("torchscript", "b.torchscript")),
+        (None, "b.ONNX", ("onnx", "b.ONNX")),
+        (None, "folder/", ("hf", "folder")),
+        (None, "folder", ("hf", "folder")),
+        ("hf", "v1.2/", ("hf", "v1.2")),
+        ("hf", "v1.2", ("hf", "v1.2")),
+        ("TorchScript", "b.pt", ("torchscript", "b.pt")),
+    ],
+)
+def test_format_from_the_suffix(fmt, out, expected) -> None:
+    got_fmt, got_path = resolve_format(fmt, out)
+    assert (got_fmt, got_path) == (expected[0], Path(expected[1]))
+
+
+@pytest.mark.parametrize(
+    "fmt, out, fragments",
+    [
+        ("zip", "b.zip", ["--format zip", "safetensors, torchscript, onnx, hf"]),
+        (None, "b.pth", ["'.pth'", ".safetensors", ".onnx", "--format"]),
+        ("onnx", "b.pt", ["--format onnx", "b.pt", "is a torchscript file", ".onnx"]),
+        ("torchscript", "b.safetensors", ["--format torchscript", "safetensors", ".pt"]),
+        ("safetensors", "folder/", ["--format safetensors", "names a folder", ".safetensors"]),
+        ("onnx", "b.pth", ["--format onnx", "unknown suffix '.pth'", ".onnx"]),
+        ("hf", "b.onnx", ["--format hf", "folder", "onnx"]),
+    ],
+)
+def test_format_errors_are_one_line(stock, tmp_path: Path, fmt, out, fragments) -> None:
+    with pytest.raises(CheckpointError) as err:
+        resolve_format(fmt, out)
+    line = _one_line(err)
+    for fragment in fragments:
+        assert fragment in line, (fragment, line)
+    # and through the command: exit 2, one error line, nothing written
+    args = ["export", str(stock.ckpt), "--out", str(tmp_path / out), *(["--format", fmt] if fmt else [])]
+    result = _invoke(*args)
+    _user_error(result, fragments[0])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_onnx_packages_say_what_to_install(stock, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime -> ImportError
+    with pytest.raises(CheckpointError) as err:
+        export_model(stock.ckpt, tmp_path / "b.onnx")
+    line = _one_line(err)
+    assert "onnxruntime" in line and "pip install" in line and "ssl-cli[onnx]" in line
+    _user_error(_invoke("export", str(stock.ckpt), "--out", str(tmp_path / "b.onnx")), "pip install")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "hf"])
+def test_a_failed_check_leaves_nothing_and_keeps_the_earlier_output(stock, tmp_path: Path, monkeypatch, fmt) -> None:
+    out = tmp_path / ("b.pt" if fmt == "torchscript" else "hf")
+    export_model(stock.ckpt, out, fmt)  # an earlier, good export
+    before = {p.name: p.read_bytes() for p in ([out] if out.is_file() else out.iterdir())}
+    monkeypatch.setattr(formats, "TOLERANCE", -1.0)  # every comparison fails
+    with pytest.raises(CheckpointError) as err:
+        export_model(stock.ckpt, out, fmt)
+    assert "does not reproduce the PyTorch model" in _one_line(err)
+    after = {p.name: p.read_bytes() for p in ([out] if out.is_file() else out.iterdir())}
+    assert after == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]  # no temporary file or folder is left
+
+
+def test_outputs_that_are_refused(stock, tmp_path: Path) -> None:
+    before = stock.ckpt.read_bytes()
+    with pytest.raises(CheckpointError, match="checkpoint itself"):
+        export_model(stock.ckpt, stock.ckpt)
+    with pytest.raises(CheckpointError, match="contains the checkpoint"):
+        export_model(stock.ckpt, stock.ckpt.parent, "hf")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(CheckpointError, match="not an earlier hf export"):
+        export_model(stock.ckpt, tmp_path / "mine", "hf")
+    (tmp_path / "dir.pt").mkdir()
+    with pytest.raises(CheckpointError, match="is a folder"):
+        export_model(stock.ckpt, tmp_path / "dir.pt")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    assert stock.ckpt.read_bytes() == before
+    # an earlier hf export is replaced by the new one
+    export_model(stock.ckpt, tmp_path / "hf", "hf")
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    export_model(stock.ckpt, tmp_path / "hf/", "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architecture"] == "test_resnet"
+
+
+def test_export_command_json_and_table(stock, tmp_path: Path) -> None:
+    result = _invoke("export", str(stock.ckpt), "--out", str(tmp_path / "b.pt"), "--json")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.count("\n") == 1
+    payload = json.loads(result.stdout)
+    assert payload["format"] == "torchscript" and payload["path"] == str(tmp_path / "b.pt")
+    assert payload["max_abs_diff"] <= payload["tolerance"] and payload["verified_with"] == "torch.jit.load"
+    result = _invoke("export", str(stock.ckpt), "--format", "hf", "--out", str(tmp_path / "hf"))
+    assert result.exit_code == 0, result.stderr
+    assert "max_abs_diff" in result.stdout and "test_resnet" in result.stdout
+    assert "max abs difference" in result.stderr and f"local-dir:{tmp_path / 'hf'}" in result.stderr
+
+
+def _invoke(*args: str) -> Result:
+    try:  # click < 8.2 mixes stderr into stdout unless told not to
+        runner = CliRunner(mix_stderr=False)
+    except TypeError:
+        runner = CliRunner()
+    return runner.invoke(app, list(args), env={"SSL_DEBUG": None, "COLUMNS": "120"})
+
+
+def _user_error(result: Result, fragment: str) -> None:
+    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr, result.exception)
+    assert result.stdout == "" and "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.stderr

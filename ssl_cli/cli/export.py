@@ -1,4 +1,5 @@
-"""``ssl export``: the backbone alone, with timm's keys, plus a JSON config beside it.
+"""``ssl export``: the backbone alone as safetensors (timm keys + JSON config), TorchScript, ONNX or a Hugging Face-
+style folder that timm loads with ``local-dir:``. Every file is loaded back and checked against PyTorch's output.
 
 ``--projector-layers K`` keeps the first K layers of the method's MLP projector on top of the backbone
 (SimCLR v2 fine-tunes from the projection head's first layer, arXiv:2006.10029).
@@ -13,10 +14,46 @@ import typer
 from ssl_cli.cli.console import emit_json, err, handles_errors, out, result_table
 
 
+def _hint(summary: dict) -> str:
+    path, fmt = summary["path"], summary["format"]
+    if fmt == "torchscript":
+        return (
+            f"load with torch.jit.load('{path}'); input N x 3 x H x W normalised, output N x {summary['num_features']}"
+        )
+    if fmt == "onnx":
+        return f"run with onnxruntime.InferenceSession('{path}').run(None, {{'images': batch}}) (float32 N x 3 x H x W)"
+    if fmt == "hf":
+        return f"load with timm.create_model('local-dir:{path}', pretrained=True)"
+    if summary.get("projector_layers"):
+        return f"backbone + {summary['projector_layers']} projector layer(s): load with ssl_cli.load_backbone('{path}')"
+    if summary["small_stem"]:
+        return f"small stem: load with ssl_cli.load_backbone('{path}')"
+    return (
+        f"load with timm.create_model('{summary['architecture']}', num_classes=0, pretrained=True, "
+        f"pretrained_cfg_overlay=dict(file='{path}'))"
+    )
+
+
 @handles_errors
 def export(
-    checkpoint: Path = typer.Argument(..., help="Training checkpoint (.safetensors)."),
-    output: Path = typer.Option(Path("backbone.safetensors"), "--out", "-o", help="Backbone file to write."),
+    checkpoint: Path = typer.Argument(..., help="Training checkpoint (.safetensors), or an earlier export."),
+    output: str = typer.Option(
+        None,
+        "--out",
+        "-o",
+        help="File or folder to write (default: backbone.safetensors / .pt / .onnx / backbone/ for the format). "
+        "The suffix picks the format when --format is not given: .safetensors, .pt or .torchscript, .onnx, "
+        "a folder (no suffix or a trailing /) for hf.",
+        show_default=False,
+    ),
+    fmt: str = typer.Option(
+        None,
+        "--format",
+        help="safetensors (timm keys + OUT.json), torchscript, onnx (needs the onnx extra: "
+        "pip install 'ssl-cli[onnx]'), or hf (a folder for timm.create_model('local-dir:OUT', pretrained=True)). "
+        "Default: from --out, else safetensors.",
+        show_default=False,
+    ),
     projector_layers: int = typer.Option(
         0,
         "--projector-layers",
@@ -26,23 +63,18 @@ def export(
     ),
     as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout."),
 ) -> None:
-    """Write the backbone weights (timm state_dict keys) and OUT.json (name, kwargs, stem, mean/std, size)."""
-    from ssl_cli.export import export_backbone
+    """Write the backbone in one format, load it back and compare its features with PyTorch's (max abs diff)."""
+    from ssl_cli.export_formats import export_model
 
-    summary = export_backbone(checkpoint, output, projector_layers=projector_layers)
+    summary = export_model(checkpoint, output, fmt, projector_layers=projector_layers)
     if as_json:
         emit_json(summary)
         return
-    out.print(result_table("export", summary))
-    if summary.get("projector_layers"):
-        err.print(
-            f"backbone + {summary['projector_layers']} projector layer(s): load with "
-            f"ssl_cli.load_backbone('{summary['backbone']}')"
-        )
-    elif summary["small_stem"]:
-        err.print(f"small stem: load with ssl_cli.load_backbone('{summary['backbone']}')")
-    else:
-        err.print(
-            f"load with timm.create_model('{summary['architecture']}', num_classes=0, pretrained=True, "
-            f"pretrained_cfg_overlay=dict(file='{summary['backbone']}'))"
-        )
+    shown = {**summary, "max_abs_diff": f"{summary['max_abs_diff']:.3g}", "tolerance": f"{summary['tolerance']:.3g}"}
+    out.print(result_table("export", shown))
+    err.print(
+        f"checked with {summary['verified_with']}: max abs difference {summary['max_abs_diff']:.3g} "
+        f"(tolerance {summary['tolerance']:.3g})",
+        markup=False,
+    )
+    err.print(_hint(summary), markup=False)
