@@ -56,6 +56,12 @@ def _threads():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(autouse=True)
+def _feature_cache(tmp_path_factory, monkeypatch):
+    """The evaluation commands cache features under $XDG_CACHE_HOME: tests keep theirs out of the user's home."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg-cache"))
+
+
 def write_image_folder(
     root: Path, per_class: int = 8, classes: int = 3, split: str = "train", ext: str = "png"
 ) -> Path:

@@ -191,3 +191,106 @@ def test_invalid_inputs_raise_value_error(change: dict, message: str) -> None:
     args.update(change)
     with pytest.raises(ValueError, match=message):
         knn_classify(**args)
+
+
+# --- chunking over the train bank, deterministic ties, float16 bank ------------------------------------------------
+
+
+def exact_sign_vectors(n: int, dim: int, seed: int) -> torch.Tensor:
+    """Rows with exactly four entries of +-1: unit rows hold +-0.5, so every cosine is a multiple of 1/4, computed
+    exactly in any summation order -- and ties between neighbours are everywhere."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.zeros(n, dim)
+    for i in range(n):
+        cols = torch.randperm(dim, generator=g)[:4]
+        x[i, cols] = torch.randint(0, 2, (4,), generator=g).float() * 2 - 1
+    return x
+
+
+def brute_force_neighbours(train_x: torch.Tensor, test_x: torch.Tensor, k: int) -> list[list[int]]:
+    """Reference: every similarity in float64, then a Python sort by (similarity descending, train index)."""
+    sim = (test_x.double() / test_x.double().norm(dim=1, keepdim=True)) @ (
+        train_x.double() / train_x.double().norm(dim=1, keepdim=True)
+    ).T
+    return [sorted(range(sim.shape[1]), key=lambda j: (-sim[i, j].item(), j))[:k] for i in range(sim.shape[0])]
+
+
+@pytest.mark.parametrize("train_chunk", [1, 3, 16, 50, 10_000])
+def test_chunked_neighbours_equal_brute_force_including_ties(train_chunk: int) -> None:
+    from ssl_cli.eval.knn import nearest_neighbors, normalized_bank
+
+    train_x, test_x = exact_sign_vectors(120, 8, seed=0), exact_sign_vectors(20, 8, seed=1)
+    bank = normalized_bank(train_x, chunk_size=7)
+    queries = torch.nn.functional.normalize(test_x, dim=1)
+    sims, index = nearest_neighbors(queries, bank, 30, train_chunk_size=train_chunk)
+
+    assert index.tolist() == brute_force_neighbours(train_x, test_x, 30)
+    assert torch.equal(sims, (queries @ bank.T).gather(1, index))
+    assert (sims[:, :-1] == sims[:, 1:]).sum() > 100  # the case is full of ties
+
+
+def test_knn_results_do_not_depend_on_either_chunk_size() -> None:
+    g = torch.Generator().manual_seed(4)
+    train_x, test_x = exact_sign_vectors(150, 8, seed=2), exact_sign_vectors(40, 8, seed=3)
+    train_y, test_y = torch.randint(0, 5, (150,), generator=g), torch.randint(0, 5, (40,), generator=g)
+    reference = knn_classify(train_x, train_y, test_x, test_y, 5, ks=(1, 7, 40), chunk_size=10_000)
+    for chunk, train_chunk in [(1, 1), (3, 7), (16, 50), (40, 149), (7, 10_000)]:
+        got = knn_classify(
+            train_x, train_y, test_x, test_y, 5, ks=(1, 7, 40), chunk_size=chunk, train_chunk_size=train_chunk
+        )
+        assert got == reference, (chunk, train_chunk)
+
+
+@pytest.mark.parametrize("train_chunk", [7, 64, 10_000])
+def test_bank_chunks_match_brute_force_accuracy_on_random_data(train_chunk: int) -> None:
+    g = torch.Generator().manual_seed(3)
+    train_x, test_x = torch.randn(300, 16, generator=g), torch.randn(45, 16, generator=g)
+    train_y = (train_x[:, 0] * 2).round().clamp(-3, 3).long() + 3
+    test_y = torch.randint(0, 7, (45,), generator=g)
+    result = knn_classify(
+        train_x, train_y, test_x, test_y, 7, ks=(1, 10, 25), temperature=0.1, train_chunk_size=train_chunk
+    )
+    assert result == {k: brute_force_knn(train_x, train_y, test_x, test_y, 7, k, 0.1) for k in (1, 10, 25)}
+
+
+def test_similarity_blocks_stay_within_both_chunk_sizes(monkeypatch) -> None:
+    import ssl_cli.eval.knn as knn_module
+
+    shapes: list[tuple[int, int]] = []
+    original = knn_module._block_topk
+
+    def recording(similarity, k):
+        shapes.append(tuple(similarity.shape))
+        return original(similarity, k)
+
+    monkeypatch.setattr(knn_module, "_block_topk", recording)
+    g = torch.Generator().manual_seed(0)
+    train_x, test_x = torch.randn(1000, 8, generator=g), torch.randn(50, 8, generator=g)
+    train_y, test_y = torch.randint(0, 3, (1000,), generator=g), torch.randint(0, 3, (50,), generator=g)
+    knn_classify(train_x, train_y, test_x, test_y, 3, ks=(20,), chunk_size=16, train_chunk_size=128)
+    assert max(r for r, _ in shapes) == 16 and max(c for _, c in shapes) == 128
+    assert len(shapes) == 4 * 8  # ceil(50 / 16) test chunks x ceil(1000 / 128) bank chunks
+
+
+def test_float16_bank_halves_memory_and_keeps_the_figures() -> None:
+    from ssl_cli.eval.knn import bank_dtype_for, normalized_bank
+
+    centres, train_x, train_y = gaussian_clusters(10, 64, 100, spread=1.0, seed=0)
+    g = torch.Generator().manual_seed(1)
+    test_y = torch.arange(10).repeat_interleave(20)
+    test_x = centres[test_y] + 1.0 * torch.randn(len(test_y), 64, generator=g)
+
+    half = normalized_bank(train_x, torch.float16)
+    assert half.dtype == torch.float16 and half.element_size() * half.nelement() == train_x.nelement() * 2
+    full = knn_classify(train_x, train_y, test_x, test_y, 10, ks=(1, 20))
+    approx = knn_classify(
+        train_x, train_y, test_x, test_y, 10, ks=(1, 20), bank_dtype=torch.float16, train_chunk_size=100
+    )
+    for k in (1, 20):
+        assert abs(full[k][0] - approx[k][0]) <= 0.01 and abs(full[k][1] - approx[k][1]) <= 0.01
+
+    assert bank_dtype_for((50_000, 512)) == torch.float32  # 100 MB: unchanged
+    assert bank_dtype_for((1_000_000, 512)) == torch.float16  # 2 GB in float32
+    assert bank_dtype_for((1_000_000, 512), "float32") == torch.float32
+    with pytest.raises(ValueError, match="auto"):
+        bank_dtype_for((10, 10), "int8")

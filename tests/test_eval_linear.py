@@ -213,3 +213,133 @@ def test_topk_accuracy_clamps_k_and_breaks_ties_by_class_index() -> None:
     # All scores equal: the lower class index wins, so the result does not depend on sort internals.
     tied = torch.zeros(2, 5)
     assert topk_accuracy(tied, torch.tensor([0, 3]), ks=(1, 3, 4)) == (0.5, 0.5, 1.0)
+
+
+# --- the one-pass sweep (ssl_cli.eval.sweep) ------------------------------------------------------------------------
+
+
+def reference_head(train_x, train_y, num_classes, *, epochs, lr, weight_decay, batch_size, seed) -> torch.nn.Linear:
+    """The single-pair probe as it was written before the sweep existed (standardise, one nn.Linear, SGD +
+    momentum, per-step cosine), returning its head: what each head of the sweep must equal."""
+    mean, std = train_x.mean(dim=0), (train_x.var(dim=0, unbiased=False) + 1e-6).sqrt()
+    x = (train_x - mean) / std
+    generator = torch.Generator().manual_seed(seed)
+    head = torch.nn.utils.skip_init(torch.nn.Linear, x.shape[1], num_classes)
+    with torch.no_grad():
+        torch.nn.init.trunc_normal_(head.weight, std=0.01, generator=generator)
+        torch.nn.init.zeros_(head.bias)
+    optimizer = torch.optim.SGD(head.parameters(), lr=lr * batch_size / 256, momentum=0.9, weight_decay=weight_decay)
+    steps = epochs * math.ceil(len(x) / batch_size)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    for _ in range(epochs):
+        for batch in torch.randperm(len(x), generator=generator).split(batch_size):
+            loss = torch.nn.functional.cross_entropy(head(x[batch]), train_y[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+    return head
+
+
+def test_every_sweep_head_equals_its_own_single_pair_run() -> None:
+    from ssl_cli.eval.sweep import holdout_split, sweep_linear_probe
+
+    train_x, train_y, test_x, test_y = train_test_clusters(spread=1.5, per_class=60)
+    lrs, wds = (0.05, 0.5, 5.0), (0.0, 1e-2)
+    result = sweep_linear_probe(
+        train_x, train_y, test_x, test_y, 4, lrs=lrs, weight_decays=wds, epochs=4, batch_size=32, seed=3
+    )
+    fit, held = holdout_split(train_y, 0.1, seed=3)
+    assert (result.train_size, result.holdout_size) == (216, 24) and result.holdout_fraction == 0.1
+
+    pairs = [(lr, wd) for lr in lrs for wd in wds]
+    assert [(h.lr, h.weight_decay) for h in result.heads] == pairs
+    for p, (lr, wd) in enumerate(pairs):
+        head = reference_head(train_x[fit], train_y[fit], 4, epochs=4, lr=lr, weight_decay=wd, batch_size=32, seed=3)
+        assert torch.equal(result.weights[p], head.weight.detach()), (lr, wd)
+        assert torch.equal(result.biases[p], head.bias.detach()), (lr, wd)
+        # and train_linear_probe with that pair alone, on the same train part, agrees on what it reports
+        alone = train_linear_probe(
+            train_x[fit], train_y[fit], test_x, test_y, 4, epochs=4, lr=lr, weight_decay=wd, batch_size=32, seed=3
+        )
+        assert alone.train_top1 == result.heads[p].train_top1
+        if p == result.best:
+            assert (alone.top1, alone.top5) == (result.top1, result.top5)
+    assert len({tuple(w.flatten()[:3].tolist()) for w in result.weights}) == len(pairs)  # the pairs do differ
+    assert held.numel() == 24
+
+
+def test_sweep_learns_separable_features_perfectly() -> None:
+    from ssl_cli.eval.sweep import sweep_linear_probe
+
+    result = sweep_linear_probe(
+        *train_test_clusters(spread=0.3), 4, lrs=(0.1, 1.0), weight_decays=(0.0, 1e-4), epochs=10, batch_size=64
+    )
+    assert result.top1 == 1.0 and result.train_top1 == 1.0
+    assert all(h.holdout_top1 == 1.0 for h in result.heads)
+
+
+def test_best_pair_is_chosen_on_the_holdout_not_on_val() -> None:
+    from ssl_cli.eval.sweep import sweep_linear_probe
+
+    train_x, train_y, test_x, test_y = train_test_clusters(spread=0.5, per_class=50)
+    lrs = (1e-6, 1.0)  # 1e-6: the head hardly moves from its random init; 1.0: learns the clusters
+
+    def sweep(val_labels):
+        # seed 1: seed 0 would draw the init from the stream that drew the cluster centres (it then classifies them)
+        return sweep_linear_probe(train_x, train_y, test_x, val_labels, 4, lrs=lrs, epochs=5, batch_size=32, seed=1)
+
+    def val_top1(result, val_labels) -> list[float]:
+        x = (test_x - result.mean) / result.std
+        return [
+            topk_accuracy(x @ w.T + b, val_labels, (1,))[0] for w, b in zip(result.weights, result.biases, strict=True)
+        ]
+
+    honest = sweep(test_y)
+    # A val set labelled by what the untrained head predicts: on it that head is perfect and the trained one not.
+    x = (test_x - honest.mean) / honest.std
+    adversarial = (x @ honest.weights[0].T + honest.biases[0]).argmax(dim=1)
+    result = sweep(adversarial)
+
+    on_val = val_top1(result, adversarial)
+    assert on_val[0] == 1.0 > on_val[1]  # choosing on val would pick the untrained head ...
+    assert result.heads[1].holdout_top1 > result.heads[0].holdout_top1  # ... the holdout picks the trained one
+    assert result.best == honest.best == 1 and result.lr == 1.0
+    assert torch.equal(result.weights, honest.weights)  # val plays no part in training or choosing
+    assert result.top1 == on_val[1]  # and the chosen head's val figure is what is reported
+    assert honest.top1 == 1.0
+
+
+def test_holdout_split_is_class_balanced_and_reproducible() -> None:
+    from ssl_cli.eval.sweep import holdout_split
+
+    labels = torch.tensor([0] * 40 + [1] * 25 + [2] * 7 + [3] * 1)[
+        torch.randperm(73, generator=torch.Generator().manual_seed(0))
+    ]
+    fit, held = holdout_split(labels, 0.2, seed=5)
+    assert sorted(fit.tolist() + held.tolist()) == list(range(73))
+    assert torch.bincount(labels[held], minlength=4).tolist() == [8, 5, 1, 0]  # round(0.2 n_c); a lone sample stays
+    assert torch.equal(holdout_split(labels, 0.2, seed=5)[1], held)
+    assert not torch.equal(holdout_split(labels, 0.2, seed=6)[1], held)
+    assert holdout_split(labels, 0.0)[1].numel() == 0
+
+
+def test_sweep_needs_a_holdout_for_several_pairs() -> None:
+    from ssl_cli.eval.sweep import sweep_linear_probe
+
+    data = train_test_clusters(spread=1.0, per_class=10)
+    with pytest.raises(ValueError, match="holdout fraction > 0"):
+        sweep_linear_probe(*data, 4, lrs=(0.1, 1.0), holdout_fraction=0.0, epochs=1)
+    with pytest.raises(ValueError, match="holds out none"):
+        sweep_linear_probe(*data, 4, lrs=(0.1, 1.0), holdout_fraction=0.01, epochs=1)
+    # one pair, no holdout: exactly train_linear_probe
+    from ssl_cli.eval.sweep import sweep_linear_probe as sweep
+
+    one = sweep(*data, 4, lrs=(0.3,), weight_decays=(1e-3,), epochs=3, batch_size=16, seed=2)
+    alone = train_linear_probe(*data, 4, lr=0.3, weight_decay=1e-3, epochs=3, batch_size=16, seed=2)
+    assert (one.top1, one.top5, one.train_top1, one.holdout_size) == (alone.top1, alone.top5, alone.train_top1, 0)
+
+
+def test_nan_scores_are_never_counted_correct() -> None:
+    logits = torch.tensor([[float("nan"), 0.0, 1.0], [0.0, 2.0, 1.0]])
+    assert topk_accuracy(logits, torch.tensor([0, 1]), (1, 5)) == (0.5, 0.5)

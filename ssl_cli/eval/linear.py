@@ -10,7 +10,7 @@ gathered on the train set; here they are exact rather than running averages).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ssl_cli.eval.metrics import check_splits, float_dtype, topk_accuracy
 
-__all__ = ["ProbeResult", "topk_accuracy", "train_linear_probe"]
+__all__ = ["ProbeResult", "fit_linear_heads", "standardization", "topk_accuracy", "train_linear_probe"]
 
 # Same epsilon as the BatchNorm1d(affine=False, eps=1e-6) in MAE's linear probe; it also keeps constant
 # feature dimensions at 0 instead of dividing by zero.
@@ -45,6 +45,88 @@ class ProbeResult:
     epochs: int
     lr: float
     weight_decay: float
+
+
+def standardization(train_x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-dimension mean and std (biased variance + 1e-6) of the train features, as ``normalize=True`` uses."""
+    mean = train_x.mean(dim=0)
+    std = (train_x.var(dim=0, unbiased=False) + _NORM_EPS).sqrt()
+    return mean, std
+
+
+def fit_linear_heads(
+    train_x: Tensor,
+    train_y: Tensor,
+    num_classes: int,
+    hyperparameters: Sequence[tuple[float, float]],
+    *,
+    epochs: int,
+    batch_size: int,
+    momentum: float,
+    generator: torch.Generator,
+    progress: Callable[[int, list[float]], None] | None = None,
+) -> list[nn.Linear]:
+    """Train one linear classifier per ``(lr, weight_decay)`` pair in one pass over the same mini-batches.
+
+    Every head starts from the same weights (truncated normal, std 0.01, drawn once from ``generator``; zero
+    bias, as MAE initialises its probe head) and sees the same shuffled batches (drawn from ``generator`` on
+    the CPU, so the order does not depend on the device). Each head has its own SGD parameter group (its
+    ``lr * batch_size / 256`` and weight decay, shared ``momentum``) and the per-step cosine decay of
+    ``CosineAnnealingLR``. The heads' losses are summed for one backward pass; a head's gradient is that of
+    its own loss, so each head ends with exactly the weights a run with its pair alone would reach.
+
+    Args:
+        train_x: ``(N, D)`` features (already standardised if wanted), on the device to train on.
+        train_y: ``(N,)`` integer labels on the same device.
+        num_classes: output size of each head.
+        hyperparameters: the ``(lr, weight_decay)`` pairs, one head each; ``lr`` is for a batch of 256.
+        epochs, batch_size, momentum: as in :func:`train_linear_probe`.
+        generator: CPU generator for the initial weights and the batch order.
+        progress: called as ``progress(epoch, mean_losses)`` after every epoch, one mean loss per head.
+
+    Returns:
+        The trained heads, in the order of ``hyperparameters``.
+    """
+    device, dtype = train_x.device, train_x.dtype
+    # skip_init: nn.Linear's default init would draw from (and advance) the global RNG. Initialise on the CPU
+    # instead, where the generator lives.
+    heads = [
+        nn.utils.skip_init(nn.Linear, train_x.shape[1], num_classes, device="cpu", dtype=dtype) for _ in hyperparameters
+    ]
+    with torch.no_grad():
+        nn.init.trunc_normal_(heads[0].weight, std=0.01, generator=generator)
+        for head in heads:
+            head.weight.copy_(heads[0].weight)
+            nn.init.zeros_(head.bias)
+    heads = [head.to(device) for head in heads]
+
+    num_train = train_x.shape[0]
+    steps_per_epoch = math.ceil(num_train / batch_size)
+    groups = [
+        {"params": list(head.parameters()), "lr": lr * batch_size / 256, "weight_decay": weight_decay}
+        for head, (lr, weight_decay) in zip(heads, hyperparameters, strict=True)
+    ]
+    optimizer = torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=momentum)
+    # Stepped once per mini-batch, so the decay is smooth over the whole run rather than per epoch.
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
+
+    for epoch in range(1, epochs + 1):
+        # Drawn on the CPU generator so the order does not depend on the device's RNG.
+        order = torch.randperm(num_train, generator=generator).to(device)
+        loss_sums = [0.0] * len(heads)
+        for batch in order.split(batch_size):
+            x, y = train_x[batch], train_y[batch]
+            losses = [F.cross_entropy(head(x), y) for head in heads]
+            total = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+            scheduler.step()
+            for i, value in enumerate(torch.stack(losses).tolist()):
+                loss_sums[i] += value * batch.numel()
+        if progress is not None:
+            progress(epoch, [loss_sum / num_train for loss_sum in loss_sums])
+    return heads
 
 
 def train_linear_probe(
@@ -114,42 +196,22 @@ def train_linear_probe(
 
     if normalize:
         # Statistics come from the train split only; using test statistics would leak test information.
-        mean = train_x.mean(dim=0)
-        std = (train_x.var(dim=0, unbiased=False) + _NORM_EPS).sqrt()
+        mean, std = standardization(train_x)
         train_x = (train_x - mean) / std
         test_x = (test_x - mean) / std
 
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    # skip_init: nn.Linear's default init would draw from (and advance) the global RNG. Initialise on
-    # the CPU instead, where the generator lives, with small truncated-normal weights and zero bias as
-    # MAE initialises its probe head.
-    head = nn.utils.skip_init(nn.Linear, train_x.shape[1], num_classes, device="cpu", dtype=dtype)
-    with torch.no_grad():
-        nn.init.trunc_normal_(head.weight, std=0.01, generator=generator)
-        nn.init.zeros_(head.bias)
-    head = head.to(device)
-
-    num_train = train_x.shape[0]
-    steps_per_epoch = math.ceil(num_train / batch_size)
-    optimizer = torch.optim.SGD(
-        head.parameters(), lr=lr * batch_size / 256, momentum=momentum, weight_decay=weight_decay
+    (head,) = fit_linear_heads(
+        train_x,
+        train_y,
+        num_classes,
+        [(lr, weight_decay)],
+        epochs=epochs,
+        batch_size=batch_size,
+        momentum=momentum,
+        generator=generator,
+        progress=None if progress is None else lambda epoch, losses: progress(epoch, losses[0]),
     )
-    # Stepped once per mini-batch, so the decay is smooth over the whole run rather than per epoch.
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
-
-    for epoch in range(1, epochs + 1):
-        # Drawn on the CPU generator so the order does not depend on the device's RNG.
-        order = torch.randperm(num_train, generator=generator).to(device)
-        loss_sum = 0.0
-        for batch in order.split(batch_size):
-            loss = F.cross_entropy(head(train_x[batch]), train_y[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            loss_sum += loss.item() * batch.numel()
-        if progress is not None:
-            progress(epoch, loss_sum / num_train)
 
     with torch.no_grad():
         top1, top5 = topk_accuracy(head(test_x), test_y, (1, 5))

@@ -13,7 +13,7 @@ def topk_correct(scores: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) -> 
 
     Ties are broken in favour of the lower class index (what a stable descending sort would do), so
     the counts are deterministic even when several classes share a score, e.g. kNN classes that got
-    no votes at all. ``k`` is clamped to the number of classes.
+    no votes at all. ``k`` is clamped to the number of classes. A row holding a NaN score is never correct.
 
     Args:
         scores: ``(N, C)`` class scores (logits, probabilities or summed votes); higher is better.
@@ -34,6 +34,9 @@ def topk_correct(scores: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) -> 
     class_index = torch.arange(scores.shape[1], device=scores.device)
     ahead = (scores > true_score) | ((scores == true_score) & (class_index < labels[:, None]))
     rank = ahead.sum(dim=1)  # (N,), 0 = predicted class
+    # NaN compares false with everything, which would rank the true class first: a row with a NaN score (a
+    # diverged classifier) counts as wrong at every k.
+    rank = rank.masked_fill(scores.isnan().any(dim=1), torch.iinfo(rank.dtype).max)
     return tuple(int((rank < k).sum()) for k in ks)
 
 
