@@ -7,7 +7,7 @@ import sys
 import typer
 
 import ssl_cli
-from ssl_cli.cli import bench, evaluate, export, pretrain, recipes, transfer, visualize
+from ssl_cli.cli import bench, embed, evaluate, export, inspect, neighbors, plot, pretrain, recipes, transfer, visualize
 from ssl_cli.cli.console import err
 
 app = typer.Typer(
@@ -38,10 +38,14 @@ app.command("knn")(evaluate.knn)
 app.command("linear-probe")(evaluate.linear_probe)
 app.command("probe", help="Alias of linear-probe.")(evaluate.linear_probe)
 app.command("export")(export.export)
+app.command("inspect")(inspect.inspect)
+app.command("embed")(embed.embed)
 app.command("transfer")(transfer.transfer)
 app.command("bench")(bench.bench)
 app.command("visualize")(visualize.visualize)
 app.add_typer(recipes.app, name="recipes")
+app.add_typer(plot.app, name="plot")
+app.command("neighbors")(neighbors.neighbors)
 
 
 def main() -> None:
