@@ -422,8 +422,10 @@ def test_resume_needs_out_and_a_checkpoint(tmp_path: Path) -> None:
     user_error(invoke("pretrain"), "--recipe")
 
 
-def test_transfer_is_not_available_yet() -> None:
-    user_error(invoke("transfer", "some.safetensors"), "not available yet")
+def test_transfer_missing_checkpoint_is_one_line(tmp_path: Path) -> None:
+    user_error(
+        invoke("transfer", tmp_path / "some.safetensors", "--out", tmp_path / "ft", "--quiet"), "some.safetensors"
+    )
 
 
 def test_usage_errors_exit_2_without_traceback() -> None:

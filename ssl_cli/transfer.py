@@ -1,0 +1,292 @@
+"""``ssl transfer``: fine-tune a checkpoint's backbone end to end on labeled images, evaluate it, write a result folder.
+
+One run: open the checkpoint and both labeled splits (``ssl_cli.eval.run.setup``, as ``ssl knn`` / ``ssl probe``),
+optionally keep a class-balanced fraction of the train labels (``ssl_cli.label_subset``: SimCLR v2's 1% / 10%
+protocol), fine-tune with a fresh classifier (``ssl_cli.finetune``), then score the final model on ``--val``.
+
+The ``--out`` folder receives:
+
+- ``run.json``: the run's settings, written first;
+- ``label_subset.json``: the labeled images used, when a fraction or a subset file was given;
+- ``metrics.jsonl``: one line per epoch (train loss, learning rate, val top-1, images/s);
+- ``model.safetensors`` + ``model.json``: the fine-tuned model with timm's keys (classifier included) and how to
+  load it;
+- ``confusion_matrix.png``: the row-normalised confusion matrix on ``--val``;
+- ``metrics.json``: top-1, top-5, per-class accuracy, the confusion counts, label fraction, hyper-parameters;
+  written last, so its presence means the run finished.
+
+``--out`` must be new or empty. A folder that holds a transfer run is only written into again by the same run (the
+same ``run.json`` settings: a re-run after an interruption); anything else is refused, so no result is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ssl_cli.augment import eval_transform, train_eval_transform
+from ssl_cli.confusion import confusion_matrix, per_class_accuracy, save_confusion_png
+from ssl_cli.data import ImageSet, scan_folder
+from ssl_cli.errors import CheckpointError, DataError
+from ssl_cli.eval.metrics import topk_accuracy
+from ssl_cli.finetune import (
+    FinetuneConfig,
+    attach_classifier,
+    finetune,
+    finetuned_meta,
+    peak_lr,
+    save_finetuned,
+)
+from ssl_cli.label_subset import (
+    SUBSET_FILE,
+    LabelSubset,
+    check_fraction,
+    image_keys,
+    read_subset,
+    save_subset,
+    select_subset,
+    subset_from_indices,
+    subset_indices,
+)
+
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.json"
+EPOCHS_FILE = "metrics.jsonl"
+MODEL_FILE = "model.safetensors"
+CONFUSION_FILE = "confusion_matrix.png"
+OUTPUTS = (RUN_FILE, SUBSET_FILE, EPOCHS_FILE, MODEL_FILE, "model.json", CONFUSION_FILE, METRICS_FILE)
+
+
+def _spec_id(spec: str | None) -> str:
+    """A dataset argument as recorded: the absolute folder for a path, else the name (``demo`` when omitted)."""
+    if spec is None:
+        return "demo"
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if path.exists() else spec
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _first_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            return f"{key}: {old.get(key)!r} then, {new.get(key)!r} now"
+    return ""
+
+
+def check_out(out: Path, identity: dict[str, Any], ignore: Path | None = None) -> bool:
+    """Check ``--out`` may receive this run; True when it already holds this very run (a re-run).
+
+    ``ignore`` (the ``--label-subset`` file, when it lies in ``out``) does not count as content.
+    """
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"--out {out} exists and is not a folder")
+    if not out.exists():
+        return False
+    held = sorted(p.name for p in out.iterdir() if ignore is None or p.resolve() != ignore)
+    if not held:
+        return False
+    previous = None
+    if (out / RUN_FILE).is_file():
+        try:
+            previous = json.loads((out / RUN_FILE).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            previous = None
+    if isinstance(previous, dict) and previous.get("config") == identity:
+        return True
+    if isinstance(previous, dict) and isinstance(previous.get("config"), dict):
+        raise CheckpointError(
+            f"--out {out} already holds a transfer run with other settings "
+            f"({_first_difference(previous['config'], identity)}); choose a new or empty --out"
+        )
+    shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+    raise CheckpointError(
+        f"--out {out} is not empty (it holds {shown}); ssl transfer writes into a new or empty folder"
+    )
+
+
+def _train_keys(spec: str | None, images: ImageSet) -> tuple[list[str], Path | None]:
+    """Names of the train images (paths relative to the --train folder, or ``#index``) and that folder."""
+    root = Path(spec).expanduser() if spec is not None else None
+    if root is None or not root.is_dir():
+        return image_keys(images, None), None
+    # decoded sets (images kept in memory) no longer carry paths: list the folder again, in the same sorted order
+    listing = images if images.paths is not None else scan_folder(root)
+    if len(listing) != len(images) or not torch.equal(listing.labels, images.labels):
+        raise DataError(f"--train {root} changed while it was being read; run again")
+    return image_keys(listing, root), root
+
+
+def run_transfer(
+    checkpoint: str,
+    train: str | None,
+    val: str | None,
+    out: str | Path,
+    cfg: FinetuneConfig,
+    *,
+    label_fraction: float | None = None,
+    label_subset: str | Path | None = None,
+    random_init: bool = False,
+    device: str = "auto",
+    num_workers: int | str = "auto",
+    reporter=None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Fine-tune, evaluate and write the ``--out`` folder (see the module doc); returns the summary ``--json``
+    prints. Every bad input raises an ``SSLError`` before anything is written."""
+    from ssl_cli.eval.run import setup
+    from ssl_cli.export import ProjectedBackbone
+
+    log = log or (lambda _message: None)
+    cfg = cfg.resolved()
+    if label_fraction is not None and label_subset is not None:
+        raise DataError("--label-fraction and --label-subset: give one of them (a subset file fixes its fraction)")
+    if label_fraction is not None:
+        check_fraction(label_fraction)
+    out = Path(out).expanduser()
+    outputs = {name: (out / name).resolve() for name in OUTPUTS}
+    subset_path = Path(label_subset).expanduser().resolve() if label_subset is not None else None
+    ckpt_path = Path(checkpoint).expanduser().resolve()
+    if ckpt_path in outputs.values():
+        raise CheckpointError(f"CHECKPOINT {checkpoint} is an output of this run in --out {out}; choose another --out")
+    if subset_path is not None and subset_path in outputs.values() and subset_path != outputs[SUBSET_FILE]:
+        raise DataError(f"--label-subset {label_subset} is an output of this run in --out {out}; choose another --out")
+    identity = {
+        "checkpoint": str(ckpt_path),
+        "train": _spec_id(train),
+        "val": _spec_id(val),
+        "random_init": bool(random_init),
+        "label_fraction": label_fraction,
+        "label_subset": str(subset_path) if subset_path else None,
+        **cfg.to_dict(),
+    }
+    rerun = check_out(out, identity, ignore=subset_path)
+    saved = read_subset(subset_path) if subset_path is not None else None
+
+    s = setup(checkpoint, train, val, device, random_init)
+    classes = s.train.classes
+    keys, root = _train_keys(train, s.train)
+    subset: LabelSubset | None = None
+    if label_fraction is not None:
+        indices = select_subset(s.train.labels, s.num_classes, label_fraction, cfg.seed)
+        data_path = str(root.resolve()) if root is not None else _spec_id(train)
+        subset = subset_from_indices(
+            indices, keys, s.train.labels, classes, label_fraction, cfg.seed, s.train.name, data_path
+        )
+    elif saved is not None:
+        indices = subset_indices(saved, keys, s.train.labels, classes, f"--label-subset {label_subset}")
+        subset = saved
+    labeled = s.train.subset(indices) if subset is not None else s.train
+
+    if rerun:
+        log(f"--out {out} holds this same run (same settings): its results are replaced")
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(outputs[RUN_FILE], {"format": "ssl-transfer-run/1", "config": identity})
+    if subset is not None and subset_path != outputs[SUBSET_FILE]:
+        save_subset(subset, out / SUBSET_FILE)
+    (out / EPOCHS_FILE).write_text("", encoding="utf-8")
+
+    def on_epoch(record: dict[str, Any]) -> None:
+        with (out / EPOCHS_FILE).open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    model, projector = s.model, None
+    if isinstance(model, ProjectedBackbone):  # SimCLR v2: fine-tune from the projection head's first layer(s)
+        projector = s.meta.get("projector")
+        model = attach_classifier(model.backbone, s.num_classes, model.head, model.num_features, seed=cfg.seed)
+    else:
+        model = attach_classifier(model, s.num_classes, seed=cfg.seed)
+    result = finetune(
+        model,
+        labeled,
+        s.val,
+        train_eval_transform(s.size, s.mean, s.std),
+        eval_transform(s.size, s.mean, s.std),
+        cfg,
+        s.device,
+        num_workers,
+        reporter,
+        on_epoch,
+    )
+
+    top1, top5 = topk_accuracy(result.logits, result.labels, (1, 5))
+    counts = confusion_matrix(result.logits.argmax(dim=1), result.labels, s.num_classes)
+    fraction = label_fraction if label_fraction is not None else (saved.fraction if saved is not None else 1.0)
+    arch = s.meta["backbone"]["name"]
+    hyper = {
+        **cfg.to_dict(),
+        "peak_lr": peak_lr(cfg),
+        "schedule": "linear warm-up, then cosine to 0, per step",
+        "optimizer_settings": {"momentum": 0.9, "nesterov": True}
+        if cfg.optimizer == "sgd"
+        else {"betas": [0.9, 0.999]},
+        "augmentation": "random resized crop + horizontal flip",
+        "input_size": s.size,
+        "layer_groups": result.num_layers,
+        "frozen_parameters": len(result.frozen),
+    }
+    metrics = {
+        "top1": top1,
+        "top5": top5,
+        "per_class_accuracy": dict(zip(classes, per_class_accuracy(counts), strict=True)),
+        "label_fraction": fraction,
+        "num_labeled": len(labeled),
+        "num_train_images": len(s.train),
+        "num_val_images": len(s.val),
+        "label_subset": str(out / SUBSET_FILE) if subset is not None else None,
+        "checkpoint": str(ckpt_path),
+        "architecture": arch,
+        "random_init": bool(random_init),
+        "train": identity["train"],
+        "val": identity["val"],
+        "train_loss": result.history[-1]["loss"],
+        "epochs": cfg.epochs,
+        "steps": result.history[-1]["step"],
+        "seconds": result.seconds,
+        "hyperparameters": hyper,
+        "classes": classes,
+        "confusion_matrix": counts.tolist(),
+    }
+    meta = finetuned_meta(
+        s.meta,
+        model,
+        classes,
+        projector,
+        {
+            "source": {"checkpoint": str(ckpt_path), "method": s.meta.get("method"), "random_init": bool(random_init)},
+            "metrics": {"top1": top1, "top5": top5, "val": identity["val"]},
+        },
+    )
+    model.cpu()
+    save_finetuned(model, meta, out / MODEL_FILE)
+    share = f"{fraction:.0%} of the labels, " if fraction is not None and fraction < 1 else ""
+    title = [
+        f"ssl transfer: {arch}{' (random init)' if random_init else ''} fine-tuned on {len(labeled)} labeled "
+        f"images ({share}{cfg.epochs} epochs)",
+        f"{s.val.name}: {len(s.val)} images, top-1 {top1:.4f}, top-5 {top5:.4f}",
+        "rows: true class; columns: predicted class; each row normalised to sum 1",
+    ]
+    save_confusion_png(counts, classes, out / CONFUSION_FILE, title)
+    _write_json(out / METRICS_FILE, metrics)
+    return {
+        "top1": top1,
+        "top5": top5,
+        "num_labeled": len(labeled),
+        "label_fraction": fraction,
+        "epochs": cfg.epochs,
+        "random_init": bool(random_init),
+        "out": str(out),
+        "model": str(out / MODEL_FILE),
+        "metrics": str(out / METRICS_FILE),
+        "confusion_matrix": str(out / CONFUSION_FILE),
+        "label_subset": metrics["label_subset"],
+    }
