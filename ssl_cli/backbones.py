@@ -1,4 +1,4 @@
-"""Backbones: the only place that calls timm.
+"""Backbones: where the timm models for training and evaluation are built.
 
 Every backbone is ``timm.create_model(name, num_classes=0, ...)``: it returns pooled features of size
 ``model.num_features`` and its ``state_dict`` keys are timm's own, so exported weights load straight into
