@@ -37,8 +37,9 @@ def _runner() -> CliRunner:
         return CliRunner()
 
 
-def invoke(*args: str | Path) -> Result:
-    return _runner().invoke(app, [str(a) for a in args], env={"SSL_DEBUG": None, "COLUMNS": "80"})
+def invoke(*args: str | Path, columns: int = 80) -> Result:
+    """The ``ssl`` app on ``args``, stdout and stderr apart (the CLI helpers of the other test files come from here)."""
+    return _runner().invoke(app, [str(a) for a in args], env={"SSL_DEBUG": None, "COLUMNS": str(columns)})
 
 
 def ok(result: Result) -> Result:

@@ -3,7 +3,6 @@ that a second evaluation does not run the backbone, that broken entries are rebu
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -15,11 +14,11 @@ import torch
 from click.testing import Result
 from PIL import Image
 from safetensors.torch import save_file
-from typer.testing import CliRunner
+from test_cli import invoke as cli_invoke
+from test_cli import one_json, user_error  # noqa: F401 (also used by test_embed)
 
 from conftest import write_image_folder
 from ssl_cli.backbones import build_backbone
-from ssl_cli.cli.app import app
 from ssl_cli.config.schema import BackboneConfig
 from ssl_cli.data import scan_folder
 from ssl_cli.eval import cache as cache_module
@@ -31,6 +30,10 @@ from ssl_cli.train.checkpoint import EXPORT_FORMAT, atomic_save
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.25, 0.2, 0.3]
 EVAL = ["--device", "cpu", "--num-workers", "0"]
+
+
+def invoke(*args: str | Path) -> Result:
+    return cli_invoke(*args, columns=200)
 
 
 def tiny_checkpoint(path: Path, seed: int = 0) -> Path:
@@ -215,30 +218,6 @@ def test_unwritable_cache_is_a_note_not_an_error(world, tmp_path: Path) -> None:
 
 
 # --- CLI ----------------------------------------------------------------------------------------------------------
-
-
-def invoke(*args) -> Result:
-    try:
-        runner = CliRunner(mix_stderr=False)
-    except TypeError:
-        runner = CliRunner()
-    return runner.invoke(app, [str(a) for a in args], env={"SSL_DEBUG": None, "COLUMNS": "200"})
-
-
-def one_json(result: Result) -> dict:
-    assert result.exit_code == 0, (result.exit_code, result.stdout, result.stderr, result.exception)
-    assert result.stdout.count("\n") == 1 and "Traceback" not in result.stderr
-    return json.loads(result.stdout)
-
-
-def user_error(result: Result, *fragments: str) -> str:
-    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr, result.exception)
-    assert result.stdout == "" and "Traceback" not in result.stderr
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    return lines[0]
 
 
 def test_knn_then_probe_reuse_the_cache(world, tmp_path: Path, monkeypatch) -> None:

@@ -13,12 +13,12 @@ import pytest
 import torch
 from click.testing import Result
 from PIL import Image
-from typer.testing import CliRunner
+from test_cli import invoke as cli_invoke
+from test_cli import one_json, user_error
 
 from conftest import write_image_folder
 from ssl_cli.augment import eval_transform
 from ssl_cli.backbones import build_backbone
-from ssl_cli.cli.app import app
 from ssl_cli.config.schema import BackboneConfig
 from ssl_cli.data import decode_image
 from ssl_cli.errors import CheckpointError, DataError
@@ -47,25 +47,7 @@ EVAL = ["--device", "cpu", "--num-workers", "0"]
 
 
 def invoke(*args: str | Path) -> Result:
-    try:  # click < 8.2 mixes stderr into stdout unless told not to
-        runner = CliRunner(mix_stderr=False)
-    except TypeError:
-        runner = CliRunner()
-    return runner.invoke(app, [str(a) for a in args], env={"SSL_DEBUG": None, "COLUMNS": "200"})
-
-
-def one_json(result: Result) -> dict:
-    assert result.exit_code == 0, (result.exit_code, result.stdout, result.stderr, result.exception)
-    assert result.stdout.count("\n") == 1 and "Traceback" not in result.stderr
-    return json.loads(result.stdout)
-
-
-def user_error(result: Result, expected: str) -> None:
-    """Exit 2, nothing on stdout, exactly one ``error:`` line on stderr containing ``expected``, no traceback."""
-    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr, result.exception)
-    assert result.stdout == "" and "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
+    return cli_invoke(*args, columns=200)
 
 
 @pytest.fixture(scope="module")

@@ -16,11 +16,11 @@ import torch
 from click.testing import Result
 from PIL import Image
 from safetensors.torch import load_file
-from typer.testing import CliRunner
+from test_cli import invoke as cli_invoke
+from test_cli import one_json, user_error
 
 from ssl_cli.augment import eval_transform, train_eval_transform
 from ssl_cli.backbones import build_backbone
-from ssl_cli.cli.app import app
 from ssl_cli.config.schema import BackboneConfig
 from ssl_cli.confusion import confusion_matrix, per_class_accuracy, render_confusion
 from ssl_cli.data import scan_folder
@@ -51,6 +51,10 @@ MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
 FAST = ["--device", "cpu", "--num-workers", "0", "--quiet"]
 
 
+def invoke(*args: str | Path) -> Result:
+    return cli_invoke(*args, columns=200)
+
+
 def write_colour_folder(root: Path, per_class: int, seed: int) -> Path:
     """root/<colour>/NNN.png: noisy images of one colour per class (a separable problem)."""
     rng = np.random.default_rng(seed)
@@ -73,30 +77,6 @@ def write_export(path: Path, name: str = "test_resnet") -> Path:
     }
     atomic_save(model.state_dict(), meta, path)
     return path
-
-
-def invoke(*args) -> Result:
-    try:
-        runner = CliRunner(mix_stderr=False)
-    except TypeError:  # click >= 8.2 keeps stderr apart anyway
-        runner = CliRunner()
-    return runner.invoke(app, [str(a) for a in args], env={"SSL_DEBUG": None, "COLUMNS": "80"})
-
-
-def one_json(result: Result) -> dict:
-    assert result.exit_code == 0, (result.exit_code, result.stdout, result.stderr, result.exception)
-    assert result.stdout.count("\n") == 1, result.stdout
-    return json.loads(result.stdout)
-
-
-def one_line_error(result: Result, *fragments: str) -> str:
-    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr, result.exception)
-    assert result.stdout == "" and "Traceback" not in result.stderr
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    return lines[0]
 
 
 def transfer(world: SimpleNamespace, out: Path, *extra) -> Result:
@@ -335,25 +315,25 @@ def test_confusion_matrix_counts_are_a_direct_count(world) -> None:
 
 @pytest.mark.parametrize("fraction", ["0", "1.5", "-0.1", "nan"])
 def test_label_fraction_outside_zero_one(world, tmp_path: Path, fraction: str) -> None:
-    one_line_error(transfer(world, tmp_path / "o", "--label-fraction", fraction), "--label-fraction", "(0, 1]")
+    user_error(transfer(world, tmp_path / "o", "--label-fraction", fraction), "--label-fraction", "(0, 1]")
     assert not (tmp_path / "o").exists()
 
 
 def test_bad_label_subsets(world, tmp_path: Path) -> None:
-    one_line_error(transfer(world, tmp_path / "o", "--label-subset", tmp_path / "nope.json"), "not found")
+    user_error(transfer(world, tmp_path / "o", "--label-subset", tmp_path / "nope.json"), "not found")
     subset = json.loads((world.out / "label_subset.json").read_text())
     subset["classes"]["red"].append("red/999.png")
     (tmp_path / "s.json").write_text(json.dumps(subset))
-    one_line_error(transfer(world, tmp_path / "o", "--label-subset", tmp_path / "s.json"), "red/999.png", "--train")
+    user_error(transfer(world, tmp_path / "o", "--label-subset", tmp_path / "s.json"), "red/999.png", "--train")
     (tmp_path / "bad.json").write_text("{not json")
-    one_line_error(transfer(world, tmp_path / "o", "--label-subset", tmp_path / "bad.json"), "JSON")
+    user_error(transfer(world, tmp_path / "o", "--label-subset", tmp_path / "bad.json"), "JSON")
     both = ["--label-subset", world.out / "label_subset.json", "--label-fraction", "0.1"]
-    one_line_error(transfer(world, tmp_path / "o", *both), "one of them")
+    user_error(transfer(world, tmp_path / "o", *both), "one of them")
     assert not (tmp_path / "o").exists()
 
 
 def test_freeze_beyond_the_layer_groups(world, tmp_path: Path) -> None:
-    one_line_error(transfer(world, tmp_path / "o", "--freeze", "6"), "--freeze 6", "5 layer groups", "0-5")
+    user_error(transfer(world, tmp_path / "o", "--freeze", "6"), "--freeze 6", "5 layer groups", "0-5")
 
 
 def test_unlabeled_train_folder(world, tmp_path: Path) -> None:
@@ -362,17 +342,17 @@ def test_unlabeled_train_folder(world, tmp_path: Path) -> None:
     for i, p in enumerate(sorted(world.train.rglob("*.png"))[:4]):
         (flat / f"{i}.png").write_bytes(p.read_bytes())
     result = invoke("transfer", world.ckpt, "--train", flat, "--val", world.val, "--out", tmp_path / "o", *FAST)
-    one_line_error(result, "--train", "labels")
+    user_error(result, "--train", "labels")
 
 
 def test_out_holding_another_result_or_files_is_refused(world, tmp_path: Path) -> None:
     before = {p.name: p.read_bytes() for p in world.out.iterdir()}
-    one_line_error(transfer(world, world.out, *RUN[:-3], "--seed", "4"), "other settings", "seed")
+    user_error(transfer(world, world.out, *RUN[:-3], "--seed", "4"), "other settings", "seed")
     assert {p.name: p.read_bytes() for p in world.out.iterdir()} == before  # nothing touched
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
-    one_line_error(transfer(world, tmp_path / "busy"), "not empty", "notes.txt")
-    one_line_error(transfer(world, world.root / "run" / "model.safetensors"), "not a folder")
+    user_error(transfer(world, tmp_path / "busy"), "not empty", "notes.txt")
+    user_error(transfer(world, world.root / "run" / "model.safetensors"), "not a folder")
 
 
 def test_projector_layers_sit_in_the_classifier_slot_and_reload(tmp_path: Path) -> None:
