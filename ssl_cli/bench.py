@@ -31,6 +31,7 @@ from torch import nn
 
 from ssl_cli.config.schema import Recipe
 from ssl_cli.data import open_dataset
+from ssl_cli.data.batches import choose_augment
 from ssl_cli.distributed import DistEnv
 from ssl_cli.methods.multicrop import encode_by_size
 from ssl_cli.train.optim import build_optimizer, effective_lr, set_lr
@@ -88,7 +89,8 @@ def bench(recipe: Recipe, data: str | None = None, steps: int = 20, warmup: int 
     method.train()
 
     images = open_dataset(data, role="train").cached(recipe.data.cache)
-    loader = training_batches(recipe, images, device, DistEnv(0, 1, 0, device))
+    choice = choose_augment(recipe.data.augment, images)
+    loader = training_batches(recipe, images, device, DistEnv(0, 1, 0, device), choice.path)
     next_batch = _endless(lambda: iter(loader))
 
     def data_step() -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -152,7 +154,8 @@ def bench(recipe: Recipe, data: str | None = None, steps: int = 20, warmup: int 
         "device": str(device),
         "batch_size": batch,
         "views": [list(s[1:]) for s in shapes],
-        "augment": recipe.data.augment or "sample",
+        "augment": choice.path,
+        "augment_reason": choice.reason,
         "data": images.name,
         "backbone_images_per_second": backbone_rate,
         "momentum_encoder_forwards": [list(shape) for _, shape in fed],

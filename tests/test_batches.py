@@ -7,7 +7,7 @@ import torch
 
 from conftest import assert_one_line_error
 from ssl_cli.config import load_recipe
-from ssl_cli.data.batches import BatchedEpochs
+from ssl_cli.data.batches import BatchedEpochs, choose_augment
 from ssl_cli.data.images import ImageSet
 from ssl_cli.data.loader import EpochSampler
 from ssl_cli.errors import DataError
@@ -72,3 +72,20 @@ def test_images_of_different_sizes_or_not_in_memory_are_one_clear_error(tmp_path
     on_disk = ImageSet("files", torch.zeros(2, dtype=torch.long), paths=[tmp_path / "a.png", tmp_path / "b.png"])
     with pytest.raises(DataError, match="are not decoded in memory"):
         epochs(on_disk, 1)
+
+
+def test_auto_takes_whole_batches_when_the_images_allow_it_and_says_why(tmp_path) -> None:
+    in_memory = image_set(n=40, size=16)
+    choice = choose_augment("auto", in_memory)
+    assert choice.path == "batch" and choice.reason == "auto: the 40 images of random are in memory at 16x16"
+    mixed = ImageSet("mixed", torch.zeros(2, dtype=torch.long), images=[torch.zeros(3, 8, 8), torch.zeros(3, 9, 9)])
+    assert choose_augment("auto", mixed) == ("sample", "auto: the images of mixed differ in size")
+    on_disk = ImageSet("files", torch.zeros(2, dtype=torch.long), paths=[tmp_path / "a.png", tmp_path / "b.png"])
+    choice = choose_augment("auto", on_disk)
+    assert choice.path == "sample" and "are not decoded in memory (data.cache)" in choice.reason
+    # forced either way
+    assert choose_augment("sample", in_memory) == ("sample", "data.augment = 'sample'")
+    assert choose_augment("batch", in_memory).path == "batch"
+    assert_one_line_error(
+        r"data\.augment: 'batch' needs.*differ in size", choose_augment, "batch", mixed, error=DataError
+    )

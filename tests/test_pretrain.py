@@ -15,7 +15,7 @@ from ssl_cli.config import load_recipe
 from ssl_cli.errors import DataError, TrainingError
 from ssl_cli.train.checkpoint import read_checkpoint
 from ssl_cli.train.optim import effective_lr
-from ssl_cli.train.pretrain import autocast, pretrain, resolve_device
+from ssl_cli.train.pretrain import SilentReporter, autocast, pretrain, resolve_device, warmup_warning
 from ssl_cli.train.schedule import lr_schedule
 
 
@@ -72,6 +72,40 @@ def test_diverging_loss_stops_with_one_line_and_keeps_checkpoints(data: str, tmp
     with pytest.raises(TrainingError, match=r"loss became (nan|inf) at epoch \d, step \d+; lower optim.lr") as info:
         pretrain(r, data, tmp_path / "run")
     assert "\n" not in str(info.value) and info.value.exit_code == 1
+
+
+class Log(SilentReporter):
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def log(self, message: str) -> None:
+        self.lines.append(message)
+
+
+def test_first_lines_say_which_augmentation_and_warn_of_a_warm_up_as_long_as_the_run(data: str, tmp_path) -> None:
+    log = Log()
+    r = load_recipe("simclr", [*TINY, ("train.batch_size", 8), ("schedule.warmup_epochs", 1)])
+    pretrain(r, data, tmp_path / "auto", reporter=log)
+    assert (
+        log.lines[1]
+        == "augmentation: batch, whole batches on cpu (auto: the 32 images of images are in memory at 32x32)"
+    )
+    assert log.lines[2] == (
+        "warning: the warm-up (1 epochs) is as long as the run (1 epochs) or longer, so the learning rate never "
+        "reaches its peak; --set schedule.warmup_epochs=0.1 warms up over ~10% of it"
+    )
+    assert read_checkpoint(tmp_path / "auto/checkpoints/last.safetensors").meta["data"]["augment"] == "batch"
+    log = Log()
+    forced = [*TINY, ("train.batch_size", 8), ("data.augment", "sample"), ("data.num_workers", 1)]
+    pretrain(load_recipe("simclr", forced), data, tmp_path / "sample", reporter=log)
+    assert log.lines[1:] == ["augmentation: sample, per image in 1 loader worker (data.augment = 'sample')"]
+
+
+def test_warm_up_warning_only_when_the_peak_is_never_reached() -> None:
+    assert warmup_warning(0, 5) is None and warmup_warning(4.5, 5) is None
+    assert "--set schedule.warmup_epochs=0.5 " in warmup_warning(10, 5)
+    assert "--set schedule.warmup_epochs=0.2 " in warmup_warning(10, 2)
+    assert "--set schedule.warmup_epochs=10 " in warmup_warning(100, 100)
 
 
 def test_too_few_images_for_one_batch(data: str, tmp_path: Path) -> None:

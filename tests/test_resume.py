@@ -9,7 +9,7 @@ import torch
 
 from conftest import TINY, write_image_folder
 from ssl_cli.config import load_recipe
-from ssl_cli.train.checkpoint import read_checkpoint
+from ssl_cli.train.checkpoint import atomic_save, read_checkpoint
 from ssl_cli.train.pretrain import SilentReporter, pretrain
 
 
@@ -27,12 +27,16 @@ class Interrupt(SilentReporter):
 @pytest.mark.parametrize(
     "recipe",
     [
-        # MoCo: queue, momentum encoder, shuffle-BN permutations (global RNG), SGD momentum
-        ("mocov2", [("method.queue_size", 64), ("method.shuffle_bn_splits", 2)]),
-        # SimCLR: LARS state, warm-up + cosine schedule position
+        # MoCo: queue, momentum encoder, shuffle-BN permutations (global RNG), SGD momentum; per-sample augmentation
+        ("mocov2", [("method.queue_size", 64), ("method.shuffle_bn_splits", 2), ("data.augment", "sample")]),
+        # SimCLR: LARS state, warm-up + cosine schedule position; data.augment = "auto" (whole batches here)
         ("simclr", [("schedule.warmup_epochs", 1), ("optim.name", "lars")]),
         # a worker process: persistent workers start at a different epoch after resume
-        ("mocov2", [("method.queue_size", 64), ("method.shuffle_bn_splits", 2), ("data.num_workers", 1)]),
+        (
+            "mocov2",
+            [("method.queue_size", 64), ("method.shuffle_bn_splits", 2), ("data.num_workers", 1)]
+            + [("data.augment", "sample")],
+        ),
         # whole-batch augmentation: its generator is seeded per (seed, epoch, batch), not restored
         ("simclr", [("data.augment", "batch"), ("views.*.blur_prob", 0.5)]),
     ],
@@ -88,3 +92,43 @@ def test_resume_on_other_data_is_one_clear_error(tmp_path: Path) -> None:
         pretrain(r, second, tmp_path / "run", resume=True)
     assert "\n" not in str(info.value)
     assert Path(result.checkpoint).read_bytes() == before
+
+
+class Log(SilentReporter):
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def log(self, message: str) -> None:
+        self.lines.append(message)
+
+
+def test_a_checkpoint_from_before_auto_resumes_per_sample_as_it_was_trained(tmp_path: Path) -> None:
+    """Saved before data.augment = "auto": no such key, trained per sample (then the default); the run folder's
+    recipe.toml now loads as "auto", which would take whole batches on these images, but the run resumes as it was
+    trained and ends with the weights of an uninterrupted per-sample run."""
+    from ssl_cli.errors import CheckpointError
+
+    data = str(write_image_folder(tmp_path / "data", per_class=16, classes=4))
+    extra = [*TINY, ("train.epochs", 2), ("train.batch_size", 16), ("views.*.blur_prob", 0.5)]
+    sample = load_recipe("simclr", [*extra, ("data.augment", "sample")])
+    full = pretrain(sample, data, tmp_path / "full")
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(sample, data, tmp_path / "cut", reporter=Interrupt(at=2))
+    last = tmp_path / "cut/checkpoints/last.safetensors"
+    old = read_checkpoint(last)
+    del old.meta["recipe"]["data"]["augment"], old.meta["data"]["augment"]  # as an older version wrote it
+    atomic_save(old.tensors, old.meta, last)
+    toml = tmp_path / "cut/recipe.toml"
+    toml.write_text("".join(line + "\n" for line in toml.read_text().splitlines() if not line.startswith("augment")))
+    current = load_recipe(str(toml))
+    assert current.data.augment == "auto"
+
+    batch = load_recipe(str(toml), [("data.augment", "batch")])  # naming the other path: a different recipe
+    with pytest.raises(CheckpointError, match=r"different recipe \(data.augment: 'sample' then, 'batch' now\)"):
+        pretrain(batch, data, tmp_path / "cut", resume=True)
+    log = Log()
+    resumed = pretrain(current, data, tmp_path / "cut", resume=True, reporter=log)
+    assert "augmentation: sample, per image (as the resumed run was trained)" in log.lines
+    a, b = read_checkpoint(full.checkpoint).section("model"), read_checkpoint(resumed.checkpoint).section("model")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert read_checkpoint(resumed.checkpoint).meta["data"]["augment"] == "sample"

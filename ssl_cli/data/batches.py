@@ -15,6 +15,7 @@ views: the two paths draw from different random streams, with the same distribut
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -23,6 +24,41 @@ from ssl_cli.config.schema import ViewConfig
 from ssl_cli.data.images import ImageSet
 from ssl_cli.data.loader import EpochSampler, mix_seed
 from ssl_cli.errors import DataError
+
+
+class AugmentChoice(NamedTuple):
+    """The augmentation path a run takes (``data.augment`` resolved against its images) and why."""
+
+    path: str
+    """``batch`` (whole batches on the training device) or ``sample`` (per image in loader workers)."""
+    reason: str
+
+
+def batch_obstacle(images: ImageSet) -> str | None:
+    """Why ``images`` cannot take whole-batch augmentation (None: they can, decoded in memory at one size)."""
+    if isinstance(images.images, torch.Tensor):
+        return None
+    return "are not decoded in memory (data.cache)" if images.images is None else "differ in size"
+
+
+def choose_augment(setting: str, images: ImageSet) -> AugmentChoice:
+    """Resolve ``data.augment`` (``auto`` / ``sample`` / ``batch``) for ``images``.
+
+    ``auto`` takes the whole-batch path whenever it can: every image decoded in memory at one size (CIFAR- and
+    STL-like sets, folders of same-size images under the memory limit, the demo data); else per-sample."""
+    obstacle = batch_obstacle(images)
+    if setting == "batch" and obstacle is not None:
+        raise DataError(
+            f"data.augment: 'batch' needs every image decoded in memory at one size, but the images of "
+            f"{images.name} {obstacle}; use data.augment = 'sample' or 'auto' (or data.cache = 'memory')"
+        )
+    if setting != "auto":
+        return AugmentChoice(setting, f"data.augment = '{setting}'")
+    if obstacle is None:
+        _, _, height, width = images.images.shape
+        reason = f"auto: the {len(images):,} images of {images.name} are in memory at {height}x{width}"
+        return AugmentChoice("batch", reason)
+    return AugmentChoice("sample", f"auto: the images of {images.name} {obstacle}")
 
 
 class BatchedEpochs:
@@ -40,12 +76,7 @@ class BatchedEpochs:
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        if not isinstance(images.images, torch.Tensor):
-            reason = "are not decoded in memory (data.cache)" if images.images is None else "differ in size"
-            raise DataError(
-                f"data.augment: 'batch' needs every image decoded in memory at one size, but the images of "
-                f"{images.name} {reason}; use data.augment = 'sample' (or data.cache = 'memory')"
-            )
+        choose_augment("batch", images)  # one clear error where the images cannot take it
         self.pixels = images.images
         self.labels = images.labels
         self.transform = BatchedMultiView(views, mean, std)

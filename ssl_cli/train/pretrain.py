@@ -8,6 +8,7 @@ array indexed by the global step, so a resumed run picks up the schedule exactly
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -20,7 +21,7 @@ from ssl_cli.augment import MultiView
 from ssl_cli.backbones import build_backbone, timm_kwargs
 from ssl_cli.config.schema import Recipe
 from ssl_cli.data import ImageSet, open_dataset
-from ssl_cli.data.batches import BatchedEpochs
+from ssl_cli.data.batches import AugmentChoice, BatchedEpochs, choose_augment
 from ssl_cli.data.loader import ViewDataset, mix_seed, resolve_workers, train_loader
 from ssl_cli.distributed import (
     DistEnv,
@@ -131,10 +132,11 @@ def resolve_env(recipe: Recipe) -> DistEnv:
     return DistEnv(0, 1, 0, resolve_device(recipe.train.device))
 
 
-def training_batches(recipe: Recipe, images: ImageSet, device: torch.device, env: DistEnv):
-    """Per-sample augmentation in loader workers, or whole-batch augmentation on ``device`` (``data.augment``)."""
+def training_batches(recipe: Recipe, images: ImageSet, device: torch.device, env: DistEnv, augment: str | None = None):
+    """Per-sample augmentation in loader workers, or whole-batch augmentation on ``device``: ``augment`` (the path,
+    ``sample`` or ``batch``), by default ``data.augment`` resolved for ``images`` (``choose_augment``)."""
     train, data = recipe.train, recipe.data
-    if data.augment == "batch":
+    if (augment or choose_augment(data.augment, images).path) == "batch":
         return BatchedEpochs(
             images, recipe.views, data.mean, data.std, train.batch_size, train.seed, device, env.rank, env.world_size
         )
@@ -198,7 +200,9 @@ def checkpoint_meta(
     metrics: dict,
     monitors: OnlineMonitors | None = None,
     val: str | None = None,
+    augment: str | None = None,
 ) -> dict:
+    """``augment``: the augmentation path the run takes (``data.augment`` resolved), kept for ``--resume``."""
     size = max(v.size for v in recipe.views)
     return {
         "recipe": recipe.to_dict(),
@@ -217,6 +221,7 @@ def checkpoint_meta(
             "num_images": len(data),
             "classes": data.classes,
             **({"val": val} if monitors is not None else {}),
+            **({"augment": augment} if augment is not None else {}),
         },
         "epoch": epoch,
         "step": step,
@@ -225,16 +230,65 @@ def checkpoint_meta(
     }
 
 
-def _check_resume(recipe: Recipe, run: RunDir) -> Any:
+def _check_resume(recipe: Recipe, run: RunDir) -> tuple[Any, str | None]:
+    """The checkpoint to resume and the augmentation path it was trained with (None: unknown, resolve again)."""
     ckpt = read_checkpoint(run.last)
-    saved = ckpt.meta["recipe"]
+    saved = copy.deepcopy(ckpt.meta["recipe"])
+    compared, taken = resume_augment(saved.get("data", {}), ckpt.meta.get("data", {}), recipe.data.augment)
+    saved.setdefault("data", {})["augment"] = compared
     if saved != recipe.to_dict():
         diff = _first_difference(saved, recipe.to_dict())
         raise CheckpointError(
             f"--resume: {run.last} was trained with a different recipe ({diff}); resume without --recipe/--set "
             "changes, or start a new run with another --out"
         )
-    return ckpt
+    return ckpt, taken
+
+
+def resume_augment(saved: dict, saved_data: dict, current: str) -> tuple[str, str | None]:
+    """A resumed run's ``data.augment``: (the saved value as compared with ``current``, the path the run took).
+
+    ``saved``: the checkpoint recipe's ``data`` table; ``saved_data``: the checkpoint's ``data`` metadata, where the
+    path taken is recorded. A checkpoint saved before ``auto`` existed has no ``data.augment`` and was trained with
+    ``sample`` (then the default). ``auto`` now (the default, also what a run folder's old ``recipe.toml`` loads as)
+    resumes on the path the run took, as does naming that path; another setting is a different recipe.
+    """
+    setting = saved.get("augment", "sample")
+    taken = saved_data.get("augment") or (None if setting == "auto" else setting)
+    if current == "auto" or current == taken:
+        return current, taken
+    return setting, taken
+
+
+def resolve_augment(recipe: Recipe, images: ImageSet, resumed_with: str | None = None) -> AugmentChoice:
+    """The run's augmentation path: the one a resumed run was trained with, else ``data.augment`` resolved."""
+    if resumed_with is None:
+        return choose_augment(recipe.data.augment, images)
+    return AugmentChoice(choose_augment(resumed_with, images).path, "as the resumed run was trained")
+
+
+def warmup_warning(warmup_epochs: float, epochs: int) -> str | None:
+    """One line when the warm-up is as long as the run or longer (the rate never reaches its peak), with a fix."""
+    if warmup_epochs <= 0 or warmup_epochs < epochs:
+        return None
+    suggested = max(0.1, round(epochs / 10, 1))  # about 10% of the run
+    return (
+        f"warning: the warm-up ({warmup_epochs:g} epochs) is as long as the run ({epochs} epochs) or longer, so the "
+        f"learning rate never reaches its peak; --set schedule.warmup_epochs={suggested:g} warms up over ~10% of it"
+    )
+
+
+def _start_notes(recipe: Recipe, choice: AugmentChoice, device: torch.device, reporter: Reporter) -> None:
+    """The run's first lines after the folder: the augmentation path and why, a warm-up longer than the run."""
+    if choice.path == "batch":
+        how = f"whole batches on {device.type}"
+    else:
+        workers = resolve_workers(recipe.data.num_workers)
+        how = f"per image in {workers} loader worker{'s' if workers != 1 else ''}" if workers else "per image"
+    reporter.log(f"augmentation: {choice.path}, {how} ({choice.reason})")
+    warning = warmup_warning(recipe.schedule.warmup_epochs, recipe.train.epochs)
+    if warning is not None:
+        reporter.log(warning)
 
 
 def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
@@ -265,11 +319,12 @@ def pretrain(
     device, world, main = env.device, env.world_size, env.rank == 0
     reporter = (reporter or SilentReporter()) if main else SilentReporter()  # progress from rank 0 only
     run = RunDir(Path(out))
-    ckpt = _check_resume(recipe, run) if resume else None
+    ckpt, resumed_with = _check_resume(recipe, run) if resume else (None, None)
     train = recipe.train
     global_batch = train.batch_size * world
 
     images = open_dataset(data, role="train").cached(recipe.data.cache)
+    augment = resolve_augment(recipe, images, resumed_with)
     if len(images) < global_batch:
         batch = f"{global_batch}" if world == 1 else f"{train.batch_size} x {world} processes = {global_batch}"
         raise DataError(f"{images.name} has {len(images)} images, fewer than one batch ({batch}); lower --batch-size")
@@ -306,6 +361,7 @@ def pretrain(
             + (f"kNN (k={m['knn_k']}) every {m['knn_every']} epoch(s)" if m["knn_every"] else "no kNN")
             + (f", online linear classifier (lr {m['online_lr']:g})" if m["online_linear"] else "")
         )
+    _start_notes(recipe, augment, device, reporter)
     method.bind_data(len(images), images.labels.clone() if images.labeled else None)
     if ckpt is not None:
         check_resume_monitors(ckpt.section("model").keys(), monitors, run.last)
@@ -329,13 +385,8 @@ def pretrain(
             reporter.log(f"the run is already complete ({train.epochs} epochs); nothing to train")
             loss_value = ckpt.meta.get("metrics", {}).get("loss")
             return PretrainResult(str(run.last), str(run.root), train.epochs, step, loss_value, None, 0.0)
-    if recipe.schedule.warmup_epochs > train.epochs:
-        reporter.log(
-            f"note: warm-up ({recipe.schedule.warmup_epochs:g} epochs) is longer than the run "
-            f"({train.epochs}); the learning rate will not reach its peak"
-        )
 
-    loader = training_batches(recipe, images, device, env)
+    loader = training_batches(recipe, images, device, env, augment.path)
     model = wrap_distributed(method, env)
     memory_format = torch.channels_last if train.channels_last else torch.contiguous_format
 
@@ -396,7 +447,7 @@ def pretrain(
         reporter.epoch_end(record)
         if main:  # one writer; the other ranks wait, so none runs ahead of a checkpoint it may resume from
             run.log_metrics(record)
-            meta = checkpoint_meta(recipe, method, images, data, epoch + 1, step, record, monitors, val)
+            meta = checkpoint_meta(recipe, method, images, data, epoch + 1, step, record, monitors, val, augment.path)
             meta["world_size"] = world
             save_checkpoint(run.last, method, optimizer, meta)
             if train.checkpoint_every and (epoch + 1) % train.checkpoint_every == 0:
