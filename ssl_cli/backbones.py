@@ -7,13 +7,16 @@ timm. Two changes are supported on top of a stock model:
 - ``small_stem`` (ResNets on 32x32 images): the first convolution becomes 3x3 stride 1 and the max-pool is
   removed, as in SimCLR's CIFAR-10 experiments [0]. State-dict keys stay the same; ``conv1.weight`` changes
   shape, so such weights are rebuilt with ``ssl_cli.load_backbone``.
-- ``freeze_patch_embed`` (ViTs): the random patch projection is kept frozen, the stabiliser of MoCo v3 [1].
+- ``freeze_patch_embed`` (ViTs): the random patch projection is kept frozen, the stabiliser of MoCo v3 [1];
+  ``pos_embed = "sincos"`` and ``weight_init = "mocov3"`` give the rest of MoCo v3's ViT (a fixed 2-D sin-cos
+  position embedding, xavier-uniform init with the patch projection's own fan rule) through timm's model, so
+  the weights still load into a stock timm ViT of the same shape.
 - ``norm = "groupnorm_ws"`` (CNNs): every BatchNorm2d becomes a GroupNorm with 32 groups and every Conv2d a
   weight-standardised convolution (timm's ``StdConv2d``), so the encoder uses no batch statistics [2, 3].
   Parameter names stay timm's; the BN running statistics disappear, so ``ssl_cli.load_backbone`` rebuilds it.
 
 [0] SimCLR, Chen et al. 2020, arXiv:2002.05709, Appendix B.9.
-[1] MoCo v3, Chen, Xie, He 2021, arXiv:2104.02057, Sec. 4.
+[1] MoCo v3, Chen, Xie, He 2021, arXiv:2104.02057, Sec. 4; official code facebookresearch/moco-v3 (vits.py).
 [2] BYOL works even without batch statistics, Richemond et al. 2020, arXiv:2010.10241.
 [3] Weight Standardization, Qiao et al. 2019, arXiv:1903.10520; Group Normalization, Wu & He 2018.
 """
@@ -25,6 +28,7 @@ import math
 from typing import Any
 
 import timm
+import torch
 from timm.layers import StdConv2d
 from torch import nn
 
@@ -43,6 +47,8 @@ def timm_kwargs(cfg: BackboneConfig) -> dict[str, Any]:
         kwargs["drop_path_rate"] = cfg.drop_path_rate
     if cfg.dynamic_img_size:
         kwargs["dynamic_img_size"] = True
+    if cfg.weight_init == "mocov3":
+        kwargs["weight_init"] = "moco"  # timm's MoCo v3 init of the linear layers; the patch projection: below
     return kwargs
 
 
@@ -111,6 +117,53 @@ def patch_embed_params(model: nn.Module) -> list[nn.Parameter]:
     return list(proj.parameters()) if isinstance(proj, nn.Module) else []
 
 
+def sincos_2d(grid_h: int, grid_w: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """MoCo v3's fixed position embedding, ``(grid_h * grid_w) x dim`` in row-major patch order.
+
+    A quarter of the channels each: sin and cos of the patch's column times frequencies ``1 / T^(i / (dim/4))``,
+    then sin and cos of its row [1, vits.py ``build_2d_sincos_position_embedding``].
+    """
+    if dim % 4:
+        raise RecipeError(f"backbone.pos_embed: 'sincos' needs an embedding width divisible by 4, got {dim}")
+    quarter = dim // 4
+    omega = 1.0 / temperature ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    rows, cols = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")
+    w = cols.flatten().double()[:, None] * omega[None]
+    h = rows.flatten().double()[:, None] * omega[None]
+    return torch.cat([w.sin(), w.cos(), h.sin(), h.cos()], dim=1).float()
+
+
+def _vit_parts(model: nn.Module, key: str) -> tuple[nn.Module, nn.Conv2d]:
+    proj = getattr(getattr(model, "patch_embed", None), "proj", None)
+    if not isinstance(proj, nn.Conv2d) or getattr(model, "pos_embed", None) is None:
+        raise RecipeError(f"backbone.{key}: '{type(model).__name__}' is not a ViT with a patch projection")
+    return model, proj
+
+
+def apply_sincos_pos_embed(model: nn.Module) -> None:
+    """Overwrite a timm ViT's learned position embedding with the fixed 2-D sin-cos one (prefix tokens get 0)."""
+    model, _ = _vit_parts(model, "pos_embed")
+    grid_h, grid_w = model.patch_embed.grid_size
+    pos = model.pos_embed
+    prefix = pos.shape[1] - grid_h * grid_w
+    table = torch.cat([torch.zeros(prefix, pos.shape[2]), sincos_2d(grid_h, grid_w, pos.shape[2])])
+    with torch.no_grad():
+        pos.copy_(table[None])
+    pos.requires_grad_(False)
+
+
+def init_patch_embed_mocov3(model: nn.Module) -> None:
+    """The patch projection as MoCo v3 initialises it: uniform(+-sqrt(6 / (fan_in + fan_out))) with the fan-in of the
+    flattened ``3 x p x p`` patch and the fan-out ``dim`` (xavier for the equivalent linear layer), bias 0."""
+    _, proj = _vit_parts(model, "weight_init")
+    fan_in = proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1]
+    bound = math.sqrt(6.0 / float(fan_in + proj.out_channels))
+    with torch.no_grad():
+        proj.weight.uniform_(-bound, bound)
+        if proj.bias is not None:
+            proj.bias.zero_()
+
+
 def build_backbone(cfg: BackboneConfig) -> nn.Module:
     """Create the timm model for a recipe's ``[backbone]`` section."""
     if not timm.is_model(cfg.name):
@@ -125,6 +178,10 @@ def build_backbone(cfg: BackboneConfig) -> nn.Module:
         _apply_small_stem(model, cfg.name)
     if cfg.norm == "groupnorm_ws":
         apply_groupnorm_ws(model, cfg.name)
+    if cfg.weight_init == "mocov3":
+        init_patch_embed_mocov3(model)
+    if cfg.pos_embed == "sincos":
+        apply_sincos_pos_embed(model)
     if cfg.freeze_patch_embed:
         params = patch_embed_params(model)
         if not params:

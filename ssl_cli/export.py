@@ -32,6 +32,7 @@ import ssl_cli
 from ssl_cli.backbones import build_backbone
 from ssl_cli.config.schema import BackboneConfig
 from ssl_cli.errors import CheckpointError
+from ssl_cli.heads import ScaleBatchNorm1d
 from ssl_cli.train.checkpoint import EXPORT_FORMAT, FORMAT, atomic_save, read_safetensors
 
 
@@ -88,7 +89,8 @@ def head_spec(head: nn.Sequential) -> list[dict[str, Any]]:
         if isinstance(m, nn.Linear):
             spec.append({"type": "linear", "in": m.in_features, "out": m.out_features, "bias": m.bias is not None})
         elif isinstance(m, nn.BatchNorm1d):
-            spec.append({"type": "batchnorm", "dim": m.num_features, "affine": m.affine, "eps": m.eps})
+            bn = {"type": "batchnorm", "dim": m.num_features, "affine": m.affine, "eps": m.eps}
+            spec.append({**bn, "shift": False} if m.affine and m.bias is None else bn)  # SimCLR's scale-only BN
         elif isinstance(m, nn.GroupNorm):
             spec.append({"type": "groupnorm", "groups": m.num_groups, "dim": m.num_channels, "eps": m.eps})
         elif isinstance(m, nn.ReLU):
@@ -103,6 +105,8 @@ def head_from_spec(spec: list[dict[str, Any]]) -> nn.Sequential:
     for s in spec:
         if s["type"] == "linear":
             layers.append(nn.Linear(s["in"], s["out"], bias=s["bias"]))
+        elif s["type"] == "batchnorm" and s["affine"] and s.get("shift") is False:
+            layers.append(ScaleBatchNorm1d(s["dim"], eps=s["eps"]))
         elif s["type"] == "batchnorm":
             layers.append(nn.BatchNorm1d(s["dim"], eps=s["eps"], affine=s["affine"]))
         elif s["type"] == "groupnorm":

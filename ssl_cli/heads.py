@@ -13,6 +13,29 @@ from torch import nn
 from ssl_cli.config.schema import MethodConfig, PositiveInt
 
 ProjectorKind = Literal["none", "linear", "mlp"]
+LastNorm = Literal["none", "affine", "scale", "plain"]
+"""BatchNorm on an MLP's output: none; ``affine`` (scale and shift); ``scale`` (a learned scale, no shift: SimCLR's
+and SimCLR v2's last layer, TF's ``center=False``); ``plain`` (no parameters: SimSiam, MoCo v3, Barlow Twins)."""
+
+
+class ScaleBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d with a learned per-feature scale and no shift (``bias`` is None).
+
+    The official SimCLR (v1 and v2) projection head ends in a bias-free dense layer followed by a batch norm with
+    ``center=False, scale=True`` [0]: the output keeps a learnable gain but its per-feature mean stays 0.
+
+    [0] SimCLR v2, Chen et al. 2020, arXiv:2006.10029; official code google-research/simclr (tf2/model.py,
+        ``LinearLayer(use_bias=False, use_bn=True)`` for the last projection layer).
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1) -> None:
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=True)
+        self.register_parameter("bias", None)
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if getattr(self, "weight", None) is not None:
+            nn.init.ones_(self.weight)
 
 
 class ProjectorConfig(MethodConfig):
@@ -29,9 +52,12 @@ class ProjectorConfig(MethodConfig):
     arXiv:2010.10241). Unset by default so recipes saved before this key existed still resume."""
     proj_layers: Annotated[int, Field(ge=2)] = 2
     """Linear layers in the MLP projector (SimCLR v2, SimSiam, Barlow Twins: 3)."""
-    proj_last_batchnorm: Literal["none", "affine", "plain"] = "none"
-    """BatchNorm on the MLP's output: ``affine`` (learned scale / shift, SimCLR v2) or ``plain`` (no parameters,
-    SimSiam); the last linear layer then has no bias."""
+    proj_last_batchnorm: LastNorm = "none"
+    """BatchNorm on the MLP's output (see ``LastNorm``): ``scale`` (SimCLR, SimCLR v2), ``affine``, or ``plain`` (no
+    parameters, SimSiam); the last linear layer then has no bias."""
+    proj_last_bias: bool | None = None
+    """A bias in the MLP's last linear layer when no BatchNorm follows it (unset: true; BYOL's official projector and
+    predictor have none). Unset by default so recipes saved before this key existed still resume."""
 
 
 def _groups(width: int, max_groups: int = 32, min_size: int = 16) -> int:
@@ -48,14 +74,14 @@ def mlp(
     batchnorm: bool = True,
     last_batchnorm: bool = False,
     last_bias: bool = True,
-    last_affine: bool = True,
+    last_affine: bool | Literal["scale"] = True,
     norm: Literal["batchnorm", "groupnorm"] = "batchnorm",
 ) -> nn.Sequential:
     """Linear layers between ``dims[0] -> ... -> dims[-1]``; hidden layers get [BatchNorm] + ReLU.
 
     ``mlp([2048, 2048, 128])`` is the SimCLR / MoCo v2 projector; ``last_batchnorm`` adds a BatchNorm
     (without ReLU) after the final linear layer, as SimCLR v2's projector does (``last_affine=False``: no
-    learned scale / shift, as SimSiam's). ``norm="groupnorm"``: the hidden layers get GroupNorm (32 groups; fewer for
+    learned scale / shift, as SimSiam's; ``"scale"``: a scale and no shift, as SimCLR's). ``norm="groupnorm"``: the hidden layers get GroupNorm (32 groups; fewer for
     narrow layers, see ``_groups``) instead of BatchNorm, so every sample is normalised on its own.
     """
     if len(dims) < 2:
@@ -70,8 +96,10 @@ def mlp(
             elif batchnorm:
                 layers.append(nn.BatchNorm1d(d_out))
             layers.append(nn.ReLU(inplace=True))
+        elif last_batchnorm and last_affine == "scale":
+            layers.append(ScaleBatchNorm1d(d_out))
         elif last_batchnorm:
-            layers.append(nn.BatchNorm1d(d_out, affine=last_affine))
+            layers.append(nn.BatchNorm1d(d_out, affine=bool(last_affine)))
     return nn.Sequential(*layers)
 
 
@@ -93,11 +121,16 @@ def projector(cfg: ProjectorConfig, in_dim: int) -> tuple[nn.Module, int]:
         dims,
         batchnorm=cfg.proj_batchnorm,
         last_batchnorm=last_bn,
-        last_bias=not last_bn,
-        last_affine=cfg.proj_last_batchnorm == "affine",
+        last_bias=not last_bn and cfg.proj_last_bias is not False,
+        last_affine=last_affine(cfg.proj_last_batchnorm),
         norm=cfg.proj_norm or "batchnorm",
     )
     return layers, cfg.proj_output_dim
+
+
+def last_affine(kind: LastNorm) -> bool | Literal["scale"]:
+    """``mlp``'s ``last_affine`` for a ``LastNorm`` value."""
+    return "scale" if kind == "scale" else kind == "affine"
 
 
 class WeightNormLinear(nn.Module):

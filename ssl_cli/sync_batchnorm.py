@@ -46,7 +46,9 @@ class GlobalBatchNorm(_BatchNorm):
                 self.running_var.mul_(1 - m).add_(unbiased, alpha=m)
         y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
-            y = y * self.weight.view(shape) + self.bias.view(shape)
+            y = y * self.weight.view(shape)
+            if self.bias is not None:  # None: a scale without shift (heads.ScaleBatchNorm1d)
+                y = y + self.bias.view(shape)
         return y.to(x.dtype)
 
 
@@ -58,6 +60,8 @@ def convert_global_batchnorm(module: nn.Module) -> nn.Module:
             module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
         )
         new.to(device=module.running_mean.device if module.running_mean is not None else None)
+        if module.affine and module.bias is None:
+            new.register_parameter("bias", None)
         if module.affine:
             with torch.no_grad():
                 new.weight = module.weight

@@ -22,6 +22,7 @@ from ssl_cli.config import load_recipe
 from ssl_cli.errors import CheckpointError, RecipeError
 from ssl_cli.eval.run import features, run_knn, run_probe, setup
 from ssl_cli.export import export_backbone
+from ssl_cli.heads import ScaleBatchNorm1d
 from ssl_cli.losses import NTXentLoss
 from ssl_cli.methods.simclr import SimCLR
 from ssl_cli.methods.simclrv2 import SimCLRv2
@@ -59,11 +60,15 @@ def ntxent_loop(z1: torch.Tensor, z2: torch.Tensor, tau: float, negatives: torch
 def test_head_is_three_linear_layers_with_batchnorm_everywhere_and_no_final_relu() -> None:
     m = tiny(("method.queue_size", 0))
     kinds = [type(layer) for layer in m.projector]
-    assert kinds == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear, nn.BatchNorm1d]
+    bn, scale_bn = nn.BatchNorm1d, ScaleBatchNorm1d
+    assert kinds == [nn.Linear, bn, nn.ReLU, nn.Linear, bn, nn.ReLU, nn.Linear, scale_bn]
     linears = [layer for layer in m.projector if isinstance(layer, nn.Linear)]
     assert [(lin.in_features, lin.out_features) for lin in linears] == [(m.feature_dim, 32), (32, 32), (32, 16)]
     assert all(lin.bias is None for lin in linears)  # every linear layer feeds a BatchNorm: no bias
     assert all(bn.affine for bn in m.projector if isinstance(bn, nn.BatchNorm1d))
+    # the official last BatchNorm (center=False): a learned scale, no shift
+    assert m.projector[-1].weight is not None and m.projector[-1].bias is None
+    assert all(bn.bias is not None for bn in m.projector[:-1] if isinstance(bn, nn.BatchNorm1d))
     assert m.projector[-1].num_features == 16
     assert m.proj_dim == 16
     assert not hasattr(m, "queue") and not hasattr(m, "key_backbone")  # queue off: plain SimCLR v2
@@ -81,7 +86,7 @@ def test_loss_is_simclrs_ntxent_on_the_same_projections() -> None:
     assert loss == pytest.approx(ntxent_loop(z1.detach(), z2.detach(), 0.3), rel=1e-4)
 
     # SimCLR with the same head and weights gives the same loss: the two methods share one loss path
-    v1 = tiny(("method.proj_layers", 3), ("method.proj_last_batchnorm", "affine"), name="simclr")
+    v1 = tiny(("method.proj_layers", 3), name="simclr")
     v1.load_state_dict(m.state_dict())
     v1.config = v1.config.model_copy(update={"temperature": 0.3})
     v1.loss = NTXentLoss(0.3)
@@ -185,7 +190,7 @@ def test_imagenet_recipe_has_the_papers_settings() -> None:
     r = load_recipe("simclrv2")
     m = r.method
     assert (m.name, m.proj_layers, m.proj_hidden_dim, m.proj_output_dim) == ("simclrv2", 3, 2048, 128)
-    assert m.proj_batchnorm and m.proj_last_batchnorm == "affine"
+    assert m.proj_batchnorm and m.proj_last_batchnorm == "scale"
     assert (m.temperature, m.queue_size, m.momentum) == (0.1, 65536, 0.999)
     assert (r.backbone.name, r.train.batch_size, r.train.epochs) == ("resnet50", 4096, 800)
     assert (r.optim.name, r.optim.lr_scaling, r.optim.weight_decay) == ("lars", "sqrt", 1e-4)

@@ -52,6 +52,13 @@ class BackboneConfig(Section):
     dynamic_img_size: bool | None = None
     """ViTs: accept inputs of any size, the position embedding interpolated to the patch grid (timm
     ``dynamic_img_size``), so multi-crop's small crops go through the same ViT (DINO). Unset means off."""
+    pos_embed: Literal["learn", "sincos"] | None = None
+    """ViTs: ``sincos`` replaces the learned position embedding by a fixed (frozen) 2-D sin-cos embedding, MoCo v3's;
+    unset or ``learn``: timm's learned one."""
+    weight_init: Literal["timm", "mocov3"] | None = None
+    """ViTs: ``mocov3`` initialises as the MoCo v3 code does: xavier-uniform linear layers (Q, K, V as three
+    matrices; timm's ``weight_init="moco"``) and the patch projection uniform with the fan-in/out of a
+    ``3 p^2 -> dim`` linear layer. Unset or ``timm``: timm's default init."""
     drop_path_rate: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     norm: Literal["batchnorm", "groupnorm_ws"] = "batchnorm"
     """``groupnorm_ws``: every BatchNorm2d becomes GroupNorm (32 groups) and every Conv2d a weight-standardised
@@ -153,6 +160,12 @@ class ScheduleConfig(Section):
     """``step``: epochs at which the rate is multiplied by ``gamma`` (MoCo v1 / InstDisc: [120, 160])."""
     gamma: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
     """``step``: the factor applied at each milestone."""
+    factors: list[Annotated[float, Field(gt=0.0)]] | None = None
+    """``step``: the rate relative to the base from each milestone on, one per milestone (InvaSpread: x0.1, x0.05,
+    x0.01 at 120, 160, 200); unset: ``gamma ** i`` after the i-th milestone."""
+    warmup_start: Annotated[float, Field(ge=0.0)] | None = None
+    """The learning rate at the first warm-up step (absolute, like ``min_lr``); the warm-up ramps linearly from it to
+    the peak (SwAV / DeepCluster v2's 800-epoch scripts: ``--start_warmup 0.3``). Unset: 0."""
 
     @field_validator("milestones")
     @classmethod
@@ -160,6 +173,15 @@ class ScheduleConfig(Section):
         if any(b <= a for a, b in zip(v[:-1], v[1:], strict=True)):
             raise ValueError("must be strictly increasing epochs")
         return v
+
+    @model_validator(mode="after")
+    def _factors(self) -> ScheduleConfig:
+        if self.factors is not None and len(self.factors) != len(self.milestones):
+            raise ValueError(
+                f"factors has {len(self.factors)} values but milestones has {len(self.milestones)}; give one factor "
+                "per milestone"
+            )
+        return self
 
 
 class TrainConfig(Section):

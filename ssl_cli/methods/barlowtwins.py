@@ -18,7 +18,7 @@ from pydantic import Field
 
 from ssl_cli.config.schema import PositiveInt
 from ssl_cli.errors import RecipeError
-from ssl_cli.heads import ProjectorConfig, projector
+from ssl_cli.heads import LastNorm, ProjectorConfig, projector
 from ssl_cli.losses.barlow import BarlowTwinsLoss
 from ssl_cli.methods.base import Method, StepOutput
 from ssl_cli.methods.registry import register
@@ -35,7 +35,7 @@ class BarlowTwinsConfig(ProjectorConfig):
     proj_hidden_dim: PositiveInt = 8192
     proj_output_dim: PositiveInt = 8192
     proj_layers: Annotated[int, Field(ge=2)] = 3
-    proj_last_batchnorm: Literal["none", "affine", "plain"] = "plain"
+    proj_last_batchnorm: LastNorm = "plain"
     """``plain``: the last Linear has no bias and is followed by BatchNorm without affine parameters, the
     reference's normalisation of z1 and z2 (then the loss does not standardise a second time)."""
 

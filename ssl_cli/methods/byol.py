@@ -6,7 +6,8 @@ the normalised MSE ``2 - 2 cos(q(z_online(v)), z_target(v'))``, symmetrised over
 After every optimizer step the target follows ``xi <- tau xi + (1 - tau) theta``, with tau rising from
 ``tau_base`` to 1 on a cosine schedule over the run.
 
-As in the official code, each view is forwarded on its own (BatchNorm statistics per view) and the target
+As in the official code, the last linear layer of projector and predictor has no bias (``proj_last_bias = false``
+in the recipes: haiku's ``Linear(with_bias=False)`` in byol/utils/networks.py), each view is forwarded on its own (BatchNorm statistics per view) and the target
 network runs in training mode (its BatchNorm uses batch statistics, like the online one). With
 ``backbone.norm = "groupnorm_ws"`` and ``proj_norm = "groupnorm"`` (recipes ``byol-gn``, ``byol-gn-cifar``)
 no layer uses batch statistics [1].
@@ -60,7 +61,10 @@ class BYOL(Method):
         self.projector, dim = projector(config, self.feature_dim)
         # the predictor has the projector's MLP shape and normalisation
         self.predictor = mlp(
-            [dim, config.pred_hidden_dim, dim], batchnorm=config.proj_batchnorm, norm=config.proj_norm or "batchnorm"
+            [dim, config.pred_hidden_dim, dim],
+            batchnorm=config.proj_batchnorm,
+            last_bias=config.proj_last_bias is not False,
+            norm=config.proj_norm or "batchnorm",
         )
         self.target_backbone = frozen_copy(self.backbone)
         self.target_projector = frozen_copy(self.projector)

@@ -5,7 +5,8 @@ predictor). Each view's queries are contrasted with the *other* view's keys from
 negatives, gathered over all processes), symmetrised: ctr(q1, k2) + ctr(q2, k1), each scaled by 2 tau. The
 momentum rises from 0.99 to 1 on a cosine schedule. Heads as the reference: projector 2 layers (ResNet) or 3
 (ViT) with hidden width 4096 and output 256, ending in BatchNorm without affine parameters; predictor 2 layers
-(256 -> 4096 -> 256); no biases before a BatchNorm. With a ViT the random patch projection stays frozen
+(256 -> 4096 -> 256), ending in that BatchNorm too for a ViT (``pred_last_batchnorm``: moco-v3's
+``_build_mlp(..., last_bn=True)`` in MoCo_ViT, ``False`` in MoCo_ResNet); no biases anywhere. With a ViT the random patch projection stays frozen
 (``backbone.freeze_patch_embed``), the paper's fix for its training instability.
 
 [0] MoCo v3, Chen, Xie, He 2021, arXiv:2104.02057; official code facebookresearch/moco-v3.
@@ -19,7 +20,7 @@ import torch
 from pydantic import Field
 
 from ssl_cli.config.schema import PositiveInt, Probability
-from ssl_cli.heads import ProjectorConfig, mlp, projector
+from ssl_cli.heads import LastNorm, ProjectorConfig, mlp, projector
 from ssl_cli.losses.mocov3 import mocov3_contrastive
 from ssl_cli.methods.base import Method, StepOutput
 from ssl_cli.methods.momentum import CosineMomentum, ema_update, frozen_copy
@@ -31,8 +32,11 @@ class MoCoV3Config(ProjectorConfig):
     proj_hidden_dim: PositiveInt = 4096
     proj_output_dim: PositiveInt = 256
     proj_layers: Annotated[int, Field(ge=2)] = 2
-    proj_last_batchnorm: Literal["none", "affine", "plain"] = "plain"
+    proj_last_batchnorm: LastNorm = "plain"
     pred_hidden_dim: PositiveInt = 4096
+    pred_last_batchnorm: bool | None = None
+    """The predictor ends in BatchNorm without affine parameters: the official ViT predictor does, the ResNet one
+    does not (unset: off, so recipes saved before this key existed still resume)."""
     temperature: Annotated[float, Field(gt=0.0)] = 1.0
     """1.0 for ResNets, 0.2 for ViTs (the reference's defaults)."""
     momentum_base: Probability = 0.99
@@ -48,7 +52,8 @@ class MoCoV3(Method):
     def __init__(self, config: MoCoV3Config, backbone, recipe) -> None:
         super().__init__(config, backbone, recipe)
         self.projector, dim = projector(config, self.feature_dim)
-        self.predictor = mlp([dim, config.pred_hidden_dim, dim], last_bias=False)
+        last_bn = bool(config.pred_last_batchnorm)
+        self.predictor = mlp([dim, config.pred_hidden_dim, dim], last_bias=False, last_batchnorm=last_bn, last_affine=False)
         self.key_backbone = frozen_copy(self.backbone)
         self.key_projector = frozen_copy(self.projector)
         self._momenta = CosineMomentum(config.momentum_base)

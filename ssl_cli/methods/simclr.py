@@ -4,6 +4,9 @@ Two strongly augmented views of each image, one shared encoder, a projector, and
 the 2N views of the batch (each view's positive is its twin; the 2(N-1) others are negatives).
 
 [0] SimCLR, Chen, Kornblith, Norouzi, Hinton 2020, arXiv:2002.05709.
+[1] Official code google-research/simclr (tf2/model.py, ProjectionHead): hidden layers Linear - BN - ReLU, the
+    last layer ``LinearLayer(use_bias=False, use_bn=True)``, i.e. a dense layer without bias and a batch norm with
+    ``center=False``; SimCLR v1 and v2 share it.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field
 
-from ssl_cli.heads import ProjectorConfig, projector
+from ssl_cli.heads import LastNorm, ProjectorConfig, projector
 from ssl_cli.losses.ntxent import NTXentLoss
 from ssl_cli.methods.base import Method, StepOutput
 from ssl_cli.methods.registry import register
@@ -21,6 +24,8 @@ from ssl_cli.methods.registry import register
 
 class SimCLRConfig(ProjectorConfig):
     name: Literal["simclr"] = "simclr"
+    proj_last_batchnorm: LastNorm = "scale"
+    """The official head's last layer: a bias-free linear layer, then BatchNorm with a scale and no shift [1]."""
     temperature: Annotated[float, Field(gt=0.0)] = 0.1
 
 

@@ -4,7 +4,8 @@ Changes to SimCLR [0] in the pretraining stage of [1] (Sec. 2):
 
 - a 3-layer projection head with BatchNorm: Linear-BN-ReLU, Linear-BN-ReLU, Linear-BN (the hidden linear
   layers feed a BatchNorm, so they have no bias; the output is batch-normalised too, without ReLU), hidden
-  width = the encoder's width (2048 for ResNet-50), 128-d output; downstream use fine-tunes from the head's
+  width = the encoder's width (2048 for ResNet-50), 128-d output; the last BatchNorm has a scale and no shift
+  (the official ``center=False``, ``proj_last_batchnorm = "scale"``); downstream use fine-tunes from the head's
   first layer (``ssl export --projector-layers 1``);
 - the memory mechanism of MoCo [2]: a momentum (EMA) copy of encoder + head encodes both views, and its
   outputs are buffered in a FIFO queue whose keys join the in-batch negatives of NT-Xent (every anchor's
@@ -41,7 +42,6 @@ from ssl_cli.methods.simclr import SimCLR, SimCLRConfig
 class SimCLRv2Config(SimCLRConfig):
     name: Literal["simclrv2"] = "simclrv2"  # type: ignore[assignment]
     proj_layers: Annotated[int, Field(ge=2)] = 3
-    proj_last_batchnorm: Literal["none", "affine", "plain"] = "affine"
     queue_size: Annotated[int, Field(ge=0)] = 0
     """Momentum-encoder keys buffered as extra negatives (the paper: 65536); 0 turns the memory off."""
     momentum: Probability = 0.999

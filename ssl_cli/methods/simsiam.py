@@ -19,7 +19,7 @@ import torch
 from pydantic import Field
 
 from ssl_cli.config.schema import PositiveInt
-from ssl_cli.heads import ProjectorConfig, mlp, projector
+from ssl_cli.heads import LastNorm, ProjectorConfig, mlp, projector
 from ssl_cli.losses.simsiam import normalized_std, simsiam_loss
 from ssl_cli.methods.base import Method, StepOutput
 from ssl_cli.methods.registry import register
@@ -31,7 +31,7 @@ class SimSiamConfig(ProjectorConfig):
     proj_hidden_dim: PositiveInt = 2048
     proj_output_dim: PositiveInt = 2048
     proj_layers: Annotated[int, Field(ge=2)] = 3
-    proj_last_batchnorm: Literal["none", "affine", "plain"] = "plain"
+    proj_last_batchnorm: LastNorm = "plain"
     pred_hidden_dim: PositiveInt = 512
     """Bottleneck of the predictor (proj_output_dim -> pred_hidden_dim -> proj_output_dim)."""
     fix_pred_lr: bool = True

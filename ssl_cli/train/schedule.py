@@ -63,37 +63,45 @@ def step_schedule(
     gamma: float,
     warmup_steps: int = 0,
     warmup_start: float = 0.0,
+    factors: list[float] | None = None,
 ) -> torch.Tensor:
     """Linear warm-up as in ``cosine_schedule``, then ``base * gamma ** (number of boundaries <= step)`` (float64).
 
     ``boundaries`` are global step indices: from step ``b`` on, the rate has been multiplied by ``gamma`` once
     more (the MoCo / InstDisc "x0.1 at epochs 120 and 160" schedule, with ``b = epoch * steps_per_epoch``).
+    With ``factors`` (one per boundary) the rate from boundary i on is ``base * factors[i]`` instead.
     """
     _check(total_steps, warmup_steps)
     warm = _warmup(base, total_steps, warmup_steps, warmup_start)
     steps = torch.arange(warm.numel(), total_steps)
     drops = (steps.unsqueeze(1) >= torch.tensor(boundaries, dtype=torch.long).reshape(1, -1)).sum(dim=1)
-    return torch.cat([warm, base * torch.pow(torch.tensor(gamma, dtype=torch.float64), drops)])
+    if factors is None:
+        multiplier = torch.pow(torch.tensor(gamma, dtype=torch.float64), drops)
+    else:
+        multiplier = torch.tensor([1.0, *factors], dtype=torch.float64)[drops]
+    return torch.cat([warm, base * multiplier])
 
 
 def lr_schedule(cfg: ScheduleConfig, base_lr: float, steps_per_epoch: int, epochs: int) -> torch.Tensor:
     """The run's per-step learning rate: ``epochs * steps_per_epoch`` values for ``optim.set_lr``.
 
-    ``base_lr`` is the effective (batch-size-scaled) rate; warm-up starts at 0 and lasts
+    ``base_lr`` is the effective (batch-size-scaled) rate; warm-up starts at ``cfg.warmup_start`` (unset: 0) and lasts
     ``round(cfg.warmup_epochs * steps_per_epoch)`` steps; ``cfg.min_lr`` is the absolute final rate of
-    the cosine decay; ``step`` multiplies the rate by ``cfg.gamma`` from each of ``cfg.milestones`` (epochs) on.
+    the cosine decay; ``step`` multiplies the rate by ``cfg.gamma`` from each of ``cfg.milestones`` (epochs) on (or sets
+    it to ``base_lr * cfg.factors[i]`` from milestone i on).
     """
     if steps_per_epoch < 0 or epochs < 0:
         raise ValueError(f"steps_per_epoch and epochs must be >= 0, got {steps_per_epoch}, {epochs}")
     total = steps_per_epoch * epochs
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    start = cfg.warmup_start or 0.0
     if cfg.name == "cosine":
-        return cosine_schedule(base_lr, cfg.min_lr, total, warmup)
+        return cosine_schedule(base_lr, cfg.min_lr, total, warmup, start)
     if cfg.name == "constant":
-        return constant_schedule(base_lr, total, warmup)
+        return constant_schedule(base_lr, total, warmup, start)
     if cfg.name == "step":
         boundaries = [round(m * steps_per_epoch) for m in cfg.milestones]
-        return step_schedule(base_lr, total, boundaries, cfg.gamma, warmup)
+        return step_schedule(base_lr, total, boundaries, cfg.gamma, warmup, start, cfg.factors)
     raise ValueError(f"unknown schedule {cfg.name!r}")
 
 
