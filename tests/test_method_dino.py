@@ -122,6 +122,12 @@ def test_teacher_sees_global_crops_only_and_is_an_ema_of_the_student() -> None:
     out = m.training_step(views, 0)
     assert seen == [(16, 3, 32, 32)]  # both global crops in one batch, no local crop
     assert student_seen == [(16, 3, 32, 32), (16, 3, 16, 16)]  # same-size crops batched
+    # the heads run once over all crops (MultiCropWrapper): BatchNorm in a head would see every crop together
+    head_seen: list[int] = []
+    m.head.register_forward_pre_hook(lambda mod, args: head_seen.append(args[0].shape[0]))
+    m.teacher_head.register_forward_pre_hook(lambda mod, args: head_seen.append(-args[0].shape[0]))
+    m.training_step(views, 0)
+    assert head_seen == [-16, 32]  # teacher: the 2 x 8 global crops; student: all 4 x 8 crops in one call
     assert all(not p.requires_grad for p in [*m.teacher_backbone.parameters(), *m.teacher_head.parameters()])
     teacher_before = [p.clone() for p in m.teacher_head.parameters()]
     opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5)

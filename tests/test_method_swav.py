@@ -155,3 +155,41 @@ def test_too_few_views_and_bad_values_are_one_clear_error() -> None:
     )
     assert_one_line_error("epsilon", load_recipe, "swav", [("method.epsilon", 0.0)])
     assert_one_line_error("num_prototypes", load_recipe, "swav", [("method.num_prototypes", 0)])
+
+
+def _multi_crop_views(n: int = 4) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return [torch.randn(n, 3, 32, 32, generator=g) for _ in range(2)] + [
+        torch.randn(n, 3, 16, 16, generator=g) for _ in range(2)
+    ]
+
+
+def test_projector_runs_once_over_every_crop_so_its_batchnorm_sees_all_crops() -> None:
+    m = tiny_method("swav", *SMALL, ("views.0.size", 32), ("views.1.size", 16), ("views.1.count", 2))
+    views = _multi_crop_views()
+    calls = []
+    m.projector.register_forward_pre_hook(lambda mod, args: calls.append(args[0].shape[0]))
+    bn = next(x for x in m.projector.modules() if isinstance(x, torch.nn.BatchNorm1d))
+    m.training_step(views, 0)
+    assert calls == [16]  # one call over 2 x 4 global + 2 x 4 local crops, not one per crop size
+    # its statistics: the running mean moved towards the mean over all 16 crops' hidden features
+    m2 = tiny_method("swav", *SMALL, ("views.0.size", 32), ("views.1.size", 16), ("views.1.count", 2))
+    feats = torch.cat(encode_by_size(m2.backbone, views))
+    hidden = m2.projector[0](feats)
+    torch.testing.assert_close(bn.running_mean, 0.1 * hidden.mean(0).detach(), rtol=1e-4, atol=1e-6)
+
+
+def test_codes_come_from_the_first_num_targets_views_only() -> None:
+    m = tiny_method("swav", *SMALL, ("views.0.size", 32), ("views.1.size", 16), ("views.1.count", 2))
+    views = _multi_crop_views()
+    loss = m.training_step(views, 0).loss
+    with torch.no_grad():
+        feats = torch.cat(encode_by_size(m.backbone, views))
+    z = F.normalize(m.projector(feats), dim=1).split([4, 4, 4, 4])
+    scores = [m.prototypes(v) for v in z]
+    codes = [sinkhorn(s.detach(), 0.05, 3) for s in scores[:2]]
+    expected = swapped_prediction(scores, codes, 0.1)
+    torch.testing.assert_close(loss.detach(), expected.detach(), rtol=1e-4, atol=1e-6)
+    # codes from every view (local crops included) would give another loss
+    every = swapped_prediction(scores, [sinkhorn(s.detach(), 0.05, 3) for s in scores], 0.1)
+    assert abs(every.item() - expected.item()) > 1e-3

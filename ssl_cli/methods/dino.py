@@ -28,7 +28,7 @@ from ssl_cli.heads import DINOHead
 from ssl_cli.losses.dino import dino_loss, teacher_probs, teacher_temperatures, updated_center
 from ssl_cli.methods.base import Method, StepOutput
 from ssl_cli.methods.momentum import CosineMomentum, ema_update, frozen_copy
-from ssl_cli.methods.multicrop import encode_by_size
+from ssl_cli.methods.multicrop import encode_then_head
 from ssl_cli.methods.registry import register
 
 Temperature = Annotated[float, Field(gt=0.0)]
@@ -101,17 +101,19 @@ class DINO(Method):
     def epoch_start(self, epoch, batches) -> None:
         self.epoch = epoch
 
-    def student(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
+    def student(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Head outputs of every view: the backbone per crop size, the head once over all crops (MultiCropWrapper)."""
+        return encode_then_head(self.backbone, self.head, views)
 
     @torch.no_grad()
-    def teacher(self, x: torch.Tensor) -> torch.Tensor:
-        return self.teacher_head(self.teacher_backbone(x))
+    def teacher(self, views: list[torch.Tensor]) -> torch.Tensor:
+        """The teacher's head outputs of the global crops, concatenated (targets x N) x K."""
+        return torch.cat(encode_then_head(self.teacher_backbone, self.teacher_head, views))
 
     def training_step(self, views: list[torch.Tensor], step: int, index: torch.Tensor | None = None) -> StepOutput:
         n_targets = self.config.num_targets
-        teacher_out = torch.cat(encode_by_size(self.teacher, views[:n_targets]))  # global crops: one batch
-        student_out = encode_by_size(self.student, views)
+        teacher_out = self.teacher(views[:n_targets])  # global crops: one batch
+        student_out = self.student(views)
         temperature = self.teacher_temperature(self.epoch)
         targets = teacher_probs(teacher_out, self.center, temperature).chunk(n_targets)
         loss = dino_loss(student_out, list(targets), self.config.student_temperature)

@@ -26,7 +26,7 @@ from ssl_cli.distributed import gather, rank
 from ssl_cli.heads import ProjectorConfig, projector
 from ssl_cli.losses.swav import sinkhorn, swapped_prediction
 from ssl_cli.methods.base import Method, StepOutput
-from ssl_cli.methods.multicrop import encode_by_size
+from ssl_cli.methods.multicrop import encode_then_head
 from ssl_cli.methods.registry import register
 
 
@@ -74,7 +74,8 @@ class SwAV(Method):
 
     def training_step(self, views: list[torch.Tensor], step: int, index: torch.Tensor | None = None) -> StepOutput:
         self.normalize_prototypes()
-        z = [F.normalize(f, dim=1) for f in encode_by_size(lambda x: self.projector(self.backbone(x)), views)]
+        # the projector runs once over every crop's features, as the official forward_head
+        z = [F.normalize(f, dim=1) for f in encode_then_head(self.backbone, self.projector, views)]
         scores = [self.prototypes(v) for v in z]
         codes = []
         for i in range(self.config.num_targets):
