@@ -81,8 +81,9 @@ def mlp(
 
     ``mlp([2048, 2048, 128])`` is the SimCLR / MoCo v2 projector; ``last_batchnorm`` adds a BatchNorm
     (without ReLU) after the final linear layer, as SimCLR v2's projector does (``last_affine=False``: no
-    learned scale / shift, as SimSiam's; ``"scale"``: a scale and no shift, as SimCLR's). ``norm="groupnorm"``: the hidden layers get GroupNorm (32 groups; fewer for
-    narrow layers, see ``_groups``) instead of BatchNorm, so every sample is normalised on its own.
+    learned scale / shift, as SimSiam's; ``"scale"``: a scale and no shift, as SimCLR's). ``norm="groupnorm"``:
+    the hidden layers get GroupNorm (32 groups; fewer for narrow layers, see ``_groups``) instead of BatchNorm,
+    so every sample is normalised on its own.
     """
     if len(dims) < 2:
         raise ValueError(f"an MLP needs at least input and output sizes, got {list(dims)}")

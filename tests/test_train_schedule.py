@@ -142,3 +142,28 @@ def test_momentum_schedule_other_final():
     assert m[0].item() == pytest.approx(0.99)
     assert m[5].item() == pytest.approx((0.99 + 0.999) / 2)
     assert (m <= 0.999).all()
+
+
+def test_step_schedule_with_factors_relative_to_the_base() -> None:
+    # InvaSpread's demo_seen.py: x0.1 from epoch 120, x0.05 from 160, x0.01 from 200 (not compounded)
+    cfg = ScheduleConfig(name="step", milestones=[120, 160, 200], factors=[0.1, 0.05, 0.01])
+    lr = lr_schedule(cfg, 0.03, steps_per_epoch=2, epochs=301)
+    expected = [0.03 if e < 120 else 0.003 if e < 160 else 0.0015 if e < 200 else 0.0003 for e in range(301)]
+    torch.testing.assert_close(lr[::2], torch.tensor(expected, dtype=torch.float64))
+    compounded = lr_schedule(ScheduleConfig(name="step", milestones=[120, 160, 200], gamma=0.1), 0.03, 2, 301)
+    assert compounded[2 * 170].item() == pytest.approx(0.03 * 0.01)  # gamma compounds: another schedule
+
+
+def test_factors_need_one_value_per_milestone() -> None:
+    with pytest.raises(ValueError, match="one factor per milestone"):
+        ScheduleConfig(name="step", milestones=[120, 160], factors=[0.1])
+
+
+def test_lr_schedule_warmup_start() -> None:
+    # SwAV's 800-epoch script: linear from --start_warmup 0.3 to the peak over the warm-up, then the cosine
+    cfg = ScheduleConfig(warmup_epochs=10, warmup_start=0.3, min_lr=0.0048)
+    lr = lr_schedule(cfg, 4.8, steps_per_epoch=10, epochs=100)
+    assert lr[0].item() == pytest.approx(0.3)
+    assert lr[50].item() == pytest.approx(0.3 + (4.8 - 0.3) * 50 / 100)
+    assert lr[100].item() == pytest.approx(4.8) and lr[-1].item() == pytest.approx(0.0048, rel=0.01)
+    assert lr_schedule(ScheduleConfig(warmup_epochs=10), 4.8, 10, 100)[0].item() == 0.0  # unset: from 0
