@@ -2,11 +2,13 @@
 
 Three measurements on the recipe's device, each after a few untimed warm-up iterations:
 
-- **ceiling**: the backbone alone, forward + backward (sum of its features as the loss) on random tensors of
-  every view's shape (views of one size batched together, as the methods run them), plus the forwards the
-  method's momentum encoders make in a step (MoCo's keys, BYOL's targets; their input shapes are recorded from
-  a real step). No pretraining step can be faster: it runs this plus heads, loss and optimizer.
-  ``backbone_images_per_second`` is the backbone's forward + backward alone.
+- **ceiling**: exactly the encoder work of one real step, replayed on random tensors. One step is recorded with a
+  forward hook on the backbone and on every momentum copy of it (MoCo's key encoder, BYOL's target, DINO's
+  teacher): each call's input shape and whether its output carries a gradient. The ceiling replays those calls in
+  order, the ones with a gradient under one backward of the sum of their features, the others without grad (MoCo v2
+  without the symmetric loss: the query view forward + backward, the key view through the momentum encoder in
+  shuffle-BN sub-batches, no backward). No pretraining step can be faster: it runs this plus heads, loss and
+  optimizer. ``backbone_images_per_second`` replays only the calls with a gradient.
 - **data**: the data path alone, from dataset indices to augmented views on the device (loader workers for
   ``data.augment = "sample"``, whole-batch augmentation for ``"batch"``).
 - **step**: full training steps as ``ssl pretrain`` runs them (data, method step, backward, optimizer, momentum
@@ -24,6 +26,7 @@ import resource
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -33,7 +36,7 @@ from ssl_cli.config.schema import Recipe
 from ssl_cli.data import open_dataset
 from ssl_cli.data.batches import choose_augment
 from ssl_cli.distributed import DistEnv
-from ssl_cli.methods.multicrop import encode_by_size
+from ssl_cli.methods import Method
 from ssl_cli.train.optim import build_optimizer, effective_lr, set_lr
 from ssl_cli.train.pretrain import autocast, build_method, optimizer_step, resolve_device, training_batches
 
@@ -74,6 +77,73 @@ def _endless(make: Callable[[], Iterator]) -> Callable[[], Any]:
             return next(state["it"])
 
     return step
+
+
+@dataclass(frozen=True)
+class EncoderCall:
+    """One call of the backbone or of a momentum copy of it during a training step."""
+
+    module: str
+    """The method's attribute holding the encoder: ``backbone``, ``key_backbone``, ``target_backbone``, ..."""
+    shape: tuple[int, ...]
+    """The input's shape (N x 3 x H x W)."""
+    grad: bool
+    """The output carries a gradient: the step's backward runs through this call."""
+
+
+def encoders(method: Method) -> dict[str, nn.Module]:
+    """The backbone and every momentum copy of it (the method's children of the backbone's type), by attribute."""
+    kind = type(method.backbone)
+    return {name: m for name, m in method.named_children() if m is method.backbone or type(m) is kind}
+
+
+def record_encoder_calls(method: Method, step: Callable[[], Any]) -> list[EncoderCall]:
+    """The encoder calls ``step()`` makes, in order (forward hooks on ``encoders(method)``)."""
+    calls: list[EncoderCall] = []
+
+    def hook(name: str) -> Callable:
+        def record(module: nn.Module, args: tuple, output: Any) -> None:
+            grad = isinstance(output, torch.Tensor) and output.requires_grad
+            calls.append(EncoderCall(name, tuple(args[0].shape), grad))
+
+        return record
+
+    handles = [m.register_forward_hook(hook(name)) for name, m in encoders(method).items()]
+    try:
+        step()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
+def replay_step(
+    method: Method,
+    calls: list[EncoderCall],
+    device: torch.device,
+    precision: str,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> Callable[[], None]:
+    """A function doing exactly the encoder work of ``calls`` on random inputs: every call in order (autocast as in
+    training), those with ``grad`` under one backward of the sum of their outputs, the others without grad."""
+    modules = encoders(method)
+    inputs = [torch.randn(c.shape, device=device).contiguous(memory_format=memory_format) for c in calls]
+
+    def run() -> None:
+        with autocast(device, precision):
+            losses = []
+            for call, x in zip(calls, inputs, strict=True):
+                if call.grad:
+                    losses.append(modules[call.module](x).float().sum())
+                else:
+                    with torch.no_grad():
+                        modules[call.module](x)
+        if losses:
+            torch.stack(losses).sum().backward()
+        for module in modules.values():
+            module.zero_grad(set_to_none=True)
+
+    return run
 
 
 def bench(recipe: Recipe, data: str | None = None, steps: int = 20, warmup: int = 3) -> dict[str, Any]:
@@ -118,33 +188,17 @@ def bench(recipe: Recipe, data: str | None = None, steps: int = 20, warmup: int 
         )
         counter["step"] += 1
 
-    # one real step records what the momentum encoders (frozen copies of the backbone) are fed
-    momentum = [m for m in method.children() if m is not method.backbone and type(m) is type(method.backbone)]
-    fed: list[tuple[nn.Module, torch.Size]] = []
-    hooks = [m.register_forward_pre_hook(lambda mod, args: fed.append((mod, args[0].shape))) for m in momentum]
-    train_step()
-    for hook in hooks:
-        hook.remove()
-
-    shapes = [(batch, 3, v.size, v.size) for v in recipe.views for _ in range(v.count)]
-    inputs = [torch.randn(s, device=device).contiguous(memory_format=memory_format) for s in shapes]
-    key_inputs = [(m, torch.randn(s, device=device).contiguous(memory_format=memory_format)) for m, s in fed]
-    backbone = method.backbone
-
-    def backbone_step() -> None:
-        with autocast(device, train.precision):
-            loss = sum(f.float().sum() for f in encode_by_size(backbone, inputs))  # same-size views together
-        loss.backward()
-        backbone.zero_grad(set_to_none=True)
-
-    def ceiling_step() -> None:
-        backbone_step()
-        with torch.no_grad(), autocast(device, train.precision):
-            for encoder, x in key_inputs:
-                encoder(x)
-
+    # one real step records the encoder calls (backbone and momentum copies, with or without grad) to replay
+    calls = record_encoder_calls(method, train_step)
+    with_grad = [c for c in calls if c.grad]
+    backbone_step = replay_step(method, with_grad, device, train.precision, memory_format)
     backbone_rate = batch / _timed(backbone_step, steps, warmup, device)
-    ceiling = batch / _timed(ceiling_step, steps, warmup, device) if key_inputs else backbone_rate
+    if len(with_grad) < len(calls):
+        ceiling_step = replay_step(method, calls, device, train.precision, memory_format)
+        ceiling = batch / _timed(ceiling_step, steps, warmup, device)
+    else:
+        ceiling = backbone_rate
+    shapes = [(batch, 3, v.size, v.size) for v in recipe.views for _ in range(v.count)]
     data_rate = batch / _timed(data_step, steps, warmup, device)
     step_rate = batch / _timed(train_step, steps, warmup, device)
     return {
@@ -158,7 +212,8 @@ def bench(recipe: Recipe, data: str | None = None, steps: int = 20, warmup: int 
         "augment_reason": choice.reason,
         "data": images.name,
         "backbone_images_per_second": backbone_rate,
-        "momentum_encoder_forwards": [list(shape) for _, shape in fed],
+        "encoder_calls": [{**asdict(c), "shape": list(c.shape)} for c in calls],
+        "momentum_encoder_forwards": [list(c.shape) for c in calls if c.module != "backbone"],
         "ceiling_images_per_second": ceiling,
         "data_images_per_second": data_rate,
         "step_images_per_second": step_rate,

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from test_cli import TINY_SET, invoke, one_json, user_error
+from torch import nn
 
 from conftest import TINY, write_image_folder
-from ssl_cli.bench import bench
+from ssl_cli.bench import bench, encoders, record_encoder_calls, replay_step
 from ssl_cli.config import load_recipe
+from ssl_cli.methods import get_method
 
 
 @pytest.mark.parametrize("augment", ["sample", "batch", "auto"])
@@ -37,3 +40,75 @@ def test_cli_json_and_bad_recipe_key() -> None:
     payload = one_json(invoke(*args, "--device", "cpu", "--num-workers", "0", "--json"))
     assert payload["method"] == "simclr" and payload["data"].startswith("demo")
     user_error(invoke("bench", "--recipe", "simclr", "--set", "data.augment=gpu"), "data.augment")
+
+
+class CountingBackbone(nn.Module):
+    """A stand-in backbone that logs every forward (input shape, grad enabled) and every backward through it."""
+
+    num_features = 16
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3, self.num_features)
+        self.forwards: list[tuple[tuple[int, ...], bool]] = []
+        self.backwards: list[tuple[int, ...]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.forwards.append((tuple(x.shape), torch.is_grad_enabled()))
+        out = self.linear(x.float().mean((2, 3)))
+        if out.requires_grad:
+            out.register_hook(lambda g, shape=tuple(x.shape): self.backwards.append(shape))
+        return out
+
+    def take_log(self) -> tuple[list, list]:
+        log = (self.forwards, self.backwards)
+        self.forwards, self.backwards = [], []
+        return log
+
+
+CASES = {
+    # name: (recipe, overrides); batch 16
+    "mocov2-asymmetric": ("mocov2", [("method.symmetric", False), ("method.shuffle_bn_splits", 4)]),
+    "mocov2-symmetric": ("mocov2", [("method.symmetric", True), ("method.shuffle_bn_splits", 4)]),
+    "byol": ("byol", []),
+    "simclr": ("simclr", []),
+    "swav-multicrop": ("swav", [("views.1.size", 16), ("views.1.count", 4)]),
+    "dino-multicrop": ("dino", [("views.2.size", 16), ("views.2.count", 4), ("method.num_prototypes", 64)]),
+}
+KEYS = [("key_backbone", (4, 3, 32, 32), False)] * 4  # the key view, shuffled, in 4 sub-batches, no grad
+QUERY = [("backbone", (16, 3, 32, 32), True)]
+EXPECTED = {
+    "mocov2-asymmetric": KEYS + QUERY,
+    "mocov2-symmetric": (KEYS + QUERY) * 2,
+    "byol": QUERY * 2 + [("target_backbone", (16, 3, 32, 32), False)] * 2,
+    "simclr": [("backbone", (32, 3, 32, 32), True)],
+    "swav-multicrop": [("backbone", (32, 3, 32, 32), True), ("backbone", (64, 3, 16, 16), True)],
+    "dino-multicrop": [("teacher_backbone", (32, 3, 32, 32), False)]
+    + [("backbone", (32, 3, 32, 32), True), ("backbone", (64, 3, 16, 16), True)],
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_ceiling_replays_exactly_the_encoder_work_of_a_real_step(case: str) -> None:
+    """Every backbone / momentum-encoder call of one real step (shape, grad) and every backward through one: the
+    replay makes the same, in the same order; MoCo v2 without the symmetric loss runs backward through the query
+    view only, its keys through the momentum encoder in shuffle-BN sub-batches."""
+    name, extra = CASES[case]
+    recipe = load_recipe(name, [*TINY, ("train.batch_size", 16), *extra])
+    torch.manual_seed(0)
+    method = get_method(name)(recipe.method, CountingBackbone(), recipe)
+    method.bind_data(16, None)
+    views = [torch.rand(16, 3, v.size, v.size) for v in recipe.views for _ in range(v.count)]
+    modules = encoders(method)
+
+    def real_step() -> None:
+        method(views, 0, torch.arange(16)).loss.backward()
+
+    calls = record_encoder_calls(method, real_step)
+    assert [(c.module, c.shape, c.grad) for c in calls] == EXPECTED[case]
+    real = {n: m.take_log() for n, m in modules.items()}
+    assert sum(len(b) for _, b in real.values()) == sum(c.grad for c in calls)  # one backward per grad call
+    method.zero_grad(set_to_none=True)
+    replay_step(method, calls, torch.device("cpu"), "fp32")()
+    assert {n: m.take_log() for n, m in modules.items()} == real
+    assert all(p.grad is None for p in method.parameters())  # the replay leaves no gradient behind
