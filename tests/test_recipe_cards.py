@@ -1,0 +1,387 @@
+"""Recipe cards: the published values of every paper recipe, each with its source, checked against the resolved
+recipe. A wrong value in a built-in recipe (or a changed default it relies on) fails here.
+
+Each card lists what decides whether a run is faithful: the learning rate and its batch-size rule (checked as the
+paper's peak rate at the paper's batch), batch, epochs, warm-up, temperature, momentum and its schedule, queue,
+head widths, crop scales, jitter / blur / solarize probabilities per view, weight decay and its exclusions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from ssl_cli.config import load_recipe
+from ssl_cli.config.schema import Recipe
+from ssl_cli.train.optim import effective_lr
+
+SIMCLR_JITTER = {"brightness": 0.8, "contrast": 0.8, "saturation": 0.8, "hue": 0.2}  # strength s = 1
+MOCO_JITTER = {"brightness": 0.4, "contrast": 0.4, "saturation": 0.4, "hue": 0.1}
+BYOL_JITTER = {"brightness": 0.4, "contrast": 0.4, "saturation": 0.2, "hue": 0.1}
+INSTDISC_JITTER = {"brightness": 0.4, "contrast": 0.4, "saturation": 0.4, "hue": 0.4}
+
+
+def view(count: int, size: int, scale: list[float], jitter_prob: float, jitter: dict, grey: float, blur: float,
+         solarize: float = 0.0) -> dict[str, Any]:  # fmt: skip
+    return {"count": count, "size": size, "scale": scale, "jitter_prob": jitter_prob, "jitter": jitter,
+            "grayscale_prob": grey, "blur_prob": blur, "solarize_prob": solarize, "hflip_prob": 0.5}  # fmt: skip
+
+
+BYOL_VIEWS = [
+    view(1, 224, [0.08, 1.0], 0.8, BYOL_JITTER, 0.2, 1.0, 0.0),
+    view(1, 224, [0.08, 1.0], 0.8, BYOL_JITTER, 0.2, 0.1, 0.2),
+]
+
+# recipe -> (source, peak lr at the paper's batch, values by dotted key, views)
+CARDS: dict[str, tuple[str, float, dict[str, Any], list[dict[str, Any]]]] = {
+    "simclr": (
+        "SimCLR, arXiv:2002.05709, Sec. B.1 / B.9 and google-research/simclr README (lr 0.3 x B/256, LARS, wd 1e-6, "
+        "tau 0.1 at batch 4096, 10 warm-up epochs, cosine); tf2/model.py ProjectionHead (last BN center=False)",
+        4.8,
+        {
+            "method.temperature": 0.1,
+            "method.proj_hidden_dim": 2048,
+            "method.proj_output_dim": 128,
+            "method.proj_layers": 2,
+            "method.proj_last_batchnorm": "scale",
+            "optim.name": "lars",
+            "optim.lr_scaling": "linear",
+            "optim.weight_decay": 1e-6,
+            "optim.exclude_bias_norm": True,
+            "train.batch_size": 4096,
+            "schedule.name": "cosine",
+            "schedule.warmup_epochs": 10,
+        },
+        [view(2, 224, [0.08, 1.0], 0.8, SIMCLR_JITTER, 0.2, 0.5)],
+    ),
+    "mocov2": (
+        "MoCo v2, arXiv:2003.04297 and facebookresearch/moco main_moco.py (--mlp --aug-plus --cos: lr 0.03 at 256, "
+        "wd 1e-4, 200 epochs, K 65536, m 0.999, tau 0.2, blur [0.1, 2] p 0.5)",
+        0.03,
+        {
+            "method.temperature": 0.2,
+            "method.queue_size": 65536,
+            "method.momentum": 0.999,
+            "method.proj_hidden_dim": 2048,
+            "method.proj_output_dim": 128,
+            "method.symmetric": False,
+            "optim.name": "sgd",
+            "optim.weight_decay": 1e-4,
+            "optim.momentum": 0.9,
+            "optim.exclude_bias_norm": False,
+            "train.batch_size": 256,
+            "train.epochs": 200,
+            "schedule.name": "cosine",
+            "schedule.warmup_epochs": 0,
+        },
+        [view(2, 224, [0.2, 1.0], 0.8, MOCO_JITTER, 0.2, 0.5)],
+    ),
+    "mocov1": (
+        "MoCo, arXiv:1911.05722, Sec. 4 and main_moco.py defaults (lr 0.03, x0.1 at 120 and 160, 200 epochs, "
+        "K 65536, m 0.999, tau 0.07, 128-d linear head, jitter 0.4 always, grey 0.2)",
+        0.03,
+        {
+            "method.temperature": 0.07,
+            "method.queue_size": 65536,
+            "method.momentum": 0.999,
+            "method.projector": "linear",
+            "method.proj_output_dim": 128,
+            "optim.weight_decay": 1e-4,
+            "train.batch_size": 256,
+            "train.epochs": 200,
+            "schedule.name": "step",
+            "schedule.milestones": [120, 160],
+            "schedule.gamma": 0.1,
+        },
+        [view(2, 224, [0.2, 1.0], 1.0, INSTDISC_JITTER, 0.2, 0.0)],
+    ),
+    "instdisc": (
+        "InstDisc, arXiv:1805.01978, Sec. 4 and zhirongw/lemniscate.pytorch main.py (128-d, NCE 4096, tau 0.07, "
+        "bank m 0.5, lr 0.03, x0.1 at 120 and 160, 200 epochs)",
+        0.03,
+        {
+            "method.temperature": 0.07,
+            "method.nce_k": 4096,
+            "method.bank_momentum": 0.5,
+            "method.proj_output_dim": 128,
+            "optim.weight_decay": 1e-4,
+            "train.batch_size": 256,
+            "train.epochs": 200,
+            "schedule.milestones": [120, 160],
+        },
+        [view(1, 224, [0.2, 1.0], 1.0, INSTDISC_JITTER, 0.2, 0.0)],
+    ),
+    "invaspread": (
+        "InvaSpread, arXiv:1904.03436 and mangye16/Unsupervised_Embedding_Learning demo_seen.py (batch 128, lr "
+        "0.03, wd 5e-4 on every parameter, tau 0.1, x0.1 / x0.05 / x0.01 of the base from 120 / 160 / 200, 301 "
+        "epochs)",
+        0.03,
+        {
+            "method.temperature": 0.1,
+            "method.projector": "linear",
+            "method.proj_output_dim": 128,
+            "optim.weight_decay": 5e-4,
+            "optim.exclude_bias_norm": False,
+            "train.batch_size": 128,
+            "train.epochs": 301,
+            "schedule.name": "step",
+            "schedule.milestones": [120, 160, 200],
+            "schedule.factors": [0.1, 0.05, 0.01],
+        },
+        [view(2, 224, [0.2, 1.0], 1.0, INSTDISC_JITTER, 0.2, 0.0)],
+    ),
+    "simclrv2": (
+        "SimCLR v2, arXiv:2006.10029, Sec. 2 / Appendix (LARS 0.1 x sqrt(B), wd 1e-4, batch 4096, 800 epochs, 5% "
+        "warm-up, 3-layer head, memory 64K at 0.999)",
+        6.4,
+        {
+            "method.proj_layers": 3,
+            "method.proj_last_batchnorm": "scale",
+            "method.queue_size": 65536,
+            "method.momentum": 0.999,
+            "method.temperature": 0.1,
+            "optim.lr_scaling": "sqrt",
+            "optim.weight_decay": 1e-4,
+            "train.batch_size": 4096,
+            "train.epochs": 800,
+            "schedule.warmup_epochs": 40,
+        },
+        [view(2, 224, [0.08, 1.0], 0.8, SIMCLR_JITTER, 0.2, 0.5)],
+    ),
+    "byol": (
+        "BYOL, arXiv:2006.07733, Sec. 3.2 / Appendix B-C (LARS 0.2 x B/256, wd 1.5e-6 without biases / BN, batch "
+        "4096, 1000 epochs, 10 warm-up, tau 0.996 -> 1 cosine, heads 4096 -> 256, bias-free last layers)",
+        3.2,
+        {
+            "method.tau_base": 0.996,
+            "method.tau_final": 1.0,
+            "method.proj_hidden_dim": 4096,
+            "method.proj_output_dim": 256,
+            "method.pred_hidden_dim": 4096,
+            "method.proj_last_bias": False,
+            "optim.name": "lars",
+            "optim.weight_decay": 1.5e-6,
+            "optim.exclude_bias_norm": True,
+            "train.batch_size": 4096,
+            "train.epochs": 1000,
+            "schedule.warmup_epochs": 10,
+        },
+        BYOL_VIEWS,
+    ),
+    "simsiam": (
+        "SimSiam, arXiv:2011.10566, Sec. 4 and facebookresearch/simsiam (SGD lr 0.05 x B/256, batch 512, wd 1e-4, "
+        "100 epochs, cosine, projector 3 x 2048, predictor bottleneck 512 at a fixed lr)",
+        0.1,
+        {
+            "method.proj_layers": 3,
+            "method.proj_hidden_dim": 2048,
+            "method.proj_output_dim": 2048,
+            "method.pred_hidden_dim": 512,
+            "method.fix_pred_lr": True,
+            "optim.name": "sgd",
+            "optim.weight_decay": 1e-4,
+            "train.batch_size": 512,
+            "train.epochs": 100,
+            "schedule.name": "cosine",
+        },
+        [view(2, 224, [0.2, 1.0], 0.8, MOCO_JITTER, 0.2, 0.5)],
+    ),
+    "barlowtwins": (
+        "Barlow Twins, arXiv:2103.03230, Sec. 4 and facebookresearch/barlowtwins (LARS 0.2 / biases 0.0048 x B/256, "
+        "batch 2048, wd 1.5e-6, 1000 epochs, 10 warm-up, lambda 5e-3, projector 3 x 8192)",
+        1.6,
+        {
+            "method.lambd": 5e-3,
+            "method.proj_hidden_dim": 8192,
+            "method.proj_output_dim": 8192,
+            "method.proj_layers": 3,
+            "method.bias_lr_scale": 0.0048 / 0.2,
+            "optim.weight_decay": 1.5e-6,
+            "train.batch_size": 2048,
+            "train.epochs": 1000,
+            "schedule.warmup_epochs": 10,
+        },
+        BYOL_VIEWS,
+    ),
+    "swav": (
+        "SwAV, arXiv:2006.09882 and facebookresearch/swav scripts/swav_800ep_pretrain.sh (lr 4.8 at batch 4096, "
+        "final 0.0048, 10 warm-up epochs from 0.3, wd 1e-6, 3000 prototypes, epsilon 0.05, 3 Sinkhorn iterations, "
+        "tau 0.1, 2 x 224 (0.14-1) + 6 x 96 (0.05-0.14))",
+        4.8,
+        {
+            "method.num_prototypes": 3000,
+            "method.epsilon": 0.05,
+            "method.sinkhorn_iterations": 3,
+            "method.temperature": 0.1,
+            "method.freeze_prototypes_epochs": 1.0,
+            "method.proj_output_dim": 128,
+            "optim.weight_decay": 1e-6,
+            "optim.exclude_bias_norm": False,
+            "train.batch_size": 4096,
+            "train.epochs": 800,
+            "schedule.warmup_epochs": 10,
+            "schedule.warmup_start": 0.3,
+            "schedule.min_lr": 0.0048,
+        },
+        [
+            view(2, 224, [0.14, 1.0], 0.8, SIMCLR_JITTER, 0.2, 0.5),
+            view(6, 96, [0.05, 0.14], 0.8, SIMCLR_JITTER, 0.2, 0.5),
+        ],
+    ),
+    "deepclusterv2": (
+        "DeepCluster v2 in SwAV, arXiv:2006.09882, and scripts/deepclusterv2_800ep_pretrain.sh (3 x 3000 "
+        "prototypes, lr 4.8 at 4096 from 0.3, final 0.0048, 800 epochs)",
+        4.8,
+        {
+            "method.num_prototypes": [3000, 3000, 3000],
+            "method.temperature": 0.1,
+            "optim.weight_decay": 1e-6,
+            "train.batch_size": 4096,
+            "train.epochs": 800,
+            "schedule.warmup_start": 0.3,
+            "schedule.min_lr": 0.0048,
+        },
+        [
+            view(2, 224, [0.14, 1.0], 0.8, SIMCLR_JITTER, 0.2, 0.5),
+            view(6, 96, [0.05, 0.14], 0.8, SIMCLR_JITTER, 0.2, 0.5),
+        ],
+    ),
+    "mocov3": (
+        "MoCo v3, arXiv:2104.02057 and facebookresearch/moco-v3 CONFIG.md ResNet-50 100 epochs (LARS 0.6 x B/256, "
+        "wd 1e-6, batch 4096, tau 1.0, m 0.99 -> 1 cosine, --crop-min=.2)",
+        9.6,
+        {
+            "method.temperature": 1.0,
+            "method.momentum_base": 0.99,
+            "method.proj_layers": 2,
+            "method.proj_hidden_dim": 4096,
+            "method.proj_output_dim": 256,
+            "method.pred_last_batchnorm": None,
+            "optim.name": "lars",
+            "optim.weight_decay": 1e-6,
+            "train.batch_size": 4096,
+            "train.epochs": 100,
+            "schedule.warmup_epochs": 10,
+        },
+        [{**v, "scale": [0.2, 1.0]} for v in BYOL_VIEWS],
+    ),
+    "mocov3-vit": (
+        "MoCo v3, arXiv:2104.02057, Sec. 4-5 and CONFIG.md ViT-Small (AdamW 1.5e-4 x B/256, wd 0.1, 300 epochs, "
+        "40 warm-up, tau 0.2, --stop-grad-conv1); vits.py vit_small (12 heads, sin-cos, xavier); builder.py MoCo_ViT",
+        2.4e-3,
+        {
+            "method.temperature": 0.2,
+            "method.proj_layers": 3,
+            "method.pred_last_batchnorm": True,
+            "backbone.freeze_patch_embed": True,
+            "backbone.pos_embed": "sincos",
+            "backbone.weight_init": "mocov3",
+            "backbone.kwargs": {"num_heads": 12},
+            "optim.name": "adamw",
+            "optim.weight_decay": 0.1,
+            "train.epochs": 300,
+            "schedule.warmup_epochs": 40,
+        },
+        BYOL_VIEWS,
+    ),
+    "dino": (
+        "DINO, arXiv:2104.14294 and facebookresearch/dino README ViT-S/16 300 epochs (AdamW 5e-4 x B/256, batch "
+        "1024, wd 0.04 -> 0.4, teacher 0.04 -> 0.07 over 30 epochs, m 0.996, 65536 outputs, clip 3.0, drop path "
+        "0.1, 2 x 224 (0.4-1) + 8 x 96 (0.05-0.4))",
+        2e-3,
+        {
+            "method.num_prototypes": 65536,
+            "method.student_temperature": 0.1,
+            "method.teacher_temperature": 0.07,
+            "method.warmup_teacher_temperature": 0.04,
+            "method.warmup_teacher_temperature_epochs": 30,
+            "method.center_momentum": 0.9,
+            "method.momentum_base": 0.996,
+            "method.freeze_last_layer_epochs": 1.0,
+            "method.norm_last_layer": False,
+            "optim.weight_decay": 0.04,
+            "optim.weight_decay_end": 0.4,
+            "optim.clip_grad": 3.0,
+            "backbone.drop_path_rate": 0.1,
+            "train.batch_size": 1024,
+            "train.epochs": 300,
+            "schedule.warmup_epochs": 10,
+            "schedule.min_lr": 1e-6,
+        },
+        [{**v, "scale": [0.4, 1.0]} for v in BYOL_VIEWS] + [view(8, 96, [0.05, 0.4], 0.8, BYOL_JITTER, 0.2, 0.5)],
+    ),
+    "dino-resnet": (
+        "DINO README, ResNet-50 command (--optimizer sgd --lr 0.03 --weight_decay 1e-4 --weight_decay_end 1e-4 "
+        "--global_crops_scale 0.14 1 --local_crops_scale 0.05 0.14; lr x batch/256 in main_dino.py; 8 x 64)",
+        0.06,
+        {
+            "optim.name": "sgd",
+            "optim.weight_decay": 1e-4,
+            "method.teacher_temperature": 0.04,
+            "method.num_prototypes": 65536,
+            "train.batch_size": 512,
+            "train.epochs": 100,
+        },
+        [{**v, "scale": [0.14, 1.0]} for v in BYOL_VIEWS] + [view(8, 96, [0.05, 0.14], 0.8, BYOL_JITTER, 0.2, 0.5)],
+    ),
+}
+
+
+def resolve(recipe: Recipe, key: str) -> Any:
+    value: Any = recipe
+    for part in key.split("."):
+        value = value[part] if isinstance(value, dict) else getattr(value, part)
+    return value
+
+
+def view_card(recipe: Recipe) -> list[dict[str, Any]]:
+    fields = ("count", "size", "scale", "jitter_prob", "grayscale_prob", "blur_prob", "solarize_prob", "hflip_prob")
+    return [{**{f: getattr(v, f) for f in fields}, "jitter": v.jitter()} for v in recipe.views]
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        return a == pytest.approx(b, rel=1e-9)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b
+
+
+def card_errors(name: str, recipe: Recipe) -> list[str]:
+    """Every value of ``recipe`` that differs from card ``name``, as readable lines."""
+    _, peak_lr, values, views = CARDS[name]
+    wrong = [
+        f"{k}: {resolve(recipe, k)!r} (published {v!r})" for k, v in values.items() if not _same(resolve(recipe, k), v)
+    ]
+    lr = effective_lr(recipe.optim, recipe.train.batch_size)
+    if not _same(lr, peak_lr):
+        wrong.append(f"peak lr at batch {recipe.train.batch_size}: {lr!r} (published {peak_lr!r})")
+    got_views = view_card(recipe)
+    if not _same(got_views, views):
+        wrong.append(f"views: {got_views!r} (published {views!r})")
+    return wrong
+
+
+@pytest.mark.parametrize("name", sorted(CARDS))
+def test_recipe_matches_its_papers_card(name: str) -> None:
+    wrong = card_errors(name, load_recipe(name))
+    assert not wrong, f"{name} differs from {CARDS[name][0]}: " + "; ".join(wrong)
+
+
+def test_a_wrong_value_fails_the_card() -> None:
+    """The check itself: one value off (the old DINO ResNet lr, MoCo v3's old crops, ...) is caught."""
+    cases = {
+        "dino-resnet": ([("optim.lr", 0.0005)], "peak lr"),
+        "mocov3": ([("views.*.scale", [0.08, 1.0])], "views"),
+        "swav": ([("schedule.warmup_start", 0.0)], "schedule.warmup_start"),
+        "invaspread": ([("schedule.factors", [0.1, 0.01, 0.001])], "schedule.factors"),
+        "byol": ([("views.1.solarize_prob", 0.0)], "views"),
+        "simclr": ([("method.proj_last_batchnorm", "affine")], "method.proj_last_batchnorm"),
+        "simsiam": ([("optim.lr_scaling", "sqrt")], "peak lr"),
+    }
+    for name, (overrides, what) in cases.items():
+        wrong = card_errors(name, load_recipe(name, overrides))
+        assert len(wrong) == 1 and wrong[0].startswith(what), (name, wrong)
