@@ -112,3 +112,24 @@ def test_the_ceiling_replays_exactly_the_encoder_work_of_a_real_step(case: str) 
     replay_step(method, calls, torch.device("cpu"), "fp32")()
     assert {n: m.take_log() for n, m in modules.items()} == real
     assert all(p.grad is None for p in method.parameters())  # the replay leaves no gradient behind
+
+
+def test_without_data_a_short_measurement_on_the_demo_set(monkeypatch, tmp_path) -> None:
+    """No --data: batch 64, 3 timed steps after 1 warm-up (about a minute for simclr-cifar on 2 cores); with --data
+    or explicit flags: the recipe's batch and 20 / 3, or what was given."""
+    import ssl_cli.bench
+
+    seen: list[tuple] = []
+
+    def fake(recipe, data, steps, warmup):
+        seen.append((recipe.train.batch_size, recipe.backbone.small_stem, data, steps, warmup))
+        return {"recipe": recipe.recipe.name}
+
+    monkeypatch.setattr(ssl_cli.bench, "bench", fake)
+    result = invoke("bench", "--recipe", "simclr-cifar", "--json")
+    assert result.exit_code == 0 and "no --data: the built-in demo set" in result.stderr
+    assert seen[-1] == (64, True, None, 3, 1)  # the recipe's own CIFAR stem
+    invoke("bench", "--recipe", "simclr-cifar", "--batch-size", "32", "--steps", "5", "--warmup", "0", "--json")
+    assert seen[-1] == (32, True, None, 5, 0)
+    invoke("bench", "--recipe", "simclr-cifar", "--data", str(tmp_path), "--json")
+    assert seen[-1] == (256, True, str(tmp_path), 20, 3)
