@@ -11,6 +11,7 @@ from pydantic import Field
 from torch import nn
 
 from ssl_cli.config.schema import MethodConfig, PositiveInt
+from ssl_cli.precision import full_precision
 
 ProjectorKind = Literal["none", "linear", "mlp"]
 LastNorm = Literal["none", "affine", "scale", "plain"]
@@ -194,4 +195,8 @@ class DINOHead(nn.Module):
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, fixed_norm=norm_last_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.last_layer(nn.functional.normalize(self.mlp(x), dim=-1))
+        h = self.mlp(x)
+        # the K logits feed softmaxes at T 0.04-0.1: the normalisation and the last layer run in fp32 even under
+        # bf16 autocast, where rounding (up to 2^-8 of a logit near 1) would become up to 0.1 after the division
+        with full_precision(h):
+            return self.last_layer(nn.functional.normalize(h.float(), dim=-1))

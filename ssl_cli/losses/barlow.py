@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ssl_cli.distributed import all_reduce_with_grad, world_size
+from ssl_cli.precision import full_precision
 
 
 def standardize(z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -30,7 +31,7 @@ def cross_correlation(z1: torch.Tensor, z2: torch.Tensor, normalize: bool = True
     """
     if z1.shape != z2.shape or z1.ndim != 2:
         raise ValueError(f"cross_correlation: expected two N x D tensors of one shape, got {z1.shape}, {z2.shape}")
-    with torch.autocast(device_type=z1.device.type, enabled=False):
+    with full_precision(z1):
         z1, z2 = z1.float(), z2.float()
         if normalize:
             z1, z2 = standardize(z1), standardize(z2)

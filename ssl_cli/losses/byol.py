@@ -8,7 +8,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ssl_cli.precision import fp32
 
+
+@fp32  # on CUDA autocast runs cosine_similarity in fp32 but on the CPU in bf16: fp32 on both
 def normalized_mse(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """Per sample ``|| p/||p|| - z/||z|| ||^2 = 2 - 2 cos(p, z)``; p, z: N x D. Returns N values.
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ssl_cli.precision import fp32
+
 NO_CLUSTER = -1
 """The target of an image with no assignment (not in the memory yet): ignored by the loss."""
 
@@ -78,6 +80,7 @@ def _cluster_sums(x: torch.Tensor, assignments: torch.Tensor, k: int) -> torch.T
     return sums
 
 
+@fp32
 def cluster_prediction(scores: list[torch.Tensor], targets: torch.Tensor, temperature: float) -> torch.Tensor:
     """DeepCluster v2's loss: every view predicts its image's cluster, for each set of prototypes (head).
 
@@ -90,7 +93,7 @@ def cluster_prediction(scores: list[torch.Tensor], targets: torch.Tensor, temper
     Returns:
         The mean over heads of the cross-entropy of softmax(scores / tau) against the targets, each head's term
         averaged over the (view, image) pairs that have a target (every view of an image shares its target, local
-        crops included). 0 when no image of the batch has a target.
+        crops included). 0 when no image of the batch has a target. Computed in fp32 even under bf16 autocast.
     """
     total = scores[0].new_zeros((), dtype=torch.float32)
     for s, t in zip(scores, targets, strict=True):

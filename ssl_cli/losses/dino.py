@@ -15,8 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from ssl_cli.distributed import all_reduce_mean
+from ssl_cli.precision import fp32
 
 
+@fp32  # softmaxes at T 0.1 (student) and 0.04 (teacher): in fp32 under bf16 autocast (ssl_cli.precision)
 def dino_loss(
     student: list[torch.Tensor], teacher_probs: list[torch.Tensor], student_temperature: float
 ) -> torch.Tensor:
@@ -45,12 +47,14 @@ def dino_loss(
 
 
 @torch.no_grad()
+@fp32
 def teacher_probs(teacher: torch.Tensor, center: torch.Tensor, temperature: float) -> torch.Tensor:
     """The teacher's targets: ``softmax((teacher - center) / temperature)`` (centring, then sharpening)."""
     return F.softmax((teacher.float() - center) / temperature, dim=-1)
 
 
 @torch.no_grad()
+@fp32
 def updated_center(center: torch.Tensor, teacher: torch.Tensor, momentum: float) -> torch.Tensor:
     """``m * center + (1 - m) * mean(teacher outputs)``, the batch mean over every process's global views.
 

@@ -18,8 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from ssl_cli.distributed import gather, gather_with_grad, rank
+from ssl_cli.precision import fp32
 
 
+@fp32  # similarities, softmax and log(1 - P) in fp32 under bf16 autocast (ssl_cli.precision)
 def invaspread_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float, detach_keys: bool = False) -> torch.Tensor:
     """z1, z2: N x D embeddings of the two views (row i of each from image i). Returns a scalar.
 
@@ -28,7 +30,7 @@ def invaspread_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float, deta
     """
     n = z1.shape[0]
     z = torch.cat([z1, z2])
-    z = F.normalize(z.float() if z.dtype in (torch.float16, torch.bfloat16) else z, dim=1)  # 2N x D, fp32 or fp64
+    z = F.normalize(z, dim=1)  # 2N x D, fp32 (half-precision inputs arrive cast) or fp64
     # under torchrun the other samples are the whole global batch (rank r's 2N rows at r 2N ..)
     keys = gather(z) if detach_keys else gather_with_grad(z)
     offset = rank() * 2 * n

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssl_cli.precision import fp32
+
 
 class KeyQueue(nn.Module):
     """A FIFO dictionary of K normalised keys (K x D buffer): the newest batch replaces the oldest keys.
@@ -35,8 +37,10 @@ class KeyQueue(nn.Module):
         self.ptr.copy_((self.ptr + b) % size)
 
 
+@fp32
 def moco_logits(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Logits of each query against its positive key (column 0) and the K queued negatives: N x (1 + K).
+    """Logits of each query against its positive key (column 0) and the K queued negatives: N x (1 + K), in
+    fp32 even under bf16 autocast (``ssl_cli.precision``).
 
     Args:
         q: N x D normalised queries.
@@ -57,6 +61,7 @@ def moco_contrastive(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temp
     return positive_first_cross_entropy(moco_logits(q, k, queue, temperature))
 
 
+@fp32
 def positive_first_cross_entropy(logits: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of N x (1 + K) logits whose positive is column 0 for every row."""
     return F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device))

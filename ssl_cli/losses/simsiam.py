@@ -8,7 +8,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ssl_cli.precision import fp32
 
+
+@fp32  # on CUDA autocast runs cosine_similarity in fp32 but on the CPU in bf16: fp32 on both
 def negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """D(p, z) = -mean over the batch of cos(p_i, stopgrad(z_i)); p, z: N x D. Returns a scalar."""
     return -F.cosine_similarity(p, z.detach(), dim=-1).mean()

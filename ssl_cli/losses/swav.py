@@ -10,9 +10,22 @@ import torch
 import torch.nn.functional as F
 
 from ssl_cli.distributed import all_reduce_with_grad
+from ssl_cli.precision import fp32
+
+
+@fp32
+def prototype_scores(z: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """Scores z . c_k (N x K) of N x D features against K x D prototypes, in fp32 even under bf16 autocast.
+
+    The scores are divided by a temperature of 0.1 (the loss) or an epsilon of 0.05 (Sinkhorn) before an exp: in
+    bf16 (rounding up to 2^-8) a score near 1 would be off by up to 8e-2 after the division (``ssl_cli.precision``).
+    SwAV's and DeepCluster v2's prototype layers are bias-free, so this is their forward.
+    """
+    return z @ prototypes.T
 
 
 @torch.no_grad()
+@fp32  # exp(scores / 0.05) and the normalisations in fp32 under bf16 autocast
 def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3) -> torch.Tensor:
     """Soft codes Q (B x K) for B samples' prototype scores (B x K), each row a distribution over prototypes.
 
@@ -34,13 +47,14 @@ def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3) -
     return (q * b).T
 
 
+@fp32
 def swapped_prediction(scores: list[torch.Tensor], codes: list[torch.Tensor], temperature: float) -> torch.Tensor:
     """SwAV's loss: each code (of a global view) is predicted from every *other* view's scores.
 
     ``scores``: one N x K tensor per view (cosine scores of the normalised features against the prototypes);
     ``codes``: one N x K code per target view, target i being view i. For target i, the loss averages over the
     other views v the cross-entropy -sum_k q_ik log softmax(scores_v / tau)_k (mean over samples); the result
-    averages over the targets.
+    averages over the targets. Computed in fp32 even under bf16 autocast.
     """
     total = scores[0].new_zeros(())
     for i, q in enumerate(codes):

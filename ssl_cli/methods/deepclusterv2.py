@@ -37,6 +37,7 @@ from ssl_cli.distributed import gather
 from ssl_cli.errors import RecipeError
 from ssl_cli.heads import ProjectorConfig, projector
 from ssl_cli.losses.deepclusterv2 import NO_CLUSTER, cluster_prediction, spherical_kmeans
+from ssl_cli.losses.swav import prototype_scores
 from ssl_cli.methods.base import Method, StepOutput
 from ssl_cli.methods.multicrop import encode_by_size
 from ssl_cli.methods.registry import register
@@ -148,7 +149,7 @@ class DeepClusterV2(Method):
             raise RuntimeError("deepclusterv2: no clusters yet; epoch_start() runs k-means before an epoch's steps")
         b, t = views[0].shape[0], self.config.num_targets
         z = self.embed(views)  # VB x D
-        scores = [head(z) for head in self.prototypes]  # H x (VB x K_h)
+        scores = [prototype_scores(z, head.weight) for head in self.prototypes]  # H x (VB x K_h), fp32
         targets = self.assignments[:, index]  # H x B
         loss = cluster_prediction(scores, targets, self.config.temperature)
         # the loss reads the clusters only, yet the reference writes the memory after the optimizer step; every

@@ -32,6 +32,7 @@ from ssl_cli.heads import ProjectorConfig, ProjectorKind, projector
 from ssl_cli.losses.instdisc import MemoryBank, nce_loss
 from ssl_cli.methods.base import Method, StepOutput
 from ssl_cli.methods.registry import register
+from ssl_cli.precision import full_precision
 
 KNN_K, KNN_TEMPERATURE = 200, 0.07  # the paper's weighted kNN (Sec. 3.5)
 
@@ -84,7 +85,7 @@ class InstDisc(Method):
         Sets Z on first use (the reference: Z = n * mean of exp(v . f / tau) over that batch's B x (1 + m) pairs).
         """
         idx = torch.cat([index[:, None], noise], dim=1)  # B x (1 + m)
-        with torch.autocast(f.device.type, enabled=False):  # similarities in fp32 under bf16 autocast
+        with full_precision(f):  # similarities in fp32 under bf16 autocast
             weights = self.bank.features[idx]  # B x (1 + m) x D, no gradient into the bank
             logits = torch.bmm(weights, f.float()[:, :, None]).squeeze(2) / self.config.temperature
         if not self._z_known and self.nce_z.item() == 0.0:
@@ -102,7 +103,7 @@ class InstDisc(Method):
         # the bank is read by the loss graph: write the global batch's features only after the optimizer step
         self._pending = (gather(index), gather(f.detach()))
         if self.config.loss == "softmax":
-            with torch.autocast(f.device.type, enabled=False):
+            with full_precision(f):
                 logits = f.float() @ self.bank.features.T / self.config.temperature  # B x n
             acc = (logits.argmax(dim=1) == index).float().mean().detach()  # own entry ranked first of all n
             return StepOutput(F.cross_entropy(logits, index), {"instance_acc": acc})

@@ -22,6 +22,7 @@ from ssl_cli.heads import ProjectorConfig, ProjectorKind, projector
 from ssl_cli.losses.invaspread import invaspread_loss
 from ssl_cli.methods.base import Method, StepOutput
 from ssl_cli.methods.registry import register
+from ssl_cli.precision import full_precision
 
 
 class InvaSpreadConfig(ProjectorConfig):
@@ -48,7 +49,7 @@ class InvaSpread(Method):
         # one forward for both halves, as the reference (torch.cat((inputs1, inputs2)))
         z1, z2 = self.projector(self.backbone(torch.cat([x1, x2]))).chunk(2)  # N x D each
         loss = invaspread_loss(z1, z2, self.config.temperature, self.config.detach_keys)
-        with torch.no_grad():  # monitor: the copy is each sample's nearest neighbour among the 2N - 1 others
+        with torch.no_grad(), full_precision(z1):  # monitor: the copy is each sample's nearest neighbour of 2N - 1
             z = torch.nn.functional.normalize(torch.cat([z1, z2]).float(), dim=1)
             sim = (z @ z.T).fill_diagonal_(float("-inf"))
             n = z1.shape[0]

@@ -54,14 +54,14 @@ class MoCoV1(Method):
         self._new_keys: torch.Tensor | None = None
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.projector(self.backbone(x)), dim=1)  # N x D
+        return F.normalize(self.projector(self.backbone(x)).float(), dim=1)  # N x D, fp32 from here (precision.py)
 
     @torch.no_grad()
     def key(self, x: torch.Tensor) -> torch.Tensor:
         def encode(chunk: torch.Tensor) -> torch.Tensor:
             return self.key_projector(self.key_backbone(chunk))
 
-        return F.normalize(shuffled_forward(encode, x, self.config.shuffle_bn_splits), dim=1)  # N x D
+        return F.normalize(shuffled_forward(encode, x, self.config.shuffle_bn_splits).float(), dim=1)  # N x D
 
     def contrast(self, x_query: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss and instance-discrimination accuracy (positive ranked first among 1 + K keys)."""

@@ -24,7 +24,7 @@ from torch import nn
 from ssl_cli.config.schema import PositiveInt
 from ssl_cli.distributed import gather, rank
 from ssl_cli.heads import ProjectorConfig, projector
-from ssl_cli.losses.swav import sinkhorn, swapped_prediction
+from ssl_cli.losses.swav import prototype_scores, sinkhorn, swapped_prediction
 from ssl_cli.methods.base import Method, StepOutput
 from ssl_cli.methods.multicrop import encode_then_head
 from ssl_cli.methods.registry import register
@@ -74,16 +74,17 @@ class SwAV(Method):
 
     def training_step(self, views: list[torch.Tensor], step: int, index: torch.Tensor | None = None) -> StepOutput:
         self.normalize_prototypes()
-        # the projector runs once over every crop's features, as the official forward_head
-        z = [F.normalize(f, dim=1) for f in encode_then_head(self.backbone, self.projector, views)]
-        scores = [self.prototypes(v) for v in z]
+        # the projector runs once over every crop's features, as the official forward_head; from its (bf16 under
+        # autocast) output on, fp32: normalisation, prototype scores, Sinkhorn, loss (ssl_cli.precision)
+        z = [F.normalize(f.float(), dim=1) for f in encode_then_head(self.backbone, self.projector, views)]
+        scores = [prototype_scores(v, self.prototypes.weight) for v in z]
         codes = []
         for i in range(self.config.num_targets):
             s = scores[i].detach()
             # the queue holds every rank's past features (the same on all ranks): it joins the global Sinkhorn
             # problem once, through rank 0
             if self.queue_active() and rank() == 0:
-                s = torch.cat([self.queue[i] @ self.prototypes.weight.detach().T, s])
+                s = torch.cat([prototype_scores(self.queue[i], self.prototypes.weight.detach()), s])
             codes.append(sinkhorn(s, self.config.epsilon, self.config.sinkhorn_iterations)[-len(views[i]) :])
         if self.config.queue_size > 0:  # written after the step; every rank's features, so all queues agree
             self._new_features = torch.stack([gather(z[i].detach()) for i in range(self.config.num_targets)])
