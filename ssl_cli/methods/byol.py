@@ -7,8 +7,8 @@ After every optimizer step the target follows ``xi <- tau xi + (1 - tau) theta``
 ``tau_base`` to 1 on a cosine schedule over the run.
 
 As in the official code, the last linear layer of projector and predictor has no bias (``proj_last_bias = false``
-in the recipes: haiku's ``Linear(with_bias=False)`` in byol/utils/networks.py), each view is forwarded on its own (BatchNorm statistics per view) and the target
-network runs in training mode (its BatchNorm uses batch statistics, like the online one). With
+in the recipes: haiku's ``Linear(with_bias=False)`` in byol/utils/networks.py), each view is forwarded on its own
+(BatchNorm statistics per view) and the target network runs in training mode (its BatchNorm uses batch statistics, like the online one). With
 ``backbone.norm = "groupnorm_ws"`` and ``proj_norm = "groupnorm"`` (recipes ``byol-gn``, ``byol-gn-cifar``)
 no layer uses batch statistics [1].
 

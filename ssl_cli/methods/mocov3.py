@@ -6,8 +6,9 @@ negatives, gathered over all processes), symmetrised: ctr(q1, k2) + ctr(q2, k1),
 momentum rises from 0.99 to 1 on a cosine schedule. Heads as the reference: projector 2 layers (ResNet) or 3
 (ViT) with hidden width 4096 and output 256, ending in BatchNorm without affine parameters; predictor 2 layers
 (256 -> 4096 -> 256), ending in that BatchNorm too for a ViT (``pred_last_batchnorm``: moco-v3's
-``_build_mlp(..., last_bn=True)`` in MoCo_ViT, ``False`` in MoCo_ResNet); no biases anywhere. With a ViT the random patch projection stays frozen
-(``backbone.freeze_patch_embed``), the paper's fix for its training instability.
+``_build_mlp(..., last_bn=True)`` in MoCo_ViT, ``False`` in MoCo_ResNet); no biases anywhere. With a ViT the
+random patch projection stays frozen (``backbone.freeze_patch_embed``), the paper's fix for its training
+instability; ``mocov3-vit`` also builds the official ViT (12 heads, fixed sin-cos position embedding, xavier init).
 
 [0] MoCo v3, Chen, Xie, He 2021, arXiv:2104.02057; official code facebookresearch/moco-v3.
 """
@@ -52,8 +53,8 @@ class MoCoV3(Method):
     def __init__(self, config: MoCoV3Config, backbone, recipe) -> None:
         super().__init__(config, backbone, recipe)
         self.projector, dim = projector(config, self.feature_dim)
-        last_bn = bool(config.pred_last_batchnorm)
-        self.predictor = mlp([dim, config.pred_hidden_dim, dim], last_bias=False, last_batchnorm=last_bn, last_affine=False)
+        dims, last_bn = [dim, config.pred_hidden_dim, dim], bool(config.pred_last_batchnorm)
+        self.predictor = mlp(dims, last_bias=False, last_batchnorm=last_bn, last_affine=False)
         self.key_backbone = frozen_copy(self.backbone)
         self.key_projector = frozen_copy(self.projector)
         self._momenta = CosineMomentum(config.momentum_base)
