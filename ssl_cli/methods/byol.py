@@ -8,9 +8,9 @@ After every optimizer step the target follows ``xi <- tau xi + (1 - tau) theta``
 
 As in the official code, the last linear layer of projector and predictor has no bias (``proj_last_bias = false``
 in the recipes: haiku's ``Linear(with_bias=False)`` in byol/utils/networks.py), each view is forwarded on its own
-(BatchNorm statistics per view) and the target network runs in training mode (its BatchNorm uses batch statistics, like the online one). With
-``backbone.norm = "groupnorm_ws"`` and ``proj_norm = "groupnorm"`` (recipes ``byol-gn``, ``byol-gn-cifar``)
-no layer uses batch statistics [1].
+(BatchNorm statistics per view) and the target network runs in training mode (its BatchNorm uses batch
+statistics, like the online one). With ``backbone.norm = "groupnorm_ws"`` and ``proj_norm = "groupnorm"`` (recipes
+``byol-gn``, ``byol-gn-cifar``) no layer uses batch statistics [1].
 
 [0] BYOL, Grill et al. 2020, arXiv:2006.07733.
 [1] BYOL works even without batch statistics, Richemond et al. 2020, arXiv:2010.10241.
