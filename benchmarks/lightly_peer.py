@@ -1,4 +1,5 @@
-"""The peer side of the equal-budget comparison: SimCLR or MoCo v2 trained with lightly, as lightly documents them.
+"""The peer side of the comparisons with lightly: SimCLR / MoCo v2 trained as lightly documents them, and the
+BYOL / SwAV / DINO steps of ``ssl bench``'s rows for throughput.
 
 Runs in its own virtual environment with lightly and timm (not a dependency of ``ssl``):
 
@@ -12,6 +13,13 @@ colour-jitter strength 0.5 and no blur; MoCo v2 the same with its own ``MoCoV2Tr
 DataLoader worker processes, projection heads 512 -> 512 -> 128, SGD lr 0.06 x batch/128 with momentum 0.9 and
 weight decay 5e-4 on a per-epoch cosine, NT-Xent at its default temperature 0.5 for SimCLR, and for MoCo a memory
 bank of 4096 keys at temperature 0.1 with a key encoder at momentum 0.99, symmetric loss.
+
+BYOL, SwAV and DINO (``--steps`` only: the throughput rows beside ``ssl bench``) use lightly's heads and losses at
+the sizes of the ``ssl`` recipes they are compared with: BYOL 512 -> 4096 -> 256 heads with a momentum target
+(``BYOLTransform`` at 32 px without blur), SwAV a 512 -> 2048 -> 128 projector and 3000 prototypes over
+``SwaVTransform`` crops of 2 x 32 + 6 x 16 px (each crop through the backbone on its own, as lightly's example),
+DINO ``DINOProjectionHead`` 512 -> 2048 -> 256 -> 4096 with an EMA teacher on ``DINOTransform`` crops of 2 x 32 +
+8 x 16 px.
 
 Writes ``OUT/backbone.safetensors`` (timm's keys) and ``OUT/result.json`` (wall time, images/s over the training
 steps, final loss); ``--steps N`` stops after N steps (a throughput measurement, like ``ssl bench``).
@@ -27,11 +35,28 @@ from pathlib import Path
 
 import timm
 import torch
+import torch.nn.functional as F
 import torchvision
-from lightly.loss import NTXentLoss
-from lightly.models.modules import MoCoProjectionHead, SimCLRProjectionHead
+from lightly.loss import DINOLoss, NegativeCosineSimilarity, NTXentLoss, SwaVLoss
+from lightly.models.modules import (
+    BYOLPredictionHead,
+    BYOLProjectionHead,
+    DINOProjectionHead,
+    MoCoProjectionHead,
+    SimCLRProjectionHead,
+    SwaVProjectionHead,
+    SwaVPrototypes,
+)
 from lightly.models.utils import deactivate_requires_grad, update_momentum
-from lightly.transforms import MoCoV2Transform, SimCLRTransform
+from lightly.transforms import (
+    BYOLTransform,
+    BYOLView1Transform,
+    BYOLView2Transform,
+    DINOTransform,
+    MoCoV2Transform,
+    SimCLRTransform,
+    SwaVTransform,
+)
 from safetensors.torch import save_file
 from torch import nn
 
@@ -44,28 +69,65 @@ class Peer(nn.Module):
         if method == "simclr":
             self.head = SimCLRProjectionHead(512, 512, 128)
             self.criterion = NTXentLoss()
-        else:
+            return
+        if method == "mocov2":
             self.head = MoCoProjectionHead(512, 512, 128)
             self.criterion = NTXentLoss(temperature=0.1, memory_bank_size=(4096, 128))
-            self.key_backbone = copy.deepcopy(self.backbone)
-            self.key_head = copy.deepcopy(self.head)
-            deactivate_requires_grad(self.key_backbone)
-            deactivate_requires_grad(self.key_head)
+        elif method == "byol":
+            self.head = BYOLProjectionHead(512, 4096, 256)
+            self.predictor = BYOLPredictionHead(256, 4096, 256)
+            self.criterion = NegativeCosineSimilarity()
+        elif method == "swav":
+            self.head = SwaVProjectionHead(512, 2048, 128)
+            self.prototypes = SwaVPrototypes(128, 3000, n_steps_frozen_prototypes=0)
+            self.criterion = SwaVLoss()
+            return
+        else:  # dino
+            self.head = DINOProjectionHead(512, 2048, 256, 4096, freeze_last_layer=1)
+            self.criterion = DINOLoss(output_dim=4096, warmup_teacher_temp_epochs=5)
+        self.key_backbone = copy.deepcopy(self.backbone)
+        # lightly's DINO example builds the teacher head anew (its weight-normalised layer cannot be deep-copied)
+        self.key_head = DINOProjectionHead(512, 2048, 256, 4096) if method == "dino" else copy.deepcopy(self.head)
+        deactivate_requires_grad(self.key_backbone)
+        deactivate_requires_grad(self.key_head)
 
-    def loss(self, x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
+    def loss(self, views: list[torch.Tensor], epoch: int) -> torch.Tensor:
         if self.method == "simclr":
-            return self.criterion(self.head(self.backbone(x0)), self.head(self.backbone(x1)))
+            return self.criterion(self.head(self.backbone(views[0])), self.head(self.backbone(views[1])))
+        if self.method == "swav":
+            self.prototypes.normalize()
+            crops = [self.prototypes(F.normalize(self.head(self.backbone(x)), dim=1)) for x in views]
+            return self.criterion(crops[:2], crops[2:])
         update_momentum(self.backbone, self.key_backbone, 0.99)
         update_momentum(self.head, self.key_head, 0.99)
-        q0, q1 = self.head(self.backbone(x0)), self.head(self.backbone(x1))
+        if self.method == "dino":
+            with torch.no_grad():
+                teacher = [self.key_head(self.key_backbone(x)) for x in views[:2]]
+            student = [self.head(self.backbone(x)) for x in views]
+            return self.criterion(teacher, student, epoch=epoch)
+        q0, q1 = self.head(self.backbone(views[0])), self.head(self.backbone(views[1]))
         with torch.no_grad():
-            k0, k1 = self.key_head(self.key_backbone(x0)), self.key_head(self.key_backbone(x1))
+            k0, k1 = self.key_head(self.key_backbone(views[0])), self.key_head(self.key_backbone(views[1]))
+        if self.method == "byol":
+            return 0.5 * (self.criterion(self.predictor(q0), k1) + self.criterion(self.predictor(q1), k0))
         return 0.5 * (self.criterion(q0, k1) + self.criterion(q1, k0))
+
+
+def transform(method: str):
+    if method == "simclr":
+        return SimCLRTransform(input_size=32, cj_strength=0.5, gaussian_blur=0.0)
+    if method == "mocov2":
+        return MoCoV2Transform(input_size=32, cj_strength=0.5, gaussian_blur=0.0)
+    if method == "byol":
+        return BYOLTransform(BYOLView1Transform(input_size=32, gaussian_blur=0.0), BYOLView2Transform(input_size=32))
+    if method == "swav":
+        return SwaVTransform(crop_sizes=(32, 16), crop_counts=(2, 6))
+    return DINOTransform(global_crop_size=32, local_crop_size=16, n_local_views=8)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--method", choices=["simclr", "mocov2"], required=True)
+    p.add_argument("--method", choices=["simclr", "mocov2", "byol", "swav", "dino"], required=True)
     p.add_argument("--train", required=True, help="ImageFolder with the training images")
     p.add_argument("--out", required=True)
     p.add_argument("--epochs", type=int, default=2)
@@ -76,11 +138,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     torch.manual_seed(a.seed)
-    if a.method == "simclr":
-        transform = SimCLRTransform(input_size=32, cj_strength=0.5, gaussian_blur=0.0)
-    else:
-        transform = MoCoV2Transform(input_size=32, cj_strength=0.5, gaussian_blur=0.0)
-    data = torchvision.datasets.ImageFolder(a.train, transform=transform)
+    data = torchvision.datasets.ImageFolder(a.train, transform=transform(a.method))
     loader = torch.utils.data.DataLoader(
         data,
         batch_size=a.batch_size,
@@ -95,10 +153,10 @@ def main() -> None:
     steps, timed_images, loss = 0, 0, torch.tensor(0.0)
     start = time.perf_counter()
     timed_start = start
-    for _epoch in range(a.epochs):
+    for epoch in range(a.epochs):
         model.train()
-        for (x0, x1), _ in loader:
-            loss = model.loss(x0, x1)
+        for views, _ in loader:
+            loss = model.loss(views, epoch)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -106,7 +164,7 @@ def main() -> None:
             if steps == a.warmup_steps:
                 timed_start, timed_images = time.perf_counter(), 0
             else:
-                timed_images += x0.shape[0]
+                timed_images += views[0].shape[0]
             if a.steps and steps >= a.steps + a.warmup_steps:
                 break
         scheduler.step()
