@@ -9,7 +9,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from ssl_cli.augment.batched import BatchedMultiView, BatchedView, ViewParams, crop_boxes, resized_crop
-from ssl_cli.augment.views import MultiView, blur_kernel_size, view_transform
+from ssl_cli.augment.views import CropMultiView, MultiView, blur_kernel_size, crop_transform, view_transform
 from ssl_cli.config import load_recipe
 from ssl_cli.config.schema import ViewConfig
 
@@ -144,6 +144,70 @@ def test_crop_fallback_is_central_crop():
         assert boxes.tolist() == [[t["top"], t["left"], t["height"], t["width"]]] * 4
 
 
+def test_finish_on_worker_crops_matches_torchvision_per_sample():
+    """data.augment = "crop": uint8 crops at the view's size, the rest of the chain in one batch, image by image as
+    torchvision's functional ops with the same parameters."""
+    view = ViewConfig(size=24, jitter_prob=0.7, grayscale_prob=0.3, blur_prob=0.5, solarize_prob=0.3)
+    bv, n = BatchedView(view, MEAN, STD), 32
+    crops = (smooth(n, 24, seed=5) * 255).round().to(torch.uint8)
+    c = bv.sample_colour(n, torch.Generator().manual_seed(1))
+    for flags in (c.jitter, c.gray, c.blur, c.solarize):
+        assert 0 < flags.sum() < n  # both branches exercised
+    identity = ViewParams(torch.tensor([[0, 0, 24, 24]]).expand(n, 4), torch.zeros(n, dtype=torch.bool), **vars(c))
+    ref = torch.stack([reference(crops.float() / 255, identity, i, view) for i in range(n)])
+    torch.testing.assert_close(bv.finish(crops, c), ref, atol=1e-4, rtol=0)
+
+
+def test_finish_on_the_cpu_in_cache_sized_chunks_is_the_whole_batch_finish(monkeypatch):
+    import ssl_cli.augment.batched as batched
+
+    view = load_recipe("byol").views[1].model_copy(update={"size": 24})  # every op on
+    bv, n = BatchedView(view, MEAN, STD), 20
+    crops = (smooth(n, 24, seed=8) * 255).round().to(torch.uint8)
+    c = bv.sample_colour(n, torch.Generator().manual_seed(2))
+    monkeypatch.setattr(batched, "CPU_CHUNK_ELEMENTS", 3 * 24 * 24 * 3)  # chunks of 3 images, the last of 2
+    chunked = bv.finish(crops, c)
+    monkeypatch.setattr(batched, "CPU_CHUNK_ELEMENTS", 2**40)
+    torch.testing.assert_close(chunked, bv.finish(crops, c), atol=0, rtol=0)
+
+
+def test_worker_crops_are_torchvisions_crop_and_flip_in_uint8():
+    view = ViewConfig(size=20, scale=[0.2, 0.9], ratio=[0.5, 2.0], hflip_prob=0.5)
+    t = crop_transform(view)
+    image = (smooth(1, 64, seed=6)[0] * 255).round().to(torch.uint8)[:, :, :48]  # 64 x 48
+    flips = 0
+    for seed in range(20):
+        torch.manual_seed(seed)
+        out = t(image)
+        torch.manual_seed(seed)
+        box = v2.RandomResizedCrop(20, scale=(0.2, 0.9), ratio=(0.5, 2.0)).make_params([image])
+        flip = bool(torch.rand(1) < 0.5)  # RandomHorizontalFlip's coin, drawn next
+        expected = TF.resized_crop(
+            image, box["top"], box["left"], box["height"], box["width"], [20, 20], antialias=True
+        )
+        expected = TF.horizontal_flip(expected) if flip else expected
+        assert out.dtype == torch.uint8 and out.shape == (3, 20, 20) and torch.equal(out, expected)
+        flips += flip
+    assert 0 < flips < 20
+    assert len(CropMultiView(load_recipe("swav").views)) == 8
+
+
+def test_crop_path_outputs_match_view_transform_statistics():
+    """End to end, crops in workers then the batch finish: per-image channel means / stds spread like the per-sample
+    pipeline's on images of another size than the view's."""
+    view = load_recipe("byol").views[1].model_copy(update={"size": 32})  # every op on, solarize included
+    x = (smooth(800, 48, seed=7) * 255).round().to(torch.uint8)
+    torch.manual_seed(0)
+    t = view_transform(view, MEAN, STD)
+    theirs = torch.stack([t(img) for img in x])
+    crop = crop_transform(view)
+    crops = torch.stack([crop(img) for img in x])
+    bv = BatchedView(view, MEAN, STD)
+    ours = bv.finish(crops, bv.sample_colour(len(x), torch.Generator().manual_seed(0)))
+    for stat in (lambda y: y.mean((2, 3)), lambda y: y.std((2, 3))):
+        assert ks(stat(ours).flatten(), stat(theirs).flatten()) < 0.06
+
+
 # -- 2. parameter distributions match the per-sample reference
 
 
@@ -171,7 +235,8 @@ def test_crop_box_distribution_matches_torchvision(hw, scale, ratio):
         assert ks(stat(ours), stat(theirs)) < 0.05
 
 
-def test_flags_and_factors_distributions():
+@pytest.mark.parametrize("draw", ["sample", "sample_colour"])
+def test_flags_and_factors_distributions(draw: str):
     view = ViewConfig(
         size=16,
         hflip_prob=0.5,
@@ -184,8 +249,12 @@ def test_flags_and_factors_distributions():
         solarize_prob=0.1,
     )
     n = 4000
-    p = BatchedView(view, MEAN, STD).sample(n, 16, 16, torch.Generator().manual_seed(0))
-    for flags, prob in [(p.flip, 0.5), (p.jitter, 0.8), (p.gray, 0.2), (p.blur, 0.3), (p.solarize, 0.1)]:
+    bv, g = BatchedView(view, MEAN, STD), torch.Generator().manual_seed(0)
+    # sample_colour: the parameters after crop and flip, for views cropped in loader workers (data.augment = "crop")
+    p = bv.sample(n, 16, 16, g) if draw == "sample" else bv.sample_colour(n, g)
+    if draw == "sample":
+        assert abs(p.flip.float().mean().item() - 0.5) < 0.03
+    for flags, prob in [(p.jitter, 0.8), (p.gray, 0.2), (p.blur, 0.3), (p.solarize, 0.1)]:
         assert abs(flags.float().mean().item() - prob) < 0.03
     # brightness / contrast / saturation uniform in [max(0, 1 - 1.2), 1 + 1.2], hue in [-0.2, 0.2], sigma in range
     for column, (low, high) in enumerate([(0.0, 2.2)] * 3 + [(-0.2, 0.2)]):

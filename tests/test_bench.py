@@ -13,7 +13,7 @@ from ssl_cli.config import load_recipe
 from ssl_cli.methods import get_method
 
 
-@pytest.mark.parametrize("augment", ["sample", "batch", "auto"])
+@pytest.mark.parametrize("augment", ["sample", "batch", "crop", "auto"])
 def test_bench_measures_ceiling_data_and_step(augment: str, tmp_path) -> None:
     data = write_image_folder(tmp_path / "data", per_class=8, classes=2)
     overrides = [*TINY, ("train.batch_size", 8), ("data.augment", augment), ("data.num_workers", 0)]

@@ -15,7 +15,7 @@ from PIL import Image
 import ssl_cli.data.images as images_mod
 from ssl_cli.data import ImageSet, decode_image, open_dataset, scan_folder
 from ssl_cli.data.demo import CLASSES, SPLIT_SIZES, make_demo
-from ssl_cli.data.loader import EpochSampler, ViewDataset, train_loader
+from ssl_cli.data.loader import EpochSampler, ViewDataset, resolve_workers, train_loader
 from ssl_cli.errors import DataError
 
 
@@ -540,3 +540,16 @@ def test_loader_same_views_with_and_without_workers(small_set: ImageSet):
             assert all(torch.equal(x, y) for x, y in zip(a[i], b[i], strict=True))
     # the same image differs between epochs
     assert not torch.equal(views0[0][0], views1[0][0])
+
+
+def test_auto_workers_from_the_cores_this_process_may_use(monkeypatch: pytest.MonkeyPatch):
+    import ssl_cli.data.loader as loader_mod
+
+    monkeypatch.setattr(loader_mod.os, "sched_getaffinity", lambda pid: {0, 2, 5}, raising=False)
+    assert loader_mod.available_cores() == 3  # the affinity mask (a container's share), not every core
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    for cores, workers in [(1, 1), (2, 1), (4, 3), (16, 8)]:  # one core left to the step, 1 to 8 workers
+        monkeypatch.setattr(loader_mod, "available_cores", lambda cores=cores: cores)
+        assert resolve_workers("auto") == workers
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun, 4 processes on this machine share its 16 cores
+    assert resolve_workers("auto") == 3 and resolve_workers(5) == 5

@@ -101,6 +101,21 @@ def test_first_lines_say_which_augmentation_and_warn_of_a_warm_up_as_long_as_the
     assert log.lines[1:] == ["augmentation: sample, per image in 1 loader worker (data.augment = 'sample')"]
 
 
+def test_images_of_several_sizes_take_the_crop_path(tmp_path) -> None:
+    from PIL import Image
+
+    root = write_image_folder(tmp_path / "mixed", per_class=8, classes=2)
+    for path in sorted(root.rglob("*.png"))[::2]:
+        Image.open(path).resize((40, 36)).save(path)
+    log = Log()
+    pretrain(load_recipe("simclr", [*TINY, ("train.batch_size", 8)]), str(root), tmp_path / "run", reporter=log)
+    assert log.lines[1] == (
+        "augmentation: crop, decode + crop per image, the rest in whole batches on cpu "
+        "(auto: the images of mixed differ in size)"
+    )
+    assert read_checkpoint(tmp_path / "run/checkpoints/last.safetensors").meta["data"]["augment"] == "crop"
+
+
 def test_warm_up_warning_only_when_the_peak_is_never_reached() -> None:
     assert warmup_warning(0, 5) is None and warmup_warning(4.5, 5) is None
     assert "--set schedule.warmup_epochs=0.5 " in warmup_warning(10, 5)

@@ -39,8 +39,10 @@ class Interrupt(SilentReporter):
         ),
         # whole-batch augmentation: its generator is seeded per (seed, epoch, batch), not restored
         ("simclr", [("data.augment", "batch"), ("views.*.blur_prob", 0.5)]),
+        # crops in a worker, the rest in whole batches: per-image crop seeds, per-batch generators
+        ("simclr", [("data.augment", "crop"), ("data.num_workers", 1), ("views.*.blur_prob", 0.5)]),
     ],
-    ids=["mocov2", "simclr", "mocov2-worker", "simclr-batch-augment"],
+    ids=["mocov2", "simclr", "mocov2-worker", "simclr-batch-augment", "simclr-crop-worker"],
 )
 def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path: Path, recipe) -> None:
     name, extra = recipe

@@ -28,11 +28,7 @@ def blur_kernel_size(size: int) -> int:
 
 
 def view_transform(view: ViewConfig, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
-    steps: list[v2.Transform] = [
-        v2.RandomResizedCrop(view.size, scale=tuple(view.scale), ratio=tuple(view.ratio), antialias=True),
-    ]
-    if view.hflip_prob > 0:
-        steps.append(v2.RandomHorizontalFlip(view.hflip_prob))
+    steps: list[v2.Transform] = list(crop_transform(view).transforms)  # random resized crop, flip
     strengths = view.jitter()
     if view.jitter_prob > 0 and any(strengths.values()):
         jitter = v2.ColorJitter(**strengths)
@@ -53,6 +49,31 @@ class MultiView:
 
     def __init__(self, views: Sequence[ViewConfig], mean: Sequence[float], std: Sequence[float]) -> None:
         self.transforms = [view_transform(v, mean, std) for v in views for _ in range(v.count)]
+
+    def __len__(self) -> int:
+        return len(self.transforms)
+
+    def __call__(self, image: torch.Tensor) -> list[torch.Tensor]:
+        return [t(image) for t in self.transforms]
+
+
+def crop_transform(view: ViewConfig) -> v2.Compose:
+    """The geometric start of ``view_transform``: random resized crop (antialiased) and horizontal flip, uint8 in and
+    out. ``data.augment = "crop"`` runs it per image in the loader workers; ``BatchedView.finish`` does the rest on the
+    training device in whole batches."""
+    steps: list[v2.Transform] = [
+        v2.RandomResizedCrop(view.size, scale=tuple(view.scale), ratio=tuple(view.ratio), antialias=True),
+    ]
+    if view.hflip_prob > 0:
+        steps.append(v2.RandomHorizontalFlip(view.hflip_prob))
+    return v2.Compose(steps)
+
+
+class CropMultiView:
+    """One image into its uint8 crops, one per view of the recipe (``count`` of each ``[[views]]`` entry)."""
+
+    def __init__(self, views: Sequence[ViewConfig]) -> None:
+        self.transforms = [crop_transform(v) for v in views for _ in range(v.count)]
 
     def __len__(self) -> int:
         return len(self.transforms)

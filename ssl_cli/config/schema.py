@@ -115,11 +115,13 @@ class DataConfig(Section):
     num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
     cache: Literal["auto", "memory", "none"] = "auto"
     """``memory``: decode every image once and keep it; ``auto``: do so when the set fits (< 4 GiB)."""
-    augment: Literal["auto", "sample", "batch"] = "auto"
+    augment: Literal["auto", "batch", "crop", "sample"] = "auto"
     """``batch``: whole batches as tensors on the training device (needs the images in memory at one size; no
-    workers); ``sample``: torchvision per image in loader workers; ``auto``: ``batch`` whenever the images allow it,
-    else ``sample`` (the run's first lines say which, and why). A checkpoint saved before ``auto`` existed has no
-    such key and was trained with ``sample``: ``--resume`` keeps it (``ssl_cli.train.pretrain``)."""
+    workers); ``crop``: decode, random resized crop and flip per image in loader workers (uint8 at the view's size),
+    the rest of the chain on the device in whole batches; ``sample``: the whole chain per image in loader workers
+    (torchvision); ``auto``: ``batch`` whenever the images allow it, else ``crop`` (the run's first lines say which,
+    and why). A checkpoint saved before ``auto`` existed has no such key and was trained with ``sample``:
+    ``--resume`` keeps it (``ssl_cli.train.pretrain``)."""
 
 
 class OptimConfig(Section):

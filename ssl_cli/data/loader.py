@@ -81,10 +81,20 @@ class ViewDataset(Dataset):
         return views, int(self.images.labels[index]), index
 
 
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, e.g. a container's share), else all of them."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 2
+
+
 def resolve_workers(num_workers: int | str) -> int:
+    """``data.num_workers``: ``auto`` is this process's share of the cores (divided among torchrun's processes on this
+    machine, ``LOCAL_WORLD_SIZE``) less one for the training step itself, between 1 and 8."""
     if num_workers == "auto":
-        # leave a core to the training step itself
-        return max(1, min(8, (os.cpu_count() or 2) - 1))
+        processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
+        return max(1, min(8, available_cores() // processes - 1))
     return int(num_workers)
 
 

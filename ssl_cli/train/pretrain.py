@@ -21,7 +21,7 @@ from ssl_cli.augment import MultiView
 from ssl_cli.backbones import build_backbone, timm_kwargs
 from ssl_cli.config.schema import Recipe
 from ssl_cli.data import ImageSet, open_dataset
-from ssl_cli.data.batches import AugmentChoice, BatchedEpochs, choose_augment
+from ssl_cli.data.batches import AugmentChoice, BatchedEpochs, CroppedEpochs, choose_augment
 from ssl_cli.data.loader import ViewDataset, mix_seed, resolve_workers, train_loader
 from ssl_cli.distributed import (
     DistEnv,
@@ -133,17 +133,21 @@ def resolve_env(recipe: Recipe) -> DistEnv:
 
 
 def training_batches(recipe: Recipe, images: ImageSet, device: torch.device, env: DistEnv, augment: str | None = None):
-    """Per-sample augmentation in loader workers, or whole-batch augmentation on ``device``: ``augment`` (the path,
-    ``sample`` or ``batch``), by default ``data.augment`` resolved for ``images`` (``choose_augment``)."""
+    """Whole-batch augmentation on ``device``, crops in loader workers finished on ``device``, or per-sample
+    augmentation in loader workers: ``augment`` (the path, ``batch``, ``crop`` or ``sample``), by default
+    ``data.augment`` resolved for ``images`` (``choose_augment``)."""
     train, data = recipe.train, recipe.data
-    if (augment or choose_augment(data.augment, images).path) == "batch":
+    path = augment or choose_augment(data.augment, images).path
+    if path == "batch":
         return BatchedEpochs(
             images, recipe.views, data.mean, data.std, train.batch_size, train.seed, device, env.rank, env.world_size
         )
+    workers = resolve_workers(data.num_workers)
+    if path == "crop":
+        args = (train.batch_size, train.seed, device, workers, env.rank, env.world_size)
+        return CroppedEpochs(images, recipe.views, data.mean, data.std, *args)
     dataset = ViewDataset(images, MultiView(recipe.views, data.mean, data.std), train.seed)
-    return train_loader(
-        dataset, train.batch_size, resolve_workers(data.num_workers), train.seed, env.rank, env.world_size
-    )
+    return train_loader(dataset, train.batch_size, workers, train.seed, env.rank, env.world_size)
 
 
 def optimizer_step(
@@ -280,11 +284,14 @@ def warmup_warning(warmup_epochs: float, epochs: int) -> str | None:
 
 def _start_notes(recipe: Recipe, choice: AugmentChoice, device: torch.device, reporter: Reporter) -> None:
     """The run's first lines after the folder: the augmentation path and why, a warm-up longer than the run."""
+    workers = resolve_workers(recipe.data.num_workers)
+    per_image = f"per image in {workers} loader worker{'s' if workers != 1 else ''}" if workers else "per image"
     if choice.path == "batch":
         how = f"whole batches on {device.type}"
+    elif choice.path == "crop":
+        how = f"decode + crop {per_image}, the rest in whole batches on {device.type}"
     else:
-        workers = resolve_workers(recipe.data.num_workers)
-        how = f"per image in {workers} loader worker{'s' if workers != 1 else ''}" if workers else "per image"
+        how = per_image
     reporter.log(f"augmentation: {choice.path}, {how} ({choice.reason})")
     warning = warmup_warning(recipe.schedule.warmup_epochs, recipe.train.epochs)
     if warning is not None:
