@@ -14,7 +14,9 @@ Three measurements on the recipe's device, each after a few untimed warm-up iter
 - **step**: full training steps as ``ssl pretrain`` runs them (data, method step, backward, optimizer, momentum
   and queue updates).
 
-Throughputs are images per second (one image = all of its views). ``step / ceiling`` is the share of the
+The replays and the step are timed in alternation, one iteration of each per round (``_timed_rounds``), so that
+machine load and allocator state weigh on them alike. Throughputs are images per second (one image = all of its
+views). ``step / ceiling`` is the share of the
 backbone's speed a pretraining run keeps; the data path must be well above the ceiling not to limit it.
 Peak memory: CUDA's peak allocation on a GPU, the process's peak resident set on the CPU.
 """
@@ -51,6 +53,24 @@ def _timed(run: Callable[[], Any], iterations: int, warmup: int, device: torch.d
         run()
     _sync(device)
     return (time.perf_counter() - start) / iterations
+
+
+def _timed_rounds(runs: list[Callable[[], Any]], iterations: int, warmup: int, device: torch.device) -> list[float]:
+    """Seconds per iteration of each of ``runs``, timed in alternation (one iteration of each per round, after
+    ``warmup`` untimed rounds): drift and allocator state on a busy machine affect them alike, so their ratio holds
+    (timed one after the other, a backbone replay ran ~10% slower than the full step it is the ceiling of)."""
+    for _ in range(warmup):
+        for run in runs:
+            run()
+    totals = [0.0] * len(runs)
+    for _ in range(iterations):
+        for i, run in enumerate(runs):
+            _sync(device)
+            start = time.perf_counter()
+            run()
+            _sync(device)
+            totals[i] += time.perf_counter() - start
+    return [t / iterations for t in totals]
 
 
 def _sync(device: torch.device) -> None:
@@ -131,17 +151,19 @@ def replay_step(
 
     def run() -> None:
         with autocast(device, precision):
-            losses = []
+            outputs = []
             for call, x in zip(calls, inputs, strict=True):
                 if call.grad:
-                    losses.append(modules[call.module](x).float().sum())
+                    outputs.append(modules[call.module](x))
                 else:
                     with torch.no_grad():
                         modules[call.module](x)
-        if losses:
-            torch.stack(losses).sum().backward()
-        for module in modules.values():
+        for module in modules.values():  # as the step does: the last step's gradients freed just before backward
             module.zero_grad(set_to_none=True)
+        if outputs:
+            # dense output gradients, as a head's backward hands the backbone (sum()'s are stride-0 expansions, which
+            # make the backbone's backward slower than in a real step)
+            torch.autograd.backward(outputs, [torch.ones_like(out) for out in outputs])
 
     return run
 
@@ -191,16 +213,14 @@ def bench(recipe: Recipe, data: str | None = None, steps: int = 20, warmup: int 
     # one real step records the encoder calls (backbone and momentum copies, with or without grad) to replay
     calls = record_encoder_calls(method, train_step)
     with_grad = [c for c in calls if c.grad]
-    backbone_step = replay_step(method, with_grad, device, train.precision, memory_format)
-    backbone_rate = batch / _timed(backbone_step, steps, warmup, device)
+    runs = [replay_step(method, with_grad, device, train.precision, memory_format), train_step]
     if len(with_grad) < len(calls):
-        ceiling_step = replay_step(method, calls, device, train.precision, memory_format)
-        ceiling = batch / _timed(ceiling_step, steps, warmup, device)
-    else:
-        ceiling = backbone_rate
+        runs.append(replay_step(method, calls, device, train.precision, memory_format))
+    seconds = _timed_rounds(runs, steps, warmup, device)
+    backbone_rate, step_rate = batch / seconds[0], batch / seconds[1]
+    ceiling = batch / seconds[2] if len(seconds) > 2 else backbone_rate
     shapes = [(batch, 3, v.size, v.size) for v in recipe.views for _ in range(v.count)]
     data_rate = batch / _timed(data_step, steps, warmup, device)
-    step_rate = batch / _timed(train_step, steps, warmup, device)
     return {
         "recipe": recipe.recipe.name,
         "method": recipe.method.name,
