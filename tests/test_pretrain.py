@@ -91,7 +91,7 @@ def test_first_lines_say_which_augmentation_and_warn_of_a_warm_up_as_long_as_the
         == "augmentation: batch, whole batches on cpu (auto: the 32 images of images are in memory at 32x32)"
     )
     assert log.lines[2] == (
-        "warning: the warm-up (1 epochs) is as long as the run (1 epochs) or longer, so the learning rate never "
+        "warning: the warm-up (1 epoch) is as long as the run (1 epoch) or longer, so the learning rate never "
         "reaches its peak; --set schedule.warmup_epochs=0.1 warms up over ~10% of it"
     )
     assert read_checkpoint(tmp_path / "auto/checkpoints/last.safetensors").meta["data"]["augment"] == "batch"

@@ -276,9 +276,13 @@ def warmup_warning(warmup_epochs: float, epochs: int) -> str | None:
     if warmup_epochs <= 0 or warmup_epochs < epochs:
         return None
     suggested = max(0.1, round(epochs / 10, 1))  # about 10% of the run
+
+    def n_epochs(n: float) -> str:
+        return f"{n:g} epoch{'' if n == 1 else 's'}"
+
     return (
-        f"warning: the warm-up ({warmup_epochs:g} epochs) is as long as the run ({epochs} epochs) or longer, so the "
-        f"learning rate never reaches its peak; --set schedule.warmup_epochs={suggested:g} warms up over ~10% of it"
+        f"warning: the warm-up ({n_epochs(warmup_epochs)}) is as long as the run ({n_epochs(epochs)}) or longer, so "
+        f"the learning rate never reaches its peak; --set schedule.warmup_epochs={suggested:g} warms up over ~10% of it"
     )
 
 
