@@ -33,6 +33,12 @@ BYOL_VIEWS = [
     view(1, 224, [0.08, 1.0], 0.8, BYOL_JITTER, 0.2, 0.1, 0.2),
 ]
 
+# SwAV's multi-crop (also DeepCluster v2's): 2 x 224 (0.14-1) + 6 x 96 (0.05-0.14), SimCLR's jitter, blur 0.5
+SWAV_MULTI_CROP = [
+    view(2, 224, [0.14, 1.0], 0.8, SIMCLR_JITTER, 0.2, 0.5),
+    view(6, 96, [0.05, 0.14], 0.8, SIMCLR_JITTER, 0.2, 0.5),
+]
+
 # recipe -> (source, peak lr at the paper's batch, values by dotted key, views)
 CARDS: dict[str, tuple[str, float, dict[str, Any], list[dict[str, Any]]]] = {
     "simclr": (
@@ -224,10 +230,7 @@ CARDS: dict[str, tuple[str, float, dict[str, Any], list[dict[str, Any]]]] = {
             "schedule.warmup_start": 0.3,
             "schedule.min_lr": 0.0048,
         },
-        [
-            view(2, 224, [0.14, 1.0], 0.8, SIMCLR_JITTER, 0.2, 0.5),
-            view(6, 96, [0.05, 0.14], 0.8, SIMCLR_JITTER, 0.2, 0.5),
-        ],
+        SWAV_MULTI_CROP,
     ),
     "deepclusterv2": (
         "DeepCluster v2 in SwAV, arXiv:2006.09882, and scripts/deepclusterv2_800ep_pretrain.sh (3 x 3000 "
@@ -242,10 +245,7 @@ CARDS: dict[str, tuple[str, float, dict[str, Any], list[dict[str, Any]]]] = {
             "schedule.warmup_start": 0.3,
             "schedule.min_lr": 0.0048,
         },
-        [
-            view(2, 224, [0.14, 1.0], 0.8, SIMCLR_JITTER, 0.2, 0.5),
-            view(6, 96, [0.05, 0.14], 0.8, SIMCLR_JITTER, 0.2, 0.5),
-        ],
+        SWAV_MULTI_CROP,
     ),
     "mocov3": (
         "MoCo v3, arXiv:2104.02057 and facebookresearch/moco-v3 CONFIG.md ResNet-50 100 epochs (LARS 0.6 x B/256, "
