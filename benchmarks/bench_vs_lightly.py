@@ -7,6 +7,11 @@ user gets); lightly runs ``benchmarks/lightly_peer.py --steps`` (its transforms 
     python benchmarks/bench_vs_lightly.py --data ~/data/train10k --out benchmarks/results/bench_vs_lightly_cpu.jsonl \
         --lightly-python ~/lightly-venv/bin/python
 
+With ``--small-stem`` the rows run on the CIFAR stem instead (3x3 stride-1 first convolution, no max-pool: the
+backbone of every ``-cifar`` recipe), without lightly (``--lightly-python`` not needed):
+
+    python benchmarks/bench_vs_lightly.py --data ~/data/train10k --out FILE --small-stem --batch-size 128 --steps 6
+
 One JSON line per row is appended to ``--out`` as it finishes; a Markdown table goes to stdout.
 """
 
@@ -18,7 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-COMMON = "--backbone resnet18 --set backbone.small_stem=false --batch-size 256".split()
+COMMON = ["--backbone", "resnet18"]
 ROWS = {
     "simclr": ["--recipe", "simclr-cifar", "--set", "views.*.size=32"],
     "mocov2": ["--recipe", "mocov2-cifar", "--set", "views.*.size=32"],
@@ -39,29 +44,43 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--lightly-python", required=True)
+    p.add_argument("--lightly-python", help="python of a venv with lightly; required without --small-stem")
+    p.add_argument("--small-stem", action="store_true", help="the CIFAR stem, ssl only")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--methods", nargs="+", default=list(ROWS))
     p.add_argument("--steps", type=int, default=15)
     a = p.parse_args()
+    if not a.small_stem and not a.lightly_python:
+        p.error("--lightly-python is required without --small-stem")
+    common = [*COMMON, "--set", f"backbone.small_stem={str(a.small_stem).lower()}", "--batch-size", str(a.batch_size)]
     rows = []
     for method in a.methods:
-        ours = run([sys.executable, "-m", "ssl_cli", "bench", *ROWS[method], "--data", a.data, *COMMON]
-                   + ["--steps", str(a.steps), "--json"])  # fmt: skip
-        peer_cmd = [a.lightly_python, str(Path(__file__).with_name("lightly_peer.py")), "--method", method]
-        peer_cmd += ["--train", a.data, "--out", f"/tmp/lightly-bench-{method}", "--batch-size", "256"]
-        peer = run([*peer_cmd, "--steps", str(a.steps), "--warmup-steps", "3"])
-        row = {"method": method, "ssl": ours, "lightly": peer}
+        ours = run([sys.executable, "-m", "ssl_cli", "bench", *ROWS[method], "--data", a.data, *common]
+                   + ["--steps", str(a.steps), "--warmup", str(a.warmup), "--json"])  # fmt: skip
+        row = {"method": method, "small_stem": a.small_stem, "ssl": ours}
+        if not a.small_stem:
+            peer_cmd = [a.lightly_python, str(Path(__file__).with_name("lightly_peer.py")), "--method", method]
+            peer_cmd += ["--train", a.data, "--out", f"/tmp/lightly-bench-{method}", "--batch-size", str(a.batch_size)]
+            row["lightly"] = run([*peer_cmd, "--steps", str(a.steps), "--warmup-steps", str(a.warmup)])
         rows.append(row)
         with a.out.open("a") as f:
             f.write(json.dumps(row) + "\n")
-    print("| method | augmentation | backbone f+b | ceiling | step | step / ceiling | lightly step | ssl / lightly |")
-    print("|---|---|---|---|---|---|---|---|")
+    print_table(rows)
+
+
+def print_table(rows: list[dict]) -> None:
+    print("| method | backbone f+b | ceiling | step | step / ceiling | step FLOPs / ceiling's | compute bound "
+          "| step / bound | lightly step | ssl / lightly |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        s, lt = r["ssl"], r["lightly"]["images_per_second"]
+        s = r["ssl"]
+        lt = r["lightly"]["images_per_second"] if "lightly" in r else None
+        peer = f"{lt:.0f} | {s['step_images_per_second'] / lt:.2f}x" if lt else "- | -"
         print(
-            f"| {r['method']} | `{s['augment']}` | {s['backbone_images_per_second']:.0f} | "
-            f"{s['ceiling_images_per_second']:.0f} | {s['step_images_per_second']:.0f} | "
-            f"{s['step_vs_ceiling']:.0%} | {lt:.0f} | {s['step_images_per_second'] / lt:.2f}x |"
+            f"| {r['method']} | {s['backbone_images_per_second']:.0f} | {s['ceiling_images_per_second']:.0f} | "
+            f"{s['step_images_per_second']:.0f} | {s['step_vs_ceiling']:.0%} | {s['step_flops_vs_ceiling']:.2f} | "
+            f"{s['compute_bound_images_per_second']:.0f} | {s['step_vs_compute_bound']:.0%} | {peer} |"
         )
 
 

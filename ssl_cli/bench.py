@@ -18,6 +18,11 @@ The replays and the step are timed in alternation, one iteration of each per rou
 machine load and allocator state weigh on them alike. Throughputs are images per second (one image = all of its
 views). ``step / ceiling`` is the share of the
 backbone's speed a pretraining run keeps; the data path must be well above the ceiling not to limit it.
+The step's arithmetic against the ceiling's (``step_flops_vs_ceiling``: matrix products and convolutions, forward and
+backward, counted by ``torch.utils.flop_counter`` over one step and one replay) gives the **compute bound**, the
+ceiling scaled down by the work the method adds to the backbone's (heads, predictors, prototypes, the loss's
+similarity matrices): ``step_vs_compute_bound`` is the share of it a step keeps, what is lost to everything else
+(element-wise work, the optimizer, momentum updates, data, Python).
 Peak memory: CUDA's peak allocation on a GPU, the process's peak resident set on the CPU.
 """
 
@@ -33,6 +38,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from ssl_cli.config.schema import Recipe
 from ssl_cli.data import open_dataset
@@ -71,6 +77,14 @@ def _timed_rounds(runs: list[Callable[[], Any]], iterations: int, warmup: int, d
             _sync(device)
             totals[i] += time.perf_counter() - start
     return [t / iterations for t in totals]
+
+
+def count_flops(run: Callable[[], Any]) -> int:
+    """Floating-point operations of one ``run()`` (matrix products and convolutions, forward and backward, as
+    ``torch.utils.flop_counter`` counts them; element-wise work is not counted)."""
+    with FlopCounterMode(display=False) as counter:
+        run()
+    return counter.get_total_flops()
 
 
 def _sync(device: torch.device) -> None:
@@ -216,6 +230,7 @@ def bench(recipe: Recipe, data: str | None = None, steps: int = 20, warmup: int 
     runs = [replay_step(method, with_grad, device, train.precision, memory_format), train_step]
     if len(with_grad) < len(calls):
         runs.append(replay_step(method, calls, device, train.precision, memory_format))
+    step_flops, ceiling_flops = count_flops(train_step), count_flops(runs[2] if len(runs) > 2 else runs[0])
     seconds = _timed_rounds(runs, steps, warmup, device)
     backbone_rate, step_rate = batch / seconds[0], batch / seconds[1]
     ceiling = batch / seconds[2] if len(seconds) > 2 else backbone_rate
@@ -238,6 +253,9 @@ def bench(recipe: Recipe, data: str | None = None, steps: int = 20, warmup: int 
         "data_images_per_second": data_rate,
         "step_images_per_second": step_rate,
         "step_vs_ceiling": step_rate / ceiling,
+        "step_flops_vs_ceiling": step_flops / ceiling_flops,
+        "compute_bound_images_per_second": ceiling * ceiling_flops / step_flops,
+        "step_vs_compute_bound": step_rate / (ceiling * ceiling_flops / step_flops),
         "data_vs_ceiling": data_rate / ceiling,
         "peak_memory_mb": _peak_memory_mb(device),
         "steps": steps,

@@ -8,7 +8,7 @@ from test_cli import TINY_SET, invoke, one_json, user_error
 from torch import nn
 
 from conftest import TINY, write_image_folder
-from ssl_cli.bench import bench, encoders, record_encoder_calls, replay_step
+from ssl_cli.bench import bench, count_flops, encoders, record_encoder_calls, replay_step
 from ssl_cli.config import load_recipe
 from ssl_cli.methods import get_method
 
@@ -33,6 +33,23 @@ def test_bench_measures_ceiling_data_and_step(augment: str, tmp_path) -> None:
     # MoCo's key encoder forward (the key view of every image; mocov2 is asymmetric) counts in the ceiling
     assert sum(shape[0] for shape in result["momentum_encoder_forwards"]) == 8
     assert result["ceiling_images_per_second"] < result["backbone_images_per_second"]
+    # the step adds the projector and the query-key / query-queue products to the encoder work the ceiling replays
+    assert result["step_flops_vs_ceiling"] > 1.0
+    assert result["compute_bound_images_per_second"] == pytest.approx(
+        result["ceiling_images_per_second"] / result["step_flops_vs_ceiling"]
+    )
+    assert result["step_vs_compute_bound"] == pytest.approx(
+        result["step_images_per_second"] / result["compute_bound_images_per_second"]
+    )
+
+
+def test_count_flops_counts_matrix_products_forward_and_backward() -> None:
+    linear, x = nn.Linear(8, 4), torch.randn(5, 8, requires_grad=True)
+    forward = 2 * 5 * 8 * 4  # multiply-adds of a 5x8 @ 8x4 product, two operations each
+    with torch.no_grad():
+        assert count_flops(lambda: linear(x)) == forward
+    # backward: the input's gradient and the weight's, one product of the same size each
+    assert count_flops(lambda: linear(x).sum().backward()) == 3 * forward
 
 
 def test_cli_json_and_bad_recipe_key() -> None:
