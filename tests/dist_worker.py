@@ -12,9 +12,9 @@ import torch.distributed as dist
 from conftest import TINY
 from ssl_cli.config import load_recipe
 from ssl_cli.distributed import all_reduce_mean, data_parallel
-from ssl_cli.sync_batchnorm import convert_global_batchnorm
 from ssl_cli.train.optim import build_optimizer, clip_gradients
 from ssl_cli.train.pretrain import build_method
+from ssl_cli.train.sync_batchnorm import convert_global_batchnorm
 
 GLOBAL_BATCH = 16
 STEPS = 2
@@ -24,6 +24,7 @@ CASES: dict[str, tuple[str, list]] = {
     "simclr": ("simclr", []),
     # the online linear classifier (ssl pretrain --val): its gradient averaged over the ranks like the method's
     "simclr-online": ("simclr", []),
+    "mocov1": ("mocov1", [("method.queue_size", 64), ("method.shuffle_bn_splits", 1)]),
     "mocov2": ("mocov2", [("method.queue_size", 64), ("method.shuffle_bn_splits", 1)]),
     "simclrv2-queue": ("simclrv2", [("method.queue_size", 64)]),
     "byol": ("byol", [("method.proj_hidden_dim", 64), ("method.pred_hidden_dim", 64)]),

@@ -113,9 +113,21 @@ METHODS["instdisc"] = (
 )
 
 
+# DeepCluster v2 (3 x 300 prototypes, about 2 images per cluster; LARS lr 0.2): +0.070 / +0.043 / +0.060 over random
+# (0.143) on seeds 0 / 1 / 2 (+0.030 / +0.053 / +0.010 on seeds 3 / 4 / 5). With 3 x 100 prototypes or lr 0.6 some seed
+# stays at random: the loss stays near log K, the previous epoch's clusters being hard to predict from new views.
+METHODS["deepclusterv2-cifar"] = (
+    [("backbone.small_stem", False), ("method.proj_hidden_dim", 256), ("method.num_prototypes", [300, 300, 300])]
+    + [("optim.lr", 0.2), ("optim.clip_lr", False)],  # calibrated before the recipe took solo-learn's clip_lr
+    0.02,
+)
+# one thread for k-means: on 2 shared cores two threads ran DeepCluster v2 4x slower (60 s against 13 s)
+THREADS = {"deepclusterv2-cifar": 1}
+
+
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_short_training_beats_random_encoder_on_knn(name: str, demo_folders, tmp_path: Path) -> None:
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS.get(name, 2))
     train, test = demo_folders
     overrides = [
         *TINY,

@@ -17,8 +17,8 @@ from ssl_cli.config import load_recipe
 from ssl_cli.data.loader import mix_seed
 from ssl_cli.errors import RecipeError
 from ssl_cli.losses.deepclusterv2 import NO_CLUSTER, cluster_prediction, spherical_kmeans
+from ssl_cli.train.launch import demo_overrides
 from ssl_cli.train.optim import build_optimizer
-from ssl_cli.train.pretrain import demo_overrides
 
 SMALL = [
     ("backbone.small_stem", False),
@@ -284,7 +284,7 @@ def test_steps_need_data_bound_and_clusters() -> None:
 
 
 def test_bench_clusters_before_its_steps(tmp_path: Path) -> None:
-    from ssl_cli.bench import bench
+    from ssl_cli.train.bench import bench
 
     data = write_image_folder(tmp_path / "data", per_class=8, classes=2)
     recipe = load_recipe("deepclusterv2-cifar", [*TINY, *SMALL, ("train.batch_size", 8)])
@@ -324,40 +324,3 @@ def test_bad_values_are_one_clear_error() -> None:
         assert_one_line_error(key, load_recipe, "deepclusterv2", [(key, value)])
     assert_one_line_error("method.num_targets: 3 target views", tiny, ("method.num_targets", 3))
     assert_one_line_error("needs at least 2 views", tiny, ("views.0.count", 1))
-
-
-# --- learning -------------------------------------------------------------------------------------------------
-
-# The budget of tests/test_learning.py (640 demo images, test ResNet, 5 epochs of 10 steps). With 3 x 300 prototypes
-# (about 2 images per cluster) and LARS lr 0.2, kNN top-1 gains +0.070 / +0.043 / +0.060 over the random encoder
-# (0.143) on seeds 0 / 1 / 2 (+0.030 / +0.053 / +0.010 on seeds 3 / 4 / 5). With 3 x 100 prototypes or lr 0.6 some
-# seed stays at random: the loss stays near log K, the previous epoch's clusters being hard to predict from new views.
-LEARNING = [
-    ("backbone.small_stem", False),
-    ("method.proj_hidden_dim", 256),
-    ("method.num_prototypes", [300, 300, 300]),
-    ("optim.lr", 0.2),
-    ("optim.clip_lr", False),  # calibrated before the recipe took solo-learn's clip_lr
-]
-
-
-def test_short_training_beats_random_encoder_on_knn(tmp_path: Path) -> None:
-    from ssl_cli.eval.run import run_knn, setup
-    from ssl_cli.train.pretrain import pretrain
-
-    # one thread (conftest's): on 2 shared cores two threads ran this 4x slower (60 s against 13 s)
-    train = str(write_image_folder(tmp_path / "train", per_class=64, classes=10))
-    test = str(write_image_folder(tmp_path / "test", per_class=30, classes=10, split="test"))
-    overrides = [
-        *TINY,
-        ("train.epochs", 5),
-        ("train.batch_size", 64),
-        ("train.checkpoint_every", 0),
-        ("views.*.blur_prob", 0.0),
-        ("optim.lr_scaling", "none"),
-        *LEARNING,
-    ]
-    result = pretrain(load_recipe("deepclusterv2-cifar", overrides), train, tmp_path / "run")
-    trained = run_knn(setup(result.checkpoint, train, test, "cpu"), [20], 0.07, 256, 0)["top1"]
-    random = run_knn(setup(result.checkpoint, train, test, "cpu", random_init=True), [20], 0.07, 256, 0)["top1"]
-    assert trained > random + 0.02, (trained, random)

@@ -1,21 +1,13 @@
-"""Self-supervised methods, one file each; importing this package registers them."""
+"""Self-supervised methods, one file each. A method file registers its class with ``@register``; importing this
+package imports every module in it, so a new file is found without an import list to edit."""
 
-from ssl_cli.methods import (  # noqa: F401  (importing a method module registers it)
-    barlowtwins,
-    byol,
-    deepclusterv2,
-    dino,
-    instdisc,
-    invaspread,
-    mocov1,
-    mocov2,
-    mocov3,
-    simclr,
-    simclrv2,
-    simsiam,
-    swav,
-)
+import importlib
+import pkgutil
+
 from ssl_cli.methods.base import Method, StepOutput
 from ssl_cli.methods.registry import METHODS, get_method, register
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["METHODS", "Method", "StepOutput", "get_method", "register"]
