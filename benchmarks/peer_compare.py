@@ -24,9 +24,9 @@ from pathlib import Path
 from cifar_short import ssl
 from safetensors.torch import load_file
 
+from ssl_cli.artifacts.safetensors_io import atomic_save, read_safetensors
 from ssl_cli.config.schema import IMAGENET_MEAN, IMAGENET_STD
-from ssl_cli.export import export_backbone
-from ssl_cli.train.checkpoint import atomic_save, read_safetensors
+from ssl_cli.export.backbone import export_backbone
 
 BUDGET = "--backbone resnet18 --set backbone.small_stem=false --set views.*.size=32 --set train.checkpoint_every=0"
 

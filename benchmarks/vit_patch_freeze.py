@@ -15,7 +15,8 @@ from pathlib import Path
 
 from ssl_cli.config import load_recipe
 from ssl_cli.eval.run import run_knn, setup
-from ssl_cli.train.pretrain import SilentReporter, pretrain
+from ssl_cli.runtime import SilentReporter
+from ssl_cli.train.pretrain import pretrain
 
 
 class CurveReporter(SilentReporter):

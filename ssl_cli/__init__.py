@@ -13,7 +13,7 @@ def load_backbone(path: str, device: str = "cpu"):
     Works for every backbone ``ssl`` trains, including changed stems that plain ``timm.create_model``
     cannot rebuild. Returns the timm model (``num_classes=0``) in eval mode.
     """
-    from ssl_cli.export import load_backbone as _load
+    from ssl_cli.artifacts.backbone import load_backbone as _load
 
     return _load(path, device=device)
 

@@ -8,9 +8,9 @@ from test_cli import TINY_SET, invoke, one_json, user_error
 from torch import nn
 
 from conftest import TINY, write_image_folder
-from ssl_cli.bench import bench, count_flops, encoders, record_encoder_calls, replay_step
 from ssl_cli.config import load_recipe
 from ssl_cli.methods import get_method
+from ssl_cli.train.bench import bench, count_flops, encoders, record_encoder_calls, replay_step
 
 
 @pytest.mark.parametrize("augment", ["sample", "batch", "crop", "auto"])
@@ -135,7 +135,7 @@ def test_the_ceiling_replays_exactly_the_encoder_work_of_a_real_step(case: str) 
 def test_without_data_a_short_measurement_on_the_demo_set(monkeypatch, tmp_path) -> None:
     """No --data: batch 64, 8 timed steps after 2 warm-up (~40 s for simclr-cifar on 2 cores); with --data
     or explicit flags: the recipe's batch and 20 / 3, or what was given."""
-    import ssl_cli.bench
+    import ssl_cli.train.bench
 
     seen: list[tuple] = []
 
@@ -143,7 +143,7 @@ def test_without_data_a_short_measurement_on_the_demo_set(monkeypatch, tmp_path)
         seen.append((recipe.train.batch_size, recipe.backbone.small_stem, data, steps, warmup))
         return {"recipe": recipe.recipe.name}
 
-    monkeypatch.setattr(ssl_cli.bench, "bench", fake)
+    monkeypatch.setattr(ssl_cli.train.bench, "bench", fake)
     result = invoke("bench", "--recipe", "simclr-cifar", "--json")
     assert result.exit_code == 0 and "no --data: the built-in demo set" in result.stderr
     assert seen[-1] == (64, True, None, 8, 2)  # the recipe's own CIFAR stem
@@ -154,7 +154,7 @@ def test_without_data_a_short_measurement_on_the_demo_set(monkeypatch, tmp_path)
 
 
 def test_ceiling_and_step_are_timed_in_alternation() -> None:
-    from ssl_cli.bench import _timed_rounds
+    from ssl_cli.train.bench import _timed_rounds
 
     order: list[str] = []
     seconds = _timed_rounds([lambda: order.append("a"), lambda: order.append("b")], 3, 1, torch.device("cpu"))

@@ -20,9 +20,9 @@ from typer.testing import CliRunner
 import ssl_cli
 import ssl_cli.cli.console as console
 from conftest import TINY, write_image_folder
+from ssl_cli.artifacts.checkpoint import read_checkpoint
 from ssl_cli.cli.app import app
 from ssl_cli.config import load_recipe
-from ssl_cli.train.checkpoint import read_checkpoint
 
 # TINY as --set arguments (epochs as the --epochs flag: --set would win over it), plus a small projector
 TINY_SET = [a for k, v in TINY if k != "train.epochs" for a in ("--set", f"{k}={v}")]
@@ -436,7 +436,7 @@ def test_usage_errors_exit_2_without_traceback() -> None:
 
 
 def test_internal_errors_are_one_line_exit_1(world, tmp_path: Path, monkeypatch) -> None:
-    import ssl_cli.export as export_lib
+    import ssl_cli.export.backbone as export_lib
 
     def boom(*_args, **_kwargs):
         raise RuntimeError("something broke\nwith a second line")

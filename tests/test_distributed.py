@@ -3,7 +3,7 @@
 Each method's cross-sample parts must be global (negatives gathered with their gradient, queues and banks fed
 with every rank's keys, Barlow Twins' correlation and BatchNorm statistics over the global batch), and DDP's
 gradient average must turn into the global batch's gradient. The models use BatchNorm synchronised over the
-ranks (``ssl_cli.sync_batchnorm``), so the two runs compute the same function.
+ranks (``ssl_cli.train.sync_batchnorm``), so the two runs compute the same function.
 """
 
 from __future__ import annotations

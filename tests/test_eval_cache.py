@@ -18,6 +18,9 @@ from test_cli import invoke as cli_invoke
 from test_cli import one_json, user_error  # noqa: F401 (also used by test_embed)
 
 from conftest import write_image_folder
+from ssl_cli.artifacts.backbone import load_backbone
+from ssl_cli.artifacts.checkpoint import EXPORT_FORMAT
+from ssl_cli.artifacts.safetensors_io import atomic_save
 from ssl_cli.backbones import build_backbone
 from ssl_cli.config.schema import BackboneConfig
 from ssl_cli.data import scan_folder
@@ -25,8 +28,6 @@ from ssl_cli.eval import cache as cache_module
 from ssl_cli.eval import features as features_module
 from ssl_cli.eval.cache import FeatureCache, default_cache_dir, feature_key, file_digest, images_fingerprint
 from ssl_cli.eval.run import features, setup
-from ssl_cli.export import load_backbone
-from ssl_cli.train.checkpoint import EXPORT_FORMAT, atomic_save
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.25, 0.2, 0.3]
 EVAL = ["--device", "cpu", "--num-workers", "0"]

@@ -18,17 +18,19 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import ssl_cli
-import ssl_cli.export_formats as formats
-import ssl_cli.train.checkpoint as checkpoint_module
+import ssl_cli.artifacts.safetensors_io as safetensors_io
+import ssl_cli.export.checks as checks
 from conftest import TINY, write_image_folder
+from ssl_cli.artifacts.checkpoint import EXPORT_FORMAT, FORMAT, read_checkpoint
+from ssl_cli.artifacts.safetensors_io import atomic_save
 from ssl_cli.backbones import build_backbone
 from ssl_cli.cli.app import app
 from ssl_cli.config import load_recipe
 from ssl_cli.config.schema import BackboneConfig
 from ssl_cli.errors import CheckpointError
-from ssl_cli.export import export_backbone
-from ssl_cli.export_formats import export_model, resolve_format
-from ssl_cli.train.checkpoint import EXPORT_FORMAT, FORMAT, atomic_save, read_checkpoint, save_checkpoint
+from ssl_cli.export.backbone import export_backbone
+from ssl_cli.export.formats import export_model, resolve_format
+from ssl_cli.train.checkpoint import save_checkpoint
 from ssl_cli.train.pretrain import build_method, pretrain
 
 # torch >= 2.9 deprecates TorchScript; the format is still what many deployments load
@@ -306,7 +308,7 @@ def test_failed_save_keeps_the_previous_file(tmp_path: Path, monkeypatch, exc: B
     atomic_save({"w": torch.ones(3)}, {"format": FORMAT, "epoch": 1}, target)
     before = target.read_bytes()
 
-    monkeypatch.setattr(checkpoint_module, "save_file", _failing_save(exc))
+    monkeypatch.setattr(safetensors_io, "save_file", _failing_save(exc))
     with pytest.raises(type(exc)):
         atomic_save({"w": torch.zeros(3)}, {"format": FORMAT, "epoch": 2}, target)
 
@@ -322,7 +324,7 @@ def test_failed_save_during_training_keeps_last(tmp_path: Path, monkeypatch) -> 
     recipe = load_recipe("simclr", [*TINY, *SMALL_HEAD, ("train.epochs", 2)])
     calls: list = []
     # saves per epoch: last, then epoch_NNNN; call 3 is epoch 2's last
-    monkeypatch.setattr(checkpoint_module, "save_file", _failing_save(OSError(28, "disk full"), calls, fail_at=3))
+    monkeypatch.setattr(safetensors_io, "save_file", _failing_save(OSError(28, "disk full"), calls, fail_at=3))
     with pytest.raises(OSError, match="disk full"):
         pretrain(recipe, str(data), tmp_path / "run")
     assert len(calls) == 3
@@ -371,7 +373,7 @@ def vit(tmp_path_factory) -> SimpleNamespace:
 
 
 def _trained_backbone(ckpt: Path) -> torch.nn.Module:
-    """The method's own backbone with the checkpoint's weights: the reference, built without ssl_cli.export."""
+    """The method's own backbone with the checkpoint's weights: the reference, built without ssl_cli.export.backbone."""
     loaded = read_checkpoint(ckpt)
     method = build_method(loaded.recipe)
     method.load_state_dict(loaded.section("model"))
@@ -589,7 +591,7 @@ def test_a_failed_check_leaves_nothing_and_keeps_the_earlier_output(stock, tmp_p
     out = tmp_path / ("b.pt" if fmt == "torchscript" else "hf")
     export_model(stock.ckpt, out, fmt)  # an earlier, good export
     before = {p.name: p.read_bytes() for p in ([out] if out.is_file() else out.iterdir())}
-    monkeypatch.setattr(formats, "TOLERANCE", -1.0)  # every comparison fails
+    monkeypatch.setattr(checks, "TOLERANCE", -1.0)  # every comparison fails
     with pytest.raises(CheckpointError) as err:
         export_model(stock.ckpt, out, fmt)
     assert "does not reproduce the PyTorch model" in _one_line(err)

@@ -17,17 +17,19 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import ssl_cli
-import ssl_cli.train.checkpoint as checkpoint_module
+import ssl_cli.artifacts.backbone as backbone_module
+import ssl_cli.artifacts.checkpoint as checkpoint_module
 from conftest import TINY, write_image_folder
+from ssl_cli.artifacts.checkpoint import EXPORT_FORMAT
+from ssl_cli.artifacts.safetensors_io import atomic_save, read_safetensors
 from ssl_cli.backbones import build_backbone
 from ssl_cli.cli.app import app
 from ssl_cli.config import load_recipe
 from ssl_cli.config.schema import BackboneConfig
 from ssl_cli.errors import CheckpointError
-from ssl_cli.export import export_backbone
-from ssl_cli.export_formats import export_model
-from ssl_cli.inspection import describe
-from ssl_cli.train.checkpoint import EXPORT_FORMAT, atomic_save, read_safetensors
+from ssl_cli.export.backbone import export_backbone
+from ssl_cli.export.formats import export_model
+from ssl_cli.export.inspect import describe
 from ssl_cli.train.pretrain import pretrain
 
 SMALL_HEAD = [("method.proj_hidden_dim", 64), ("method.proj_output_dim", 32)]
@@ -208,6 +210,7 @@ def test_only_the_header_is_read(run, monkeypatch) -> None:
         raise AssertionError("the tensors were read")
 
     monkeypatch.setattr(checkpoint_module, "read_safetensors", no_tensors)
+    monkeypatch.setattr(backbone_module, "read_safetensors", no_tensors)
     from safetensors import safe_open
 
     class NoGet:

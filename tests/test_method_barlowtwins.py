@@ -11,9 +11,9 @@ from ssl_cli.config import load_recipe
 from ssl_cli.errors import RecipeError
 from ssl_cli.losses import BarlowTwinsLoss, cross_correlation
 from ssl_cli.methods.barlowtwins import BarlowTwinsConfig
+from ssl_cli.schedules import lr_schedule
 from ssl_cli.train.optim import build_optimizer, effective_lr, set_lr
 from ssl_cli.train.pretrain import build_method
-from ssl_cli.train.schedule import lr_schedule
 
 SMALL = [("method.proj_hidden_dim", 32), ("method.proj_output_dim", 16)]
 

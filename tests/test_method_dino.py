@@ -14,8 +14,8 @@ from conftest import TINY, assert_one_line_error, tiny_method, write_image_folde
 from ssl_cli.config import load_recipe
 from ssl_cli.heads import DINOHead, WeightNormLinear
 from ssl_cli.losses.dino import dino_loss, teacher_probs, teacher_temperatures, updated_center
+from ssl_cli.schedules import weight_decay_schedule
 from ssl_cli.train.optim import build_optimizer, clip_gradients, set_weight_decay
-from ssl_cli.train.schedule import weight_decay_schedule
 
 SMALL = [("method.proj_hidden_dim", 32), ("method.proj_output_dim", 16), ("method.num_prototypes", 40)]
 
@@ -256,7 +256,7 @@ def test_the_method_uses_the_epochs_teacher_temperature() -> None:
 def test_pretrain_schedules_weight_decay_and_clips(tmp_path, monkeypatch) -> None:
     """``ssl pretrain`` sets the scheduled weight decay before each step and clips the gradients per parameter."""
     import ssl_cli.train.pretrain as trainer
-    from ssl_cli.train.checkpoint import read_checkpoint
+    from ssl_cli.artifacts.checkpoint import read_checkpoint
 
     data = write_image_folder(tmp_path / "data", per_class=8, classes=4)
     clipped: list[float] = []

@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from test_resume import Interrupt
 
 from conftest import TINY, tiny_method, write_image_folder
+from ssl_cli.artifacts.checkpoint import read_checkpoint
 from ssl_cli.config import load_recipe
 from ssl_cli.errors import RecipeError
 from ssl_cli.losses import MemoryBank, nce_loss
-from ssl_cli.train.checkpoint import read_checkpoint
 from ssl_cli.train.optim import build_optimizer
 from ssl_cli.train.pretrain import build_method, pretrain
 

@@ -18,7 +18,7 @@ from ssl_cli.config import load_recipe
 from ssl_cli.methods import METHODS
 from ssl_cli.methods.mocov1 import MoCoV1, MoCoV1Config
 from ssl_cli.methods.mocov2 import MoCoV2, MoCoV2Config
-from ssl_cli.train.schedule import lr_schedule
+from ssl_cli.schedules import lr_schedule
 
 
 def tiny(name: str, *extra) -> nn.Module:

@@ -17,16 +17,17 @@ from typer.testing import CliRunner
 
 import ssl_cli
 from conftest import TINY, random_views, tiny_method, write_image_folder
+from ssl_cli.artifacts.checkpoint import read_checkpoint
 from ssl_cli.cli.app import app
 from ssl_cli.config import load_recipe
 from ssl_cli.errors import CheckpointError, RecipeError
 from ssl_cli.eval.run import features, run_knn, run_probe, setup
-from ssl_cli.export import export_backbone
+from ssl_cli.export.backbone import export_backbone
 from ssl_cli.heads import ScaleBatchNorm1d
 from ssl_cli.losses import NTXentLoss
 from ssl_cli.methods.simclr import SimCLR
 from ssl_cli.methods.simclrv2 import SimCLRv2
-from ssl_cli.train.checkpoint import read_checkpoint, save_checkpoint
+from ssl_cli.train.checkpoint import save_checkpoint
 from ssl_cli.train.optim import build_optimizer, effective_lr
 from ssl_cli.train.pretrain import build_method, pretrain
 

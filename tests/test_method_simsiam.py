@@ -12,13 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import TINY, random_views, tiny_method
+from ssl_cli.artifacts.checkpoint import read_checkpoint
 from ssl_cli.config import load_recipe
 from ssl_cli.errors import RecipeError
 from ssl_cli.losses import negative_cosine, normalized_std, simsiam_loss
-from ssl_cli.train.checkpoint import read_checkpoint
+from ssl_cli.schedules import lr_schedule
 from ssl_cli.train.optim import build_optimizer, set_lr
 from ssl_cli.train.pretrain import pretrain
-from ssl_cli.train.schedule import lr_schedule
 
 SMALL_HEADS = [("method.proj_hidden_dim", 32), ("method.proj_output_dim", 32), ("method.pred_hidden_dim", 8)]
 

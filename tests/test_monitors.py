@@ -10,13 +10,14 @@ import torch
 import torch.nn.functional as F
 
 from conftest import TINY, tiny_method, write_image_folder
+from ssl_cli.artifacts.checkpoint import read_checkpoint
 from ssl_cli.config import load_recipe
 from ssl_cli.errors import CheckpointError, DataError
 from ssl_cli.eval.run import run_knn, setup
-from ssl_cli.train.checkpoint import read_checkpoint
+from ssl_cli.runtime import SilentReporter
 from ssl_cli.train.monitors import OnlineMonitors
 from ssl_cli.train.optim import build_optimizer, effective_lr, set_lr
-from ssl_cli.train.pretrain import SilentReporter, pretrain
+from ssl_cli.train.pretrain import pretrain
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,14 @@ from test_cli import invoke as cli_invoke
 from test_cli import one_json, user_error
 
 from conftest import write_image_folder
+from ssl_cli.artifacts.backbone import load_backbone
+from ssl_cli.artifacts.checkpoint import EXPORT_FORMAT
+from ssl_cli.artifacts.safetensors_io import atomic_save
 from ssl_cli.augment import eval_transform
 from ssl_cli.backbones import build_backbone
 from ssl_cli.config.schema import BackboneConfig
 from ssl_cli.data import decode_image
 from ssl_cli.errors import CheckpointError, DataError
-from ssl_cli.export import load_backbone
 from ssl_cli.plots.curves import panels, read_metrics, read_runs
 from ssl_cli.plots.embedding import EMBED_FORMAT, balanced_sample, nn_agreement, project
 from ssl_cli.plots.neighbors import (
@@ -39,7 +41,6 @@ from ssl_cli.plots.neighbors import (
     render_grid,
     self_mask,
 )
-from ssl_cli.train.checkpoint import EXPORT_FORMAT, atomic_save
 
 SIZE, ZOOM = 32, 3  # 32-pixel images become 96-pixel tiles (MIN_TILE)
 TILE = SIZE * ZOOM

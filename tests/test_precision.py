@@ -30,7 +30,7 @@ from ssl_cli.losses.ntxent import NTXentLoss
 from ssl_cli.losses.simsiam import negative_cosine, simsiam_loss
 from ssl_cli.losses.swav import prototype_scores, sinkhorn, swapped_prediction
 from ssl_cli.precision import fp32, full_precision
-from ssl_cli.train.pretrain import autocast
+from ssl_cli.runtime import autocast
 
 RTOL = 1e-4
 """fp32 agreement: the guarded loss under autocast repeats the fp32 computation (observed: bit-identical)."""

@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from conftest import TINY, write_image_folder
+from ssl_cli.artifacts.checkpoint import read_checkpoint
 from ssl_cli.config import load_recipe
 from ssl_cli.errors import DataError, TrainingError
-from ssl_cli.train.checkpoint import read_checkpoint
+from ssl_cli.runtime import SilentReporter, autocast, resolve_device
+from ssl_cli.schedules import lr_schedule
 from ssl_cli.train.optim import effective_lr
-from ssl_cli.train.pretrain import SilentReporter, autocast, pretrain, resolve_device, warmup_warning
-from ssl_cli.train.schedule import lr_schedule
+from ssl_cli.train.pretrain import pretrain, warmup_warning
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +157,8 @@ def test_every_recipe_builds_with_the_demo_settings(name: str) -> None:
     """``ssl pretrain --recipe R`` without --data: ViT recipes get a small ViT (not the ResNet, which would refuse
     their ViT options), the others the plain-stem ResNet-18."""
     from ssl_cli.config.load import builtin_recipes
-    from ssl_cli.train.pretrain import build_method, demo_overrides
+    from ssl_cli.train.launch import demo_overrides
+    from ssl_cli.train.pretrain import build_method
 
     assert name in builtin_recipes()
     base = load_recipe(name)
@@ -171,7 +173,8 @@ def test_every_recipe_builds_with_the_demo_settings(name: str) -> None:
 
 def test_all_builtin_recipes_build_with_the_demo_settings() -> None:
     from ssl_cli.config.load import builtin_recipes
-    from ssl_cli.train.pretrain import build_method, demo_overrides
+    from ssl_cli.train.launch import demo_overrides
+    from ssl_cli.train.pretrain import build_method
 
     for name in builtin_recipes():
         base = load_recipe(name)

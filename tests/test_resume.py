@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from conftest import TINY, write_image_folder
+from ssl_cli.artifacts.checkpoint import read_checkpoint
+from ssl_cli.artifacts.safetensors_io import atomic_save
 from ssl_cli.config import load_recipe
-from ssl_cli.train.checkpoint import atomic_save, read_checkpoint
-from ssl_cli.train.pretrain import SilentReporter, pretrain
+from ssl_cli.runtime import SilentReporter
+from ssl_cli.train.pretrain import pretrain
 
 
 class Interrupt(SilentReporter):

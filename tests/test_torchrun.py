@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from conftest import write_image_folder
-from ssl_cli.train.checkpoint import read_checkpoint
+from ssl_cli.artifacts.checkpoint import read_checkpoint
 
 ARGS = [
     "pretrain", "--recipe", "simclr", "--backbone", "test_resnet", "--set", "views.*.size=32",

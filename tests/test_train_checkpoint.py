@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import ssl_cli.train.checkpoint as checkpoint
-from ssl_cli.train.checkpoint import read_safetensors, save_checkpoint
+import ssl_cli.artifacts.atomic as atomic
+import ssl_cli.artifacts.safetensors_io as checkpoint
+from ssl_cli.artifacts.safetensors_io import read_safetensors
+from ssl_cli.train.checkpoint import save_checkpoint
 
 
 def _save(path: Path, value: float) -> None:
@@ -35,7 +37,7 @@ def test_the_file_is_written_elsewhere_in_the_same_folder_then_renamed(tmp_path,
         return real_replace(src, dst)
 
     monkeypatch.setattr(checkpoint, "save_file", save_file)
-    monkeypatch.setattr(checkpoint.os, "replace", replace)
+    monkeypatch.setattr(atomic.os, "replace", replace)
     _save(target, 1.0)
     assert len(written) == 1 and written[0] != target and written[0].parent == target.parent  # same filesystem
     assert renamed == [(written[0], target)]
@@ -58,7 +60,7 @@ def test_a_crash_while_saving_keeps_the_old_checkpoint_whole(tmp_path, monkeypat
     if crash_in == "write":
         monkeypatch.setattr(checkpoint, "save_file", crash_after_writing)
     else:
-        monkeypatch.setattr(checkpoint.os, "replace", crash_on_rename)
+        monkeypatch.setattr(atomic.os, "replace", crash_on_rename)
     with pytest.raises((KeyboardInterrupt, OSError)):
         _save(target, 2.0)
     tensors, meta = read_safetensors(target)

@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from ssl_cli.config.schema import OptimConfig
+from ssl_cli.methods.param_groups import param_groups
 from ssl_cli.train.lars import LARS
-from ssl_cli.train.optim import build_optimizer, effective_lr, param_groups, set_lr
+from ssl_cli.train.optim import build_optimizer, effective_lr, set_lr
 
 # --------------------------------------------------------------------------------------------- LARS
 

@@ -1,4 +1,4 @@
-"""Per-step learning-rate and momentum schedules (ssl_cli.train.schedule)."""
+"""Per-step learning-rate and momentum schedules (ssl_cli.schedules)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ssl_cli.config.schema import ScheduleConfig
-from ssl_cli.train.schedule import constant_schedule, cosine_schedule, lr_schedule, momentum_schedule, step_schedule
+from ssl_cli.schedules import constant_schedule, cosine_schedule, lr_schedule, momentum_schedule, step_schedule
 
 
 def test_cosine_schedule_values():

@@ -19,12 +19,15 @@ from safetensors.torch import load_file
 from test_cli import invoke as cli_invoke
 from test_cli import one_json, user_error
 
+from ssl_cli.artifacts.checkpoint import EXPORT_FORMAT
+from ssl_cli.artifacts.safetensors_io import atomic_save
 from ssl_cli.augment import eval_transform, train_eval_transform
 from ssl_cli.backbones import build_backbone
 from ssl_cli.config.schema import BackboneConfig
-from ssl_cli.confusion import confusion_matrix, per_class_accuracy, render_confusion
 from ssl_cli.data import scan_folder
-from ssl_cli.finetune import (
+from ssl_cli.plots.confusion import confusion_matrix, per_class_accuracy, render_confusion
+from ssl_cli.train.optim import set_lr
+from ssl_cli.transfer.finetune import (
     FinetuneConfig,
     attach_classifier,
     build_optimizer,
@@ -34,7 +37,7 @@ from ssl_cli.finetune import (
     lr_schedule,
     predict,
 )
-from ssl_cli.label_subset import (
+from ssl_cli.transfer.label_subset import (
     image_keys,
     read_subset,
     save_subset,
@@ -42,8 +45,6 @@ from ssl_cli.label_subset import (
     subset_from_indices,
     subset_indices,
 )
-from ssl_cli.train.checkpoint import EXPORT_FORMAT, atomic_save
-from ssl_cli.train.optim import set_lr
 
 COLOURS = {"blue": (40, 60, 200), "green": (40, 180, 60), "red": (200, 40, 40)}  # sorted: the class order
 SIZE = 16
@@ -359,8 +360,8 @@ def test_projector_layers_sit_in_the_classifier_slot_and_reload(tmp_path: Path) 
     """SimCLR v2 fine-tunes from the projection head's first layer: it goes in front of the linear classifier."""
     from torch import nn
 
-    from ssl_cli.export import head_spec
-    from ssl_cli.finetune import finetuned_meta, save_finetuned
+    from ssl_cli.export.backbone import head_spec
+    from ssl_cli.transfer.finetune import finetuned_meta, save_finetuned
 
     torch.manual_seed(0)
     head = nn.Sequential(nn.Linear(96, 32, bias=False), nn.BatchNorm1d(32), nn.ReLU())

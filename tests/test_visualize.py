@@ -15,14 +15,14 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from conftest import write_image_folder
+from ssl_cli.artifacts.checkpoint import EXPORT_FORMAT
+from ssl_cli.artifacts.safetensors_io import atomic_save
 from ssl_cli.backbones import build_backbone
 from ssl_cli.cli.app import app
 from ssl_cli.config import load_recipe
 from ssl_cli.config.schema import BackboneConfig
-from ssl_cli.export import export_backbone
-from ssl_cli.train.checkpoint import EXPORT_FORMAT, atomic_save
-from ssl_cli.train.pretrain import pretrain
-from ssl_cli.visualize import (
+from ssl_cli.export.backbone import export_backbone
+from ssl_cli.plots.attention import (
     GAP,
     cls_attention,
     colorize,
@@ -32,6 +32,7 @@ from ssl_cli.visualize import (
     scale01,
     upsample,
 )
+from ssl_cli.train.pretrain import pretrain
 
 # A ViT-Tiny cut to 2 blocks, 4x4 patches of 8 pixels at 32x32 (3 heads of 64 dimensions)
 VIT = {"name": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 8}
@@ -222,7 +223,7 @@ def test_pngs_json_and_what_the_panels_show(world) -> None:
     assert np.array_equal(_panel(picture, 0), source.repeat(ZOOM, 0).repeat(ZOOM, 1))
 
     # panels 1..4: the heads' maps and their mean, from an independent run of the library on the same input
-    from ssl_cli.export import load_backbone
+    from ssl_cli.artifacts.backbone import load_backbone
 
     model, meta = load_backbone(world.vit, with_meta=True)
     pre = meta["preprocessing"]

@@ -34,7 +34,7 @@ def bench(
 
     Without --data: the built-in demo images with a short measurement (batch size 64, 8 timed steps after 2 warm-up
     steps, the recipe's own backbone and stem: about 40 s for simclr-cifar on 2 CPU cores)."""
-    from ssl_cli.bench import bench as run_bench
+    from ssl_cli.train.bench import bench as run_bench
 
     flags = {
         "backbone.name": backbone,

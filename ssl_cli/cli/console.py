@@ -85,7 +85,7 @@ class ProgressReporter:
     LOG_INTERVAL_S = 30.0
     """Without a terminal (logs, CI) the bar is hidden; a plain progress line is printed this often instead."""
 
-    def __init__(self, epochs: int, quiet: bool = False) -> None:
+    def __init__(self, epochs: int | None = None, quiet: bool = False) -> None:
         self.epochs = epochs
         self.quiet = quiet
         self.total = 0
@@ -113,7 +113,8 @@ class ProgressReporter:
     def __exit__(self, *exc: Any) -> None:
         self.progress.__exit__(*exc)
 
-    def start(self, total_steps: int, done_steps: int) -> None:
+    def start(self, total_steps: int, done_steps: int, epochs: int | None = None) -> None:
+        self.epochs = epochs or self.epochs
         self.total, self.start_step, self.started = total_steps, done_steps, time.monotonic()
         self.task = self.progress.add_task("pretrain", total=total_steps, completed=done_steps, stats="")
 

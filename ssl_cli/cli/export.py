@@ -64,7 +64,7 @@ def export(
     as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout."),
 ) -> None:
     """Write the backbone in one format, load it back and compare its features with PyTorch's (max abs diff)."""
-    from ssl_cli.export_formats import export_model
+    from ssl_cli.export.formats import export_model
 
     summary = export_model(checkpoint, output, fmt, projector_layers=projector_layers)
     if as_json:

@@ -111,7 +111,7 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout (with the full resolved recipe)."),
 ) -> None:
     """What a checkpoint or export is: method, backbone, recipe, epoch, training data, last metrics, preprocessing."""
-    from ssl_cli.inspection import describe
+    from ssl_cli.export.inspect import describe
 
     info = describe(checkpoint)
     if as_json:

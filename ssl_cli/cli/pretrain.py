@@ -7,9 +7,6 @@ from pathlib import Path
 import typer
 
 from ssl_cli.cli.console import ProgressReporter, emit_json, err, handles_errors, out, result_table
-from ssl_cli.config import load_recipe
-from ssl_cli.errors import RecipeError
-from ssl_cli.train.run_dir import RunDir, default_run_dir
 
 
 @handles_errors
@@ -41,14 +38,10 @@ def pretrain(
 ) -> None:
     """Pretrain a backbone with a self-supervised recipe; writes checkpoints/last.safetensors in the run folder."""
     # torch-heavy imports stay inside the command, so `ssl --help` and `ssl --version` start fast
-    from ssl_cli.distributed import agree, env_rank, init_from_env, launched_by_torchrun, shutdown
-    from ssl_cli.train.checkpoint import read_checkpoint
-    from ssl_cli.train.pretrain import demo_overrides
-    from ssl_cli.train.pretrain import pretrain as run_pretrain
+    from ssl_cli.distributed import env_rank
+    from ssl_cli.train.launch import run_pretraining
 
-    main_process = env_rank() == 0  # under torchrun only rank 0 talks: progress, notes, the result
-    quiet = quiet or not main_process
-
+    quiet = quiet or env_rank() != 0  # under torchrun only rank 0 talks: progress, notes, the result
     flags = {
         "backbone.name": backbone,
         "train.epochs": epochs,
@@ -58,43 +51,18 @@ def pretrain(
         "data.num_workers": num_workers,
     }
     typed = [(k, v) for k, v in flags.items() if v is not None]
-    if resume:
-        if out_dir is None:
-            raise RecipeError("--resume needs --out: the run folder to continue")
-        run = RunDir(out_dir)
-        if not run.last.is_file():
-            raise RecipeError(f"--resume: no checkpoint to resume at {run.last}")
-        # the run folder's recipe.toml is the resolved recipe of the first run (demo settings included)
-        resolved = load_recipe(recipe or str(run.root / "recipe.toml"), [*typed, *overrides])
-        saved_data = read_checkpoint(run.last).meta["data"]
-        if data is None:
-            data = saved_data.get("spec")
-        if val is None:
-            val = saved_data.get("val")
-    else:
-        if recipe is None:
-            raise RecipeError("pass --recipe NAME or --recipe FILE.toml (see: ssl recipes list)")
-        pre = []
-        if data is None:
-            base = load_recipe(recipe)
-            pre = demo_overrides(base.method.name, base)
-        resolved = load_recipe(recipe, [*pre, *typed, *overrides])
-        if data is None and not quiet:
-            err.print(
-                "no --data: training on the built-in demo set (2,560 generated 32x32 images); demo settings: "
-                + ", ".join(f"{k}={v}" for k, v in pre),
-                markup=False,
-            )
-    if launched_by_torchrun():  # one process group for the folder choice and the training
-        init_from_env(resolved.train.device)
-    # a new folder is picked on rank 0, so every process writes into the same one
-    run_dir = out_dir or agree(default_run_dir(resolved.recipe.name or "run"))
-    try:
-        with ProgressReporter(resolved.train.epochs, quiet=quiet) as reporter:
-            result = run_pretrain(resolved, data, run_dir, resume=resume, reporter=reporter, val=val)
-    finally:
-        shutdown()
-    if not main_process:
+    with ProgressReporter(quiet=quiet) as reporter:
+        result = run_pretraining(
+            recipe,
+            data,
+            out_dir,
+            resume=resume,
+            overrides=[*typed, *overrides],
+            val=val,
+            reporter=reporter,
+            note=None if quiet else (lambda line: err.print(line, markup=False)),
+        )
+    if result is None:  # not the main process
         return
     if as_json:
         emit_json(result.to_dict())

@@ -1,4 +1,4 @@
-"""``ssl transfer``: fine-tune a checkpoint's backbone end to end with a fresh classifier (``ssl_cli.transfer``)."""
+"""``ssl transfer``: fine-tune a checkpoint's backbone end to end with a fresh classifier (``ssl_cli.transfer.run``)."""
 
 from __future__ import annotations
 
@@ -57,8 +57,8 @@ def transfer(
 
     Writes OUT/model.safetensors (timm keys + classifier), metrics.json, metrics.jsonl, confusion_matrix.png.
     """
-    from ssl_cli.finetune import FinetuneConfig
-    from ssl_cli.transfer import run_transfer
+    from ssl_cli.transfer.finetune import FinetuneConfig
+    from ssl_cli.transfer.run import run_transfer
 
     if (train is None or val is None) and not quiet:
         err.print("no --train/--val: fine-tuning on the built-in demo data", markup=False)

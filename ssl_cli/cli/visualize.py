@@ -29,7 +29,7 @@ def visualize(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
 ) -> None:
     """Per image: the image, the [CLS] token's last-block attention of every head, and their mean, side by side."""
-    from ssl_cli.visualize import visualize as run_visualize
+    from ssl_cli.plots.attention import visualize as run_visualize
 
     result = run_visualize(
         checkpoint,

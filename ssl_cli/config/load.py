@@ -174,6 +174,9 @@ def _error(err: ValidationError, model: type[BaseModel], origins: dict[str, str]
 
 def resolve(data: dict[str, Any], origins: dict[str, str] | None = None) -> Recipe:
     """Validate a raw recipe dict into a ``Recipe``; the method section by its method's own schema."""
+    # The one import from a lower layer up: each method owns its ``[method]`` schema in its own file (one file per
+    # method), so validating that section has to ask the registry. Lazy, so that importing ``config`` stays cheap
+    # and the methods, which import ``config.schema``, are not part of an import circle.
     from ssl_cli.methods.registry import get_method
 
     origins = origins or {}

@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import stat
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +30,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ssl_cli.artifacts.atomic import atomic_write
+from ssl_cli.artifacts.backbone import HF_WEIGHTS
 from ssl_cli.data import ImageSet
 from ssl_cli.errors import CheckpointError, DataError
-from ssl_cli.export import HF_WEIGHTS
 
 CACHE_FORMAT = "ssl-features/1"
 """Version of the cache entries: part of every key, so a change of the extraction invalidates old entries."""
@@ -175,20 +175,9 @@ class FeatureCache:
             "labels": labels.detach().to("cpu", torch.int64).contiguous(),
         }
         meta = {"format": CACHE_FORMAT, "key": key, "info": json.dumps(info)}
-        tmp = None
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=self.directory)
-            os.close(fd)
-            save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, path)
+            atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
         except OSError as e:
-            if tmp is not None:
-                Path(tmp).unlink(missing_ok=True)
             self.note(f"features: cannot write the cache in {self.directory} ({e.strerror or e}); not cached")
             return None
-        except BaseException:
-            if tmp is not None:
-                Path(tmp).unlink(missing_ok=True)
-            raise
         return path

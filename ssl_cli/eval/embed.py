@@ -15,8 +15,6 @@ Files are written atomically; an existing output is replaced only when it is an 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,12 +22,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from ssl_cli.artifacts.atomic import atomic_write, atomic_write_text
+from ssl_cli.artifacts.backbone import load_backbone
+from ssl_cli.artifacts.safetensors_io import atomic_save
 from ssl_cli.data import scan_folder
 from ssl_cli.errors import DataError, SSLError
 from ssl_cli.eval.cache import FeatureCache, file_digest, images_fingerprint
 from ssl_cli.eval.features import features_of
-from ssl_cli.export import load_backbone
-from ssl_cli.train.checkpoint import atomic_save
 
 EMBED_FORMAT = "ssl-embeddings/1"
 SUFFIXES = (".safetensors", ".npy")
@@ -78,24 +77,9 @@ def check_output(out: Path, checkpoint: Path, data: Path) -> list[Path]:
     return files
 
 
-def _default_mode() -> int:
-    """The permissions a plain ``open(path, "w")`` would give (temporary files are created 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, _default_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with path.open("wb") as f:  # through a file: given a path, np.save would append ".npy" to the temporary name
+        np.save(f, array, allow_pickle=False)
 
 
 def write_embeddings(
@@ -108,12 +92,11 @@ def write_embeddings(
         if labels is not None:
             tensors["labels"] = labels.to(torch.int64)
         atomic_save(tensors, meta, out)
-        os.chmod(out, _default_mode())  # atomic_save's temporary file is 0600; embeddings are meant to be shared
         return [out]
     array = embeddings.to(torch.float32).numpy()
-    _atomic_write(out, lambda f: np.save(f, array, allow_pickle=False))
+    atomic_write(out, lambda tmp: _save_npy(tmp, array))
     side = {**meta, "labels": None if labels is None else labels.tolist()}
-    _atomic_write(sidecar(out), lambda f: f.write((json.dumps(side) + "\n").encode()))
+    atomic_write_text(sidecar(out), json.dumps(side) + "\n")
     return [out, sidecar(out)]
 
 
@@ -133,7 +116,7 @@ def embed_folder(
 
     ``on_start(n)`` is called with the number of images once the folder is listed (e.g. to size a progress bar).
     """
-    from ssl_cli.train.pretrain import resolve_device
+    from ssl_cli.runtime import resolve_device
 
     checkpoint, root, out = Path(checkpoint).expanduser(), Path(data).expanduser(), Path(out).expanduser()
     if not root.is_dir():

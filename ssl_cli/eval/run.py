@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssl_cli.artifacts.backbone import load_backbone
 from ssl_cli.augment import train_eval_transform
 from ssl_cli.data import ImageSet, open_dataset
 from ssl_cli.errors import DataError, SSLError
@@ -25,8 +26,7 @@ from ssl_cli.eval.knn import bank_dtype_for, knn_classify
 from ssl_cli.eval.linear import train_linear_probe
 from ssl_cli.eval.metrics import topk_accuracy
 from ssl_cli.eval.sweep import holdout_split, sweep_linear_probe, sweep_pairs
-from ssl_cli.export import load_backbone
-from ssl_cli.train.pretrain import resolve_device
+from ssl_cli.runtime import resolve_device
 
 
 @dataclass
@@ -75,8 +75,8 @@ def setup(
     if random_init:
         # same architecture, fresh random weights: the baseline every SSL method must beat
         torch.manual_seed(0)
+        from ssl_cli.artifacts.backbone import backbone_config
         from ssl_cli.backbones import build_backbone
-        from ssl_cli.export import backbone_config
 
         model = build_backbone(backbone_config(meta)).eval()
     dev = resolve_device(device)

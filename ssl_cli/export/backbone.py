@@ -20,7 +20,6 @@ the head applied to the pooled features (``num_features`` = the head's width).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,57 +28,11 @@ import torch
 from torch import nn
 
 import ssl_cli
-from ssl_cli.backbones import build_backbone
-from ssl_cli.config.schema import BackboneConfig
+from ssl_cli.artifacts.atomic import atomic_write_text
+from ssl_cli.artifacts.backbone import PROJECTOR_PREFIX, ProjectedBackbone, rebuild
+from ssl_cli.artifacts.checkpoint import EXPORT_FORMAT, FORMAT
+from ssl_cli.artifacts.safetensors_io import atomic_save, read_safetensors
 from ssl_cli.errors import CheckpointError
-from ssl_cli.heads import ScaleBatchNorm1d
-from ssl_cli.train.checkpoint import EXPORT_FORMAT, FORMAT, atomic_save, read_safetensors
-
-
-def backbone_config(meta: dict[str, Any]) -> BackboneConfig:
-    """The ``[backbone]`` section a checkpoint or export was made with."""
-    if "recipe" in meta and isinstance(meta["recipe"], dict) and "backbone" in meta["recipe"]:
-        return BackboneConfig.model_validate(meta["recipe"]["backbone"])
-    b = meta["backbone"]
-    kwargs = dict(b.get("kwargs", {}))
-    return BackboneConfig(
-        name=b["name"],
-        small_stem=bool(b.get("small_stem", False)),
-        norm=b.get("norm", "batchnorm"),
-        img_size=kwargs.pop("img_size", None),
-        patch_size=kwargs.pop("patch_size", None),
-        drop_path_rate=float(kwargs.pop("drop_path_rate", 0.0)),
-        kwargs=kwargs,
-    )
-
-
-def _backbone_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
-    if meta.get("format") == FORMAT:
-        prefix = "model.backbone."
-        return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-    if meta.get("format") == EXPORT_FORMAT:
-        return tensors
-    raise CheckpointError(
-        f"{path} is neither an ssl checkpoint nor an ssl export (format: {meta.get('format', 'missing')})"
-    )
-
-
-PROJECTOR_PREFIX = "projector."
-HF_WEIGHTS = "model.safetensors"
-"""The weights file of a Hugging Face-style folder (timm's ``local-dir:`` / hub layout)."""
-
-
-class ProjectedBackbone(nn.Module):
-    """A backbone followed by the first layers of a projection head; its output is the head's."""
-
-    def __init__(self, backbone: nn.Module, head: nn.Sequential, num_features: int) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
-        self.num_features = num_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
 
 
 def head_spec(head: nn.Sequential) -> list[dict[str, Any]]:
@@ -98,24 +51,6 @@ def head_spec(head: nn.Sequential) -> list[dict[str, Any]]:
         else:
             raise CheckpointError(f"--projector-layers: cannot export a projector layer of type {type(m).__name__}")
     return spec
-
-
-def head_from_spec(spec: list[dict[str, Any]]) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for s in spec:
-        if s["type"] == "linear":
-            layers.append(nn.Linear(s["in"], s["out"], bias=s["bias"]))
-        elif s["type"] == "batchnorm" and s["affine"] and s.get("shift") is False:
-            layers.append(ScaleBatchNorm1d(s["dim"], eps=s["eps"]))
-        elif s["type"] == "batchnorm":
-            layers.append(nn.BatchNorm1d(s["dim"], eps=s["eps"], affine=s["affine"]))
-        elif s["type"] == "groupnorm":
-            layers.append(nn.GroupNorm(s["groups"], s["dim"], eps=s["eps"]))
-        elif s["type"] == "relu":
-            layers.append(nn.ReLU())
-        else:
-            raise CheckpointError(f"unknown projector layer type {s['type']!r} in the export's metadata")
-    return nn.Sequential(*layers)
 
 
 def projector_prefix(projector: nn.Module, layers: int) -> nn.Sequential:
@@ -150,42 +85,6 @@ def _checkpoint_head(tensors: dict[str, torch.Tensor], meta: dict[str, Any], lay
         first = str(e).splitlines()[0]
         raise CheckpointError(f"{path}: the projector weights do not fit method '{name}': {first}") from None
     return projector_prefix(head, layers).eval()
-
-
-def load_backbone(path: str | Path, device: str = "cpu", with_meta: bool = False):
-    """Rebuild the timm backbone saved in a training checkpoint or an exported file (eval mode).
-
-    An export made with ``projector_layers > 0`` comes back as a ``ProjectedBackbone`` (backbone + head).
-    ``path`` may also be a folder written by ``ssl export --format hf`` (its ``model.safetensors`` is read).
-    """
-    path = Path(path).expanduser()
-    if path.is_dir() and (path / HF_WEIGHTS).is_file():  # an ``ssl export --format hf`` folder
-        path = path / HF_WEIGHTS
-    tensors, meta = read_safetensors(path)
-    model = _rebuild(tensors, meta, path).to(device).eval()
-    return (model, meta) if with_meta else model
-
-
-def _rebuild(tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: Path) -> nn.Module:
-    state = _backbone_state(tensors, meta, path)
-    if "backbone" not in meta:
-        raise CheckpointError(f"{path}: metadata lacks 'backbone'; cannot rebuild the model")
-    projected = meta.get("format") == EXPORT_FORMAT and bool(meta.get("projector"))
-    head_state = {k[len(PROJECTOR_PREFIX) :]: v for k, v in state.items() if k.startswith(PROJECTOR_PREFIX)}
-    if projected:
-        state = {k: v for k, v in state.items() if not k.startswith(PROJECTOR_PREFIX)}
-    torch.manual_seed(0)
-    model = build_backbone(backbone_config(meta).model_copy(update={"freeze_patch_embed": False}))
-    try:
-        model.load_state_dict(state, strict=True)
-        if projected:
-            head = head_from_spec(meta["projector"]["layers"])
-            head.load_state_dict(head_state, strict=True)
-            model = ProjectedBackbone(model, head, int(meta["projector"]["num_features"]))
-    except RuntimeError as e:
-        first = str(e).splitlines()[0]
-        raise CheckpointError(f"{path}: weights do not fit {meta['backbone'].get('name')}: {first}") from None
-    return model.eval()
 
 
 def export_config(meta: dict[str, Any], model: nn.Module) -> dict[str, Any]:
@@ -247,7 +146,7 @@ def prepare_export(checkpoint: str | Path, projector_layers: int = 0) -> Prepare
     ckpt_tensors, meta = read_safetensors(path)
     if projector_layers > 0 and meta.get("format") == EXPORT_FORMAT and meta.get("projector"):
         raise CheckpointError(f"{path} is already an export with projector layers; export from the training checkpoint")
-    model = _rebuild(ckpt_tensors, meta, path)
+    model = rebuild(ckpt_tensors, meta, path)
     tensors = model.state_dict()
     head = None
     if projector_layers > 0:
@@ -287,9 +186,7 @@ def write_safetensors_export(prepared: PreparedExport, out: Path) -> dict[str, A
     """``out`` (safetensors, timm keys) and ``out.with_suffix('.json')``, each written atomically."""
     atomic_save(prepared.tensors, prepared.meta, out)
     config_path = out.with_suffix(".json")
-    tmp = config_path.with_name(f".{config_path.name}.tmp")
-    tmp.write_text(json.dumps(prepared.config, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, config_path)
+    atomic_write_text(config_path, json.dumps(prepared.config, indent=2) + "\n")
     config = prepared.config
     return {
         "backbone": str(out),
@@ -306,7 +203,7 @@ def export_backbone(checkpoint: str | Path, out: str | Path, projector_layers: i
 
     ``projector_layers = k > 0``: also the first k layers of the method's MLP projector (see the module doc).
     The other formats (TorchScript, ONNX, a Hugging Face-style folder), and the check of what was written,
-    are ``ssl_cli.export_formats.export_model``.
+    are ``ssl_cli.export.formats.export_model``.
     """
     out = Path(out).expanduser()
     if out.suffix != ".safetensors":

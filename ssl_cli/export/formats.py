@@ -11,8 +11,8 @@ fails the check is deleted and the command fails; nothing is left under the requ
 - ``onnx``: ``torch.onnx.export`` with the ``torch.export``-based exporter (needs ``onnxscript``), opset
   18, a dynamic batch axis, input ``images``, output ``features``. Where that exporter fails, torch's older
   TorchScript-based one is tried.
-- ``hf``: a folder in timm's Hugging Face hub layout (``ssl_cli.export_hf``).
-- ``safetensors``: ``ssl_cli.export.export_backbone`` (timm keys + ``.json`` config), checked too.
+- ``hf``: a folder in timm's Hugging Face hub layout (``ssl_cli.export.hf``).
+- ``safetensors``: ``ssl_cli.export.backbone.export_backbone`` (timm keys + ``.json`` config), checked too.
 
 The ``ssl`` metadata (backbone, preprocessing, how it was trained) travels inside every format: the
 safetensors header, a ``ssl.json`` extra file in the TorchScript archive, ``metadata_props["ssl"]`` in
@@ -38,9 +38,12 @@ from typing import Any
 
 import torch
 
-import ssl_cli.export as base
+import ssl_cli.export.backbone as base
+from ssl_cli.artifacts.backbone import HF_WEIGHTS, load_backbone
 from ssl_cli.errors import CheckpointError
-from ssl_cli.export import HF_WEIGHTS, PreparedExport, prepare_export
+from ssl_cli.export import hf
+from ssl_cli.export.backbone import PreparedExport, prepare_export
+from ssl_cli.export.checks import check_batch, compare
 
 FORMATS = ("safetensors", "torchscript", "onnx", "hf")
 SUFFIXES = {".safetensors": "safetensors", ".pt": "torchscript", ".torchscript": "torchscript", ".onnx": "onnx"}
@@ -54,9 +57,7 @@ ONNX_OPSET = 18
 ONNX_INPUT, ONNX_OUTPUT = "images", "features"
 TORCHSCRIPT_META = "ssl.json"
 """The extra file in a TorchScript archive that holds the export's metadata."""
-EXPORT_BATCH, CHECK_BATCH = 2, 3
-TOLERANCE = 1e-4
-"""Largest accepted |difference| relative to the features' scale: max(1, max |PyTorch feature|)."""
+EXPORT_BATCH = 2
 ONNX_INSTALL = "pip install 'ssl-cli[onnx]' (or: pip install onnx onnxscript onnxruntime)"
 
 
@@ -116,47 +117,6 @@ def require_onnx() -> dict[str, Any]:
     if missing:
         raise CheckpointError(f"--format onnx needs the package(s) {', '.join(missing)}: {ONNX_INSTALL}")
     return modules
-
-
-# --- checking what was written ------------------------------------------------------------------------------
-
-
-def check_batch(input_size: list[int], batch: int = CHECK_BATCH) -> torch.Tensor:
-    """The fixed random batch every export is checked on (seeded; normalised images are ~N(0, 1) too)."""
-    return torch.randn(batch, *input_size, generator=torch.Generator().manual_seed(0))
-
-
-def compare(model: torch.nn.Module, run: Callable[[torch.Tensor], Any], input_size: list[int], what: str) -> dict:
-    """Max |difference| between ``run`` and ``model`` on the check batch and on its first image alone."""
-    x = check_batch(input_size)
-    diff, scale = 0.0, 1.0
-    for batch in (x, x[:1]):
-        with torch.no_grad():
-            reference = model(batch).float()
-        try:
-            with torch.no_grad():
-                got = torch.as_tensor(run(batch)).float()
-        except Exception as e:  # noqa: BLE001 - any failure of the runtime is the export's failure
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise CheckpointError(
-                f"the written file could not be run with {what}: {type(e).__name__}: {first}"
-            ) from None
-        if got.shape != reference.shape:
-            raise CheckpointError(
-                f"the written file gives features of shape {list(got.shape)} with {what}, "
-                f"the PyTorch model {list(reference.shape)} (batch of {len(batch)})"
-            )
-        diff = max(diff, float((got - reference).abs().max()))
-        scale = max(scale, float(reference.abs().max()))
-        if not torch.isfinite(got).all():
-            diff = float("inf")
-    tolerance = TOLERANCE * scale
-    if not diff <= tolerance:
-        raise CheckpointError(
-            f"the written file does not reproduce the PyTorch model with {what}: max abs difference {diff:.3g} "
-            f"> tolerance {tolerance:.3g}"
-        )
-    return {"max_abs_diff": diff, "tolerance": tolerance, "verified_with": what}
 
 
 # --- the formats ------------------------------------------------------------------------------------------
@@ -241,7 +201,7 @@ def write_onnx(prepared: PreparedExport, path: Path) -> dict[str, Any]:
 def write_safetensors(prepared: PreparedExport, path: Path) -> dict[str, Any]:
     # through the module attribute, so that the one safetensors writer stays ``export_backbone``
     summary = base.export_backbone(prepared.checkpoint, path, projector_layers=prepared.projector_layers)
-    loaded = base.load_backbone(path)
+    loaded = load_backbone(path)
     check = compare(prepared.model, loaded, prepared.meta["preprocessing"]["input_size"], "ssl_cli.load_backbone")
     return {**summary, **check}
 
@@ -252,7 +212,7 @@ def write_safetensors(prepared: PreparedExport, path: Path) -> dict[str, Any]:
 def _is_hf_export(folder: Path) -> bool:
     from safetensors import safe_open
 
-    from ssl_cli.train.checkpoint import EXPORT_FORMAT
+    from ssl_cli.artifacts.checkpoint import EXPORT_FORMAT
 
     if not ((folder / "config.json").is_file() and (folder / HF_WEIGHTS).is_file()):
         return False
@@ -327,7 +287,6 @@ def export_model(
 ) -> dict[str, Any]:
     """Write the backbone of ``checkpoint`` in format ``fmt`` (default: from ``out``'s suffix), check it, return
     a summary (``format``, ``path``, ``max_abs_diff``, ``tolerance``, ``verified_with``, ...)."""
-    from ssl_cli import export_hf
 
     fmt, path = resolve_format(fmt, out)
     checkpoint = Path(checkpoint).expanduser()
@@ -340,12 +299,12 @@ def export_model(
             f"{checkpoint} is already an export with projector layers; export from the training checkpoint"
         )
     if fmt == "hf":
-        export_hf.refuse_non_stock(prepared)
+        hf.refuse_non_stock(prepared)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         if fmt == "hf":
-            details = export_hf.write_hf(prepared, staging)
+            details = hf.write_hf(prepared, staging)
             _commit_folder(staging, path)
         else:
             details = WRITERS[fmt](prepared, staging / path.name)

@@ -25,9 +25,11 @@ from typing import Any
 
 import timm
 
+from ssl_cli.artifacts.backbone import HF_WEIGHTS
+from ssl_cli.artifacts.safetensors_io import atomic_save
 from ssl_cli.errors import CheckpointError
-from ssl_cli.export import HF_WEIGHTS, PreparedExport
-from ssl_cli.train.checkpoint import atomic_save
+from ssl_cli.export.backbone import PreparedExport
+from ssl_cli.export.checks import compare
 
 SMALL_INPUT = 64
 """Inputs of at most this many pixels get ``crop_pct`` 1.0 (see the module doc)."""
@@ -103,8 +105,6 @@ def _timm_local_dir(folder: Path):
 
 def write_hf(prepared: PreparedExport, folder: Path) -> dict[str, Any]:
     """Write ``model.safetensors`` + ``config.json`` into ``folder``; check them through timm."""
-    from ssl_cli.export_formats import compare
-
     config = hf_config(prepared)
     atomic_save(prepared.tensors, prepared.meta, folder / HF_WEIGHTS)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

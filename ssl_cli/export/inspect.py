@@ -22,10 +22,10 @@ from typing import Any
 
 import torch
 
+from ssl_cli.artifacts.backbone import HF_WEIGHTS, PROJECTOR_PREFIX
+from ssl_cli.artifacts.checkpoint import EXPORT_FORMAT, FORMAT
 from ssl_cli.errors import CheckpointError
-from ssl_cli.export import HF_WEIGHTS, PROJECTOR_PREFIX
-from ssl_cli.export_formats import ONNX_INSTALL, TORCHSCRIPT_META
-from ssl_cli.train.checkpoint import EXPORT_FORMAT, FORMAT
+from ssl_cli.export.formats import ONNX_INSTALL, TORCHSCRIPT_META
 
 STANDARD_METRICS = ("loss", "lr", "images_per_second", "seconds")
 
@@ -92,8 +92,8 @@ def _size(path: Path) -> int:
 
 def _meta_backbone(meta: dict[str, Any]) -> torch.nn.Module | None:
     """The backbone built on the meta device: shapes only, no memory, no weights (None if it cannot be built)."""
+    from ssl_cli.artifacts.backbone import backbone_config
     from ssl_cli.backbones import build_backbone
-    from ssl_cli.export import backbone_config
 
     try:
         with torch.device("meta"):

@@ -22,7 +22,7 @@ from torch import nn
 
 from ssl_cli.config.schema import MethodConfig, Recipe
 from ssl_cli.errors import RecipeError
-from ssl_cli.train.optim import param_groups
+from ssl_cli.methods.param_groups import param_groups
 
 
 @dataclass

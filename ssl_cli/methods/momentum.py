@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ssl_cli.distributed import broadcast, gather, is_distributed, rank, world_size
-from ssl_cli.train.schedule import momentum_schedule
+from ssl_cli.schedules import momentum_schedule
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:

@@ -22,8 +22,8 @@ from ssl_cli.config.schema import PositiveInt
 from ssl_cli.heads import LastNorm, ProjectorConfig, mlp, projector
 from ssl_cli.losses.simsiam import normalized_std, simsiam_loss
 from ssl_cli.methods.base import Method, StepOutput
+from ssl_cli.methods.param_groups import param_groups
 from ssl_cli.methods.registry import register
-from ssl_cli.train.optim import param_groups
 
 
 class SimSiamConfig(ProjectorConfig):

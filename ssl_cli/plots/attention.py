@@ -109,7 +109,7 @@ def upsample(maps: torch.Tensor, patch: tuple[int, int], size: tuple[int, int]) 
 
 def vit_backbone(model: nn.Module, name: str) -> nn.Module:
     """The timm ViT inside ``model``, checked for what ``last_block_attention`` needs."""
-    from ssl_cli.export import ProjectedBackbone
+    from ssl_cli.artifacts.backbone import ProjectedBackbone
 
     if isinstance(model, ProjectedBackbone):  # an export with projector layers: the backbone is inside
         model = model.backbone
@@ -278,9 +278,9 @@ def visualize(
 
     Returns ``images`` (the PNG paths), ``heads``, ``grid`` [gh, gw], and ``out``, ``size``, ``zoom``.
     """
+    from ssl_cli.artifacts.backbone import load_backbone
     from ssl_cli.augment import eval_transform
-    from ssl_cli.export import load_backbone
-    from ssl_cli.train.pretrain import resolve_device
+    from ssl_cli.runtime import resolve_device
 
     if num_images < 1:
         raise SSLError(f"--num-images {num_images}: must be 1 or more")

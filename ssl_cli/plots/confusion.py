@@ -10,7 +10,6 @@ the numbers are left out below 30 pixels per cell and the names below 9.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,6 +17,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
+
+from ssl_cli.artifacts.atomic import atomic_write
 
 # matplotlib's "Blues", sampled at 0, 1/4, ..., 1; interpolated linearly
 _BLUES = np.array([[247, 251, 255], [198, 219, 239], [107, 174, 214], [33, 113, 181], [8, 48, 107]], dtype=np.float64)
@@ -148,7 +149,4 @@ def render_confusion(counts: Tensor, classes: Sequence[str], title: Sequence[str
 def save_confusion_png(counts: Tensor, classes: Sequence[str], path: Path, title: Sequence[str] = ()) -> None:
     """Render and write the PNG atomically (a temporary file, then ``os.replace``)."""
     image = render_confusion(counts, classes, title)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))

@@ -60,7 +60,7 @@ def read_embeddings(path: str | Path) -> dict[str, Any] | None:
             raise CheckpointError(f"cannot read the embeddings {path}: {e}") from None
         labels = meta.get("labels")
     elif path.suffix == ".safetensors" and path.is_file():
-        from ssl_cli.train.checkpoint import read_safetensors
+        from ssl_cli.artifacts.safetensors_io import read_safetensors
 
         try:
             from safetensors import safe_open

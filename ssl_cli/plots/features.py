@@ -36,8 +36,8 @@ class Encoder:
 def load_encoder(checkpoint: str | Path, device: str = "auto", random_init: bool = False) -> Encoder:
     """The backbone of a training checkpoint or an export; ``random_init``: the same architecture with fresh
     random weights (torch seed 0, as ``ssl knn --random-init``), the baseline a trained backbone must beat."""
-    from ssl_cli.export import backbone_config, load_backbone
-    from ssl_cli.train.pretrain import resolve_device
+    from ssl_cli.artifacts.backbone import backbone_config, load_backbone
+    from ssl_cli.runtime import resolve_device
 
     model, meta = load_backbone(checkpoint, with_meta=True)
     if random_init:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from ssl_cli.artifacts.atomic import atomic_write
 from ssl_cli.errors import DataError
 
 
@@ -37,28 +36,10 @@ def check_out(out: str | Path, inputs: Iterable[str | Path] = (), folders: Itera
     return path
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def write_atomic(out: Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` on a temporary file beside ``out``, then move it into place: a reader never sees half a
     picture, and an earlier file of that name survives a failed write."""
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-        os.close(fd)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide the picture from other users
+        atomic_write(out, write)
     except OSError as e:
-        raise DataError(f"--out {out}: cannot write there ({e.strerror or e})") from None
-    try:
-        write(Path(tmp))
-        os.replace(tmp, out)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
         raise DataError(f"--out {out}: cannot write the picture ({e.strerror or e})") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

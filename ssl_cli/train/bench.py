@@ -45,8 +45,9 @@ from ssl_cli.data import open_dataset
 from ssl_cli.data.batches import choose_augment
 from ssl_cli.distributed import DistEnv
 from ssl_cli.methods import Method
+from ssl_cli.runtime import autocast, resolve_device
 from ssl_cli.train.optim import build_optimizer, effective_lr, set_lr
-from ssl_cli.train.pretrain import autocast, build_method, optimizer_step, resolve_device, training_batches
+from ssl_cli.train.pretrain import build_method, optimizer_step, training_batches
 
 
 def _timed(run: Callable[[], Any], iterations: int, warmup: int, device: torch.device) -> float:

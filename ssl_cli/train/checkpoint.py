@@ -1,4 +1,4 @@
-"""Checkpoints: safetensors files with JSON metadata; nothing in them is pickled or executed on load.
+"""Writing training checkpoints (reading them: ``ssl_cli.artifacts.checkpoint``); nothing in them is pickled.
 
 Layout of a training checkpoint:
 
@@ -16,88 +16,15 @@ leaves a broken checkpoint behind.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 import ssl_cli
+from ssl_cli.artifacts.checkpoint import FORMAT, Checkpoint
+from ssl_cli.artifacts.safetensors_io import atomic_save
 from ssl_cli.errors import CheckpointError
-
-FORMAT = "ssl-checkpoint/1"
-EXPORT_FORMAT = "ssl-backbone/1"
-
-
-@dataclass
-class Checkpoint:
-    path: Path
-    tensors: dict[str, torch.Tensor]
-    meta: dict[str, Any]
-    """Metadata with JSON values decoded."""
-
-    def section(self, prefix: str) -> dict[str, torch.Tensor]:
-        """Tensors under ``prefix.`` with the prefix removed."""
-        p = prefix + "."
-        return {k[len(p) :]: v for k, v in self.tensors.items() if k.startswith(p)}
-
-    @property
-    def recipe(self):
-        from ssl_cli.config import recipe_from_dict
-
-        return recipe_from_dict(self.meta["recipe"], source=f"{self.path} (recipe)")
-
-
-def atomic_save(tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: Path) -> None:
-    """Write a safetensors file atomically; metadata values that are not strings are stored as JSON."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    flat = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
-    # safetensors refuses shared or strided storage: give it compact CPU copies
-    data = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(data, tmp, metadata=flat)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read tensors and metadata (JSON values decoded) of any safetensors file, with one-line errors."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
-    meta: dict[str, Any] = {}
-    for k, v in raw.items():
-        try:
-            meta[k] = json.loads(v)
-        except json.JSONDecodeError:
-            meta[k] = v
-    return tensors, meta
-
-
-def read_checkpoint(path: str | Path) -> Checkpoint:
-    tensors, meta = read_safetensors(path)
-    if meta.get("format") != FORMAT:
-        found = meta.get("format", "no 'format' metadata")
-        raise CheckpointError(f"{path} is not an ssl training checkpoint (format: {found}; expected {FORMAT})")
-    for key in ("recipe", "backbone", "preprocessing", "epoch", "step"):
-        if key not in meta:
-            raise CheckpointError(f"{path}: checkpoint metadata lacks '{key}'")
-    return Checkpoint(Path(path), tensors, meta)
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict], dict]:

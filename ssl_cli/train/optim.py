@@ -1,4 +1,5 @@
-"""Parameter groups, learning-rate scaling and the optimizers a recipe's ``[optim]`` section names.
+"""Learning-rate scaling and the optimizers a recipe's ``[optim]`` section names (the parameter groups they take:
+``ssl_cli.methods.param_groups``).
 
 How learning rates flow through a run:
 
@@ -8,7 +9,7 @@ How learning rates flow through a run:
   ``group["lr"] = base_lr * group["lr_scale"]``. ``lr_scale`` (default 1.0) lets a method give a part of
   the model a fixed multiple of the run's rate (e.g. a predictor at 10x).
 * Every step the trainer calls ``set_lr(optimizer, schedule[step])`` with the scheduled rate (see
-  ``ssl_cli.train.schedule``); each group then gets ``scheduled * lr_scale``, or ``base_lr * lr_scale``
+  ``ssl_cli.schedules``); each group then gets ``scheduled * lr_scale``, or ``base_lr * lr_scale``
   when the group has ``fixed_lr=True`` (SimSiam's predictor is trained at a constant rate).
 
 Group keys used here besides torch's own: ``names`` (parameter names, for debugging and tests),
@@ -28,34 +29,6 @@ from ssl_cli.config.schema import OptimConfig
 from ssl_cli.train.lars import LARS
 
 REFERENCE_BATCH_SIZE = 256
-
-
-def _no_decay(name: str, param: nn.Parameter) -> bool:
-    """Biases and every parameter with at most one dimension (norm weights and biases, scalars)."""
-    return param.ndim <= 1 or name == "bias" or name.endswith(".bias")
-
-
-def param_groups(
-    named_params: Iterable[tuple[str, nn.Parameter]], weight_decay: float, exclude_bias_norm: bool
-) -> list[dict]:
-    """Split parameters into a decayed group and a no-decay group (biases and parameters with ndim <= 1).
-
-    Parameters with ``requires_grad=False`` are left out. The decayed group has ``weight_decay`` and
-    ``lars_adapt=True``; the no-decay group ``weight_decay=0.0`` and ``lars_adapt=False``. Each group keeps
-    its parameters' names under ``"names"``. Empty groups are dropped; with ``exclude_bias_norm=False``
-    every trainable parameter lands in the one decayed group.
-    """
-    decay: dict = {"params": [], "names": [], "weight_decay": weight_decay, "lars_adapt": True}
-    no_decay: dict = {"params": [], "names": [], "weight_decay": 0.0, "lars_adapt": False}
-    seen: set[int] = set()
-    for name, param in named_params:
-        if not param.requires_grad or id(param) in seen:
-            continue
-        seen.add(id(param))  # shared (tied) parameters may appear twice; torch rejects duplicates
-        group = no_decay if exclude_bias_norm and _no_decay(name, param) else decay
-        group["params"].append(param)
-        group["names"].append(name)
-    return [g for g in (decay, no_decay) if g["params"]]
 
 
 def effective_lr(cfg: OptimConfig, batch_size: int) -> float:

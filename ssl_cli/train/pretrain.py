@@ -7,16 +7,16 @@ array indexed by the global step, so a resumed run picks up the schedule exactly
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
+from ssl_cli.artifacts.checkpoint import read_checkpoint
 from ssl_cli.augment import MultiView
 from ssl_cli.backbones import build_backbone, timm_kwargs
 from ssl_cli.config.schema import Recipe
@@ -31,30 +31,15 @@ from ssl_cli.distributed import (
     init_from_env,
     launched_by_torchrun,
 )
-from ssl_cli.errors import CheckpointError, DataError, RecipeError, TrainingError
+from ssl_cli.errors import CheckpointError, DataError, TrainingError
 from ssl_cli.methods import Method, StepOutput, get_method
-from ssl_cli.sync_batchnorm import convert_global_batchnorm
-from ssl_cli.train.checkpoint import load_optimizer, read_checkpoint, restore_rng, save_checkpoint
+from ssl_cli.runtime import Reporter, SilentReporter, autocast, resolve_device
+from ssl_cli.schedules import lr_schedule, weight_decay_schedule
+from ssl_cli.train.checkpoint import load_optimizer, restore_rng, save_checkpoint
 from ssl_cli.train.monitors import OnlineMonitors, check_resume_monitors
 from ssl_cli.train.optim import build_optimizer, clip_gradients, effective_lr, set_lr, set_weight_decay
 from ssl_cli.train.run_dir import RunDir
-from ssl_cli.train.schedule import lr_schedule, weight_decay_schedule
-
-
-class Reporter(Protocol):
-    """Receives progress; the CLI draws a Rich progress bar on stderr, the library default is silent."""
-
-    def start(self, total_steps: int, done_steps: int) -> None: ...
-    def update(self, step: int, epoch: int, metrics: dict[str, float]) -> None: ...
-    def epoch_end(self, record: dict[str, Any]) -> None: ...
-    def log(self, message: str) -> None: ...
-
-
-class SilentReporter:
-    def start(self, total_steps: int, done_steps: int) -> None: ...
-    def update(self, step: int, epoch: int, metrics: dict[str, float]) -> None: ...
-    def epoch_end(self, record: dict[str, Any]) -> None: ...
-    def log(self, message: str) -> None: ...
+from ssl_cli.train.sync_batchnorm import convert_global_batchnorm
 
 
 @dataclass
@@ -71,58 +56,6 @@ class PretrainResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-# The built-in demo data is 2,560 images of 32x32: whatever the recipe was written for, the demo runs a small,
-# fast version of it (plain-stem ResNet-18 at 32x32, a few epochs). Flags and --set still win over these.
-DEMO_OVERRIDES: dict[str, object] = {
-    "backbone.name": "resnet18",
-    "backbone.small_stem": False,
-    "views.*.size": 32,
-    "train.epochs": 8,
-    "train.batch_size": 256,
-    "train.checkpoint_every": 0,
-    "schedule.warmup_epochs": 1,
-}
-
-
-# ViT recipes stay ViTs on the demo: a 4-block ViT-Tiny with 8x8 patches at 32x32 (16 tokens), as fast as the ResNet
-DEMO_VIT_OVERRIDES: dict[str, object] = {
-    "backbone.name": "vit_tiny_patch16_224",
-    "backbone.img_size": 32,
-    "backbone.patch_size": 8,
-    "backbone.kwargs.depth": 4,
-}
-
-
-def demo_overrides(method_name: str, recipe: Recipe | None = None) -> list[tuple[str, object]]:
-    """Recipe changes that make any recipe a ~2-minute CPU run on the demo data (a small ViT for ViT recipes)."""
-    general = dict(DEMO_OVERRIDES)
-    if recipe is not None and _is_vit(recipe):
-        del general["backbone.small_stem"]
-        general.update(DEMO_VIT_OVERRIDES)
-    return [*general.items(), *get_method(method_name).demo_overrides.items()]
-
-
-def _is_vit(recipe: Recipe) -> bool:
-    b = recipe.backbone
-    return b.name.startswith(("vit", "deit")) or bool(b.patch_size or b.freeze_patch_embed or b.dynamic_img_size)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RecipeError(f"train.device: '{name}' asked for but no CUDA device is available; use cpu or auto")
-    return torch.device(name)
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (``auto`` or ``bf16``); full fp32 on CPU unless ``bf16`` is forced."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if not use_bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 def resolve_env(recipe: Recipe) -> DistEnv:
@@ -401,7 +334,7 @@ def pretrain(
     model = wrap_distributed(method, env)
     memory_format = torch.channels_last if train.channels_last else torch.contiguous_format
 
-    reporter.start(total_steps, step)
+    reporter.start(total_steps, step, recipe.train.epochs)
     started = time.perf_counter()
     trained_images, record, loss_value, evaluation = 0, {}, None, None
     method.train()

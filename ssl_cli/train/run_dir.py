@@ -9,6 +9,7 @@ from typing import Any
 
 import tomli_w
 
+from ssl_cli.artifacts.atomic import atomic_write_text
 from ssl_cli.config.schema import Recipe
 from ssl_cli.errors import CheckpointError
 
@@ -47,7 +48,7 @@ class RunDir:
         if not resume:
             # a new run starts its own metrics: drop lines of an earlier attempt that never wrote a checkpoint
             self.metrics.unlink(missing_ok=True)
-        (self.root / "recipe.toml").write_text(tomli_w.dumps(recipe.to_dict()), encoding="utf-8")
+        atomic_write_text(self.root / "recipe.toml", tomli_w.dumps(recipe.to_dict()))
 
     def truncate_metrics(self, epoch: int) -> None:
         """On resume, drop metric lines written after the checkpoint being resumed (an interrupted epoch)."""
@@ -58,7 +59,7 @@ class RunDir:
             for line in self.metrics.read_text(encoding="utf-8").splitlines()
             if line.strip() and json.loads(line).get("epoch", 0) <= epoch
         ]
-        self.metrics.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+        atomic_write_text(self.metrics, "".join(line + "\n" for line in keep))
 
     def log_metrics(self, record: dict[str, Any]) -> None:
         with self.metrics.open("a", encoding="utf-8") as f:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -43,13 +42,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import ssl_cli
+from ssl_cli.artifacts.atomic import atomic_write_text
+from ssl_cli.artifacts.safetensors_io import atomic_save, read_safetensors
 from ssl_cli.data import ImageSet
 from ssl_cli.errors import CheckpointError, RecipeError, TrainingError
 from ssl_cli.eval.features import extract_features, image_loader
-from ssl_cli.train.checkpoint import atomic_save, read_safetensors
+from ssl_cli.runtime import SilentReporter, autocast
+from ssl_cli.schedules import cosine_schedule
 from ssl_cli.train.optim import REFERENCE_BATCH_SIZE, set_lr
-from ssl_cli.train.pretrain import SilentReporter, autocast
-from ssl_cli.train.schedule import cosine_schedule
 
 FINETUNED_FORMAT = "ssl-finetuned/1"
 OPTIMIZERS = ("sgd", "adamw")
@@ -392,7 +392,7 @@ def save_finetuned(model: nn.Module, meta: dict[str, Any], path: Path) -> dict[s
         + "".join(f", {k}={v!r}" for k, v in kwargs.items())
         + f").load_state_dict(safetensors.torch.load_file({path.name!r}))"
         if stock
-        else f"ssl_cli.finetune.load_finetuned({path.name!r})"
+        else f"ssl_cli.transfer.finetune.load_finetuned({path.name!r})"
     )
     config = {
         "architecture": b["name"],
@@ -410,9 +410,7 @@ def save_finetuned(model: nn.Module, meta: dict[str, Any], path: Path) -> dict[s
         "ssl_version": ssl_cli.__version__,
     }
     config_path = path.with_suffix(".json")
-    tmp = config_path.with_name(f".{config_path.name}.tmp")
-    tmp.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, config_path)
+    atomic_write_text(config_path, json.dumps(config, indent=2) + "\n")
     return config
 
 
@@ -421,8 +419,8 @@ def load_finetuned(path: str | Path, device: str = "cpu", with_meta: bool = Fals
 
     ``meta["classes"]`` names the outputs; ``meta["preprocessing"]`` holds the mean / std / input size.
     """
+    from ssl_cli.artifacts.backbone import backbone_config, head_from_spec
     from ssl_cli.backbones import build_backbone
-    from ssl_cli.export import backbone_config, head_from_spec
 
     path = Path(path).expanduser()
     tensors, meta = read_safetensors(path)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ssl_cli.artifacts.atomic import atomic_write_text
 from ssl_cli.data import ImageSet
 from ssl_cli.data.loader import mix_seed
 from ssl_cli.errors import DataError
@@ -159,9 +159,7 @@ def subset_indices(subset: LabelSubset, keys: list[str], labels: Tensor, classes
 def save_subset(subset: LabelSubset, path: Path) -> None:
     """Write the subset file atomically (a temporary file, then ``os.replace``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(subset.to_dict(), indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(subset.to_dict(), indent=1) + "\n")
 
 
 def read_subset(path: str | Path) -> LabelSubset:

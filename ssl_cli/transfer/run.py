@@ -1,8 +1,8 @@
 """``ssl transfer``: fine-tune a checkpoint's backbone end to end on labeled images, evaluate it, write a result folder.
 
 One run: open the checkpoint and both labeled splits (``ssl_cli.eval.run.setup``, as ``ssl knn`` / ``ssl probe``),
-optionally keep a class-balanced fraction of the train labels (``ssl_cli.label_subset``: SimCLR v2's 1% / 10%
-protocol), fine-tune with a fresh classifier (``ssl_cli.finetune``), then score the final model on ``--val``.
+optionally keep a class-balanced fraction of the train labels (``ssl_cli.transfer.label_subset``: SimCLR v2's 1% / 10%
+protocol), fine-tune with a fresh classifier (``ssl_cli.transfer.finetune``), then score the final model on ``--val``.
 
 The ``--out`` folder receives:
 
@@ -22,19 +22,19 @@ same ``run.json`` settings: a re-run after an interruption); anything else is re
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ssl_cli.artifacts.atomic import atomic_write_text
 from ssl_cli.augment import eval_transform, train_eval_transform
-from ssl_cli.confusion import confusion_matrix, per_class_accuracy, save_confusion_png
 from ssl_cli.data import ImageSet, scan_folder
 from ssl_cli.errors import CheckpointError, DataError
 from ssl_cli.eval.metrics import topk_accuracy
-from ssl_cli.finetune import (
+from ssl_cli.plots.confusion import confusion_matrix, per_class_accuracy, save_confusion_png
+from ssl_cli.transfer.finetune import (
     FinetuneConfig,
     attach_classifier,
     finetune,
@@ -42,7 +42,7 @@ from ssl_cli.finetune import (
     peak_lr,
     save_finetuned,
 )
-from ssl_cli.label_subset import (
+from ssl_cli.transfer.label_subset import (
     SUBSET_FILE,
     LabelSubset,
     check_fraction,
@@ -71,9 +71,7 @@ def _spec_id(spec: str | None) -> str:
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
 
 
 def _first_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -143,8 +141,8 @@ def run_transfer(
 ) -> dict[str, Any]:
     """Fine-tune, evaluate and write the ``--out`` folder (see the module doc); returns the summary ``--json``
     prints. Every bad input raises an ``SSLError`` before anything is written."""
+    from ssl_cli.artifacts.backbone import ProjectedBackbone
     from ssl_cli.eval.run import setup
-    from ssl_cli.export import ProjectedBackbone
 
     log = log or (lambda _message: None)
     cfg = cfg.resolved()

@@ -1,0 +1,120 @@
+"""A backbone back from a file: a training checkpoint, a safetensors export or an ``ssl export --format hf`` folder.
+
+``load_backbone(path)`` rebuilds the timm model (eval mode) from the file's metadata and weights, with nothing of
+the trainer or the exporter; an export that kept projector layers comes back as a ``ProjectedBackbone``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ssl_cli.artifacts.checkpoint import EXPORT_FORMAT, FORMAT
+from ssl_cli.artifacts.safetensors_io import read_safetensors
+from ssl_cli.backbones import build_backbone
+from ssl_cli.config.schema import BackboneConfig
+from ssl_cli.errors import CheckpointError
+from ssl_cli.heads import ScaleBatchNorm1d
+
+
+def backbone_config(meta: dict[str, Any]) -> BackboneConfig:
+    """The ``[backbone]`` section a checkpoint or export was made with."""
+    if "recipe" in meta and isinstance(meta["recipe"], dict) and "backbone" in meta["recipe"]:
+        return BackboneConfig.model_validate(meta["recipe"]["backbone"])
+    b = meta["backbone"]
+    kwargs = dict(b.get("kwargs", {}))
+    return BackboneConfig(
+        name=b["name"],
+        small_stem=bool(b.get("small_stem", False)),
+        norm=b.get("norm", "batchnorm"),
+        img_size=kwargs.pop("img_size", None),
+        patch_size=kwargs.pop("patch_size", None),
+        drop_path_rate=float(kwargs.pop("drop_path_rate", 0.0)),
+        kwargs=kwargs,
+    )
+
+
+def backbone_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
+    if meta.get("format") == FORMAT:
+        prefix = "model.backbone."
+        return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    if meta.get("format") == EXPORT_FORMAT:
+        return tensors
+    raise CheckpointError(
+        f"{path} is neither an ssl checkpoint nor an ssl export (format: {meta.get('format', 'missing')})"
+    )
+
+
+PROJECTOR_PREFIX = "projector."
+HF_WEIGHTS = "model.safetensors"
+"""The weights file of a Hugging Face-style folder (timm's ``local-dir:`` / hub layout)."""
+
+
+class ProjectedBackbone(nn.Module):
+    """A backbone followed by the first layers of a projection head; its output is the head's."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Sequential, num_features: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.num_features = num_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def head_from_spec(spec: list[dict[str, Any]]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for s in spec:
+        if s["type"] == "linear":
+            layers.append(nn.Linear(s["in"], s["out"], bias=s["bias"]))
+        elif s["type"] == "batchnorm" and s["affine"] and s.get("shift") is False:
+            layers.append(ScaleBatchNorm1d(s["dim"], eps=s["eps"]))
+        elif s["type"] == "batchnorm":
+            layers.append(nn.BatchNorm1d(s["dim"], eps=s["eps"], affine=s["affine"]))
+        elif s["type"] == "groupnorm":
+            layers.append(nn.GroupNorm(s["groups"], s["dim"], eps=s["eps"]))
+        elif s["type"] == "relu":
+            layers.append(nn.ReLU())
+        else:
+            raise CheckpointError(f"unknown projector layer type {s['type']!r} in the export's metadata")
+    return nn.Sequential(*layers)
+
+
+def load_backbone(path: str | Path, device: str = "cpu", with_meta: bool = False):
+    """Rebuild the timm backbone saved in a training checkpoint or an exported file (eval mode).
+
+    An export made with ``projector_layers > 0`` comes back as a ``ProjectedBackbone`` (backbone + head).
+    ``path`` may also be a folder written by ``ssl export --format hf`` (its ``model.safetensors`` is read).
+    """
+    path = Path(path).expanduser()
+    if path.is_dir() and (path / HF_WEIGHTS).is_file():  # an ``ssl export --format hf`` folder
+        path = path / HF_WEIGHTS
+    tensors, meta = read_safetensors(path)
+    model = rebuild(tensors, meta, path).to(device).eval()
+    return (model, meta) if with_meta else model
+
+
+def rebuild(tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: Path) -> nn.Module:
+    state = backbone_state(tensors, meta, path)
+    if "backbone" not in meta:
+        raise CheckpointError(f"{path}: metadata lacks 'backbone'; cannot rebuild the model")
+    projected = meta.get("format") == EXPORT_FORMAT and bool(meta.get("projector"))
+    head_state = {k[len(PROJECTOR_PREFIX) :]: v for k, v in state.items() if k.startswith(PROJECTOR_PREFIX)}
+    if projected:
+        state = {k: v for k, v in state.items() if not k.startswith(PROJECTOR_PREFIX)}
+    torch.manual_seed(0)
+    model = build_backbone(backbone_config(meta).model_copy(update={"freeze_patch_embed": False}))
+    try:
+        model.load_state_dict(state, strict=True)
+        if projected:
+            head = head_from_spec(meta["projector"]["layers"])
+            head.load_state_dict(head_state, strict=True)
+            model = ProjectedBackbone(model, head, int(meta["projector"]["num_features"]))
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise CheckpointError(f"{path}: weights do not fit {meta['backbone'].get('name')}: {first}") from None
+    return model.eval()

@@ -1,0 +1,128 @@
+"""``ssl pretrain`` as one library call: everything the command does, which the CLI only calls.
+
+``run_pretraining(recipe, data, out, ...)`` resolves the recipe (the demo settings without ``data``; with
+``resume``, the run folder's own ``recipe.toml`` and the ``--data`` / ``--val`` recovered from its last checkpoint),
+joins the torchrun process group when launched by torchrun, picks a new run folder on rank 0 so that every process
+writes into the same one, trains (``ssl_cli.train.pretrain.pretrain``) and leaves the process group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ssl_cli.artifacts.checkpoint import read_checkpoint
+from ssl_cli.config import load_recipe
+from ssl_cli.config.schema import Recipe
+from ssl_cli.distributed import agree, env_rank, init_from_env, launched_by_torchrun, shutdown
+from ssl_cli.errors import RecipeError
+from ssl_cli.methods import get_method
+from ssl_cli.runtime import Reporter
+from ssl_cli.train.pretrain import PretrainResult, pretrain
+from ssl_cli.train.run_dir import RunDir, default_run_dir
+
+Overrides = Iterable[str | tuple[str, Any]]
+
+
+# The built-in demo data is 2,560 images of 32x32: whatever the recipe was written for, the demo runs a small,
+# fast version of it (plain-stem ResNet-18 at 32x32, a few epochs). Flags and --set still win over these.
+DEMO_OVERRIDES: dict[str, object] = {
+    "backbone.name": "resnet18",
+    "backbone.small_stem": False,
+    "views.*.size": 32,
+    "train.epochs": 8,
+    "train.batch_size": 256,
+    "train.checkpoint_every": 0,
+    "schedule.warmup_epochs": 1,
+}
+
+
+# ViT recipes stay ViTs on the demo: a 4-block ViT-Tiny with 8x8 patches at 32x32 (16 tokens), as fast as the ResNet
+DEMO_VIT_OVERRIDES: dict[str, object] = {
+    "backbone.name": "vit_tiny_patch16_224",
+    "backbone.img_size": 32,
+    "backbone.patch_size": 8,
+    "backbone.kwargs.depth": 4,
+}
+
+
+def demo_overrides(method_name: str, recipe: Recipe | None = None) -> list[tuple[str, object]]:
+    """Recipe changes that make any recipe a ~2-minute CPU run on the demo data (a small ViT for ViT recipes)."""
+    general = dict(DEMO_OVERRIDES)
+    if recipe is not None and is_vit(recipe):
+        del general["backbone.small_stem"]
+        general.update(DEMO_VIT_OVERRIDES)
+    return [*general.items(), *get_method(method_name).demo_overrides.items()]
+
+
+def is_vit(recipe: Recipe) -> bool:
+    b = recipe.backbone
+    return b.name.startswith(("vit", "deit")) or bool(b.patch_size or b.freeze_patch_embed or b.dynamic_img_size)
+
+
+@dataclass(frozen=True)
+class PretrainPlan:
+    """What a pretraining call resolved to before it trains."""
+
+    recipe: Recipe
+    data: str | None
+    val: str | None
+    note: str | None = None
+    """A line for the user (the demo settings taken without ``data``), or None."""
+
+
+def plan_pretraining(
+    recipe: str | None, data: str | None, out: Path | None, resume: bool, overrides: Overrides, val: str | None
+) -> PretrainPlan:
+    """The resolved recipe and data of a run, or of the run in ``out`` to continue (``resume``)."""
+    overrides = list(overrides)
+    if resume:
+        if out is None:
+            raise RecipeError("--resume needs --out: the run folder to continue")
+        run = RunDir(out)
+        if not run.last.is_file():
+            raise RecipeError(f"--resume: no checkpoint to resume at {run.last}")
+        # the run folder's recipe.toml is the resolved recipe of the first run (demo settings included)
+        resolved = load_recipe(recipe or str(run.root / "recipe.toml"), overrides)
+        saved = read_checkpoint(run.last).meta["data"]
+        return PretrainPlan(resolved, data or saved.get("spec"), val or saved.get("val"))
+    if recipe is None:
+        raise RecipeError("pass --recipe NAME or --recipe FILE.toml (see: ssl recipes list)")
+    if data is not None:
+        return PretrainPlan(load_recipe(recipe, overrides), data, val)
+    base = load_recipe(recipe)
+    demo = demo_overrides(base.method.name, base)
+    note = "no --data: training on the built-in demo set (2,560 generated 32x32 images); demo settings: " + ", ".join(
+        f"{k}={v}" for k, v in demo
+    )
+    return PretrainPlan(load_recipe(recipe, [*demo, *overrides]), None, val, note)
+
+
+def run_pretraining(
+    recipe: str | None,
+    data: str | None = None,
+    out: str | Path | None = None,
+    *,
+    resume: bool = False,
+    overrides: Overrides = (),
+    val: str | None = None,
+    reporter: Reporter | None = None,
+    note: Callable[[str], None] | None = None,
+) -> PretrainResult | None:
+    """Do what ``ssl pretrain`` does: ``recipe`` is a built-in name or a TOML path (None with ``resume``: the run
+    folder's), ``data`` a folder or dataset name (None: the demo set, or with ``resume`` the run's own),
+    ``overrides`` ``--set``-style pairs. Returns the result on the main process (rank 0), None on the others."""
+    out = None if out is None else Path(out)
+    plan = plan_pretraining(recipe, data, out, resume, overrides, val)
+    if plan.note and note is not None and env_rank() == 0:
+        note(plan.note)
+    if launched_by_torchrun():  # one process group for the folder choice and the training
+        init_from_env(plan.recipe.train.device)
+    try:
+        run_dir = out or agree(default_run_dir(plan.recipe.recipe.name or "run"))
+        result = pretrain(plan.recipe, plan.data, run_dir, resume=resume, reporter=reporter, val=plan.val)
+    finally:
+        shutdown()
+    return result if env_rank() == 0 else None
