@@ -98,6 +98,60 @@ def sweep_pairs(lrs: Sequence[float], weight_decays: Sequence[float]) -> list[tu
     return list(itertools.product(dict.fromkeys(lrs), dict.fromkeys(weight_decays)))
 
 
+def _checked_holdout(
+    pairs: list[tuple[float, float]], lrs: Sequence[float], weight_decays: Sequence[float], epochs: int,
+    batch_size: int, momentum: float, holdout_fraction: float | None,
+) -> float:  # fmt: skip
+    """Check the sweep's settings; the holdout fraction to use (default 0.1 with several pairs, 0 with one)."""
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if any(lr <= 0 for lr, _ in pairs):
+        raise ValueError(f"every lr must be > 0, got {list(dict.fromkeys(lrs))}")
+    if any(wd < 0 for _, wd in pairs):
+        raise ValueError(f"every weight_decay must be >= 0, got {list(dict.fromkeys(weight_decays))}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not 0 <= momentum < 1:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+    if holdout_fraction is None:
+        holdout_fraction = DEFAULT_HOLDOUT_FRACTION if len(pairs) > 1 else 0.0
+    if not 0 <= holdout_fraction < 1:
+        raise ValueError(f"holdout fraction must be in [0, 1), got {holdout_fraction}")
+    if len(pairs) > 1 and holdout_fraction == 0:
+        raise ValueError(
+            f"{len(pairs)} (lr, weight decay) pairs need a holdout fraction > 0 to choose on "
+            "(choosing on the test split would overstate its accuracy)"
+        )
+    return holdout_fraction
+
+
+def _score_heads(
+    heads: list, pairs: list[tuple[float, float]], train_x: Tensor, train_y: Tensor, held_x: Tensor, held_y: Tensor
+) -> tuple[list[HeadResult], int]:
+    """Every head's train and held-out scores, and the index of the best: highest held-out top-1, then lowest
+    held-out cross-entropy, then sweep order (the first pair without a holdout)."""
+    results: list[HeadResult] = []
+    with torch.no_grad():
+        for head, (lr, wd) in zip(heads, pairs, strict=True):
+            (train_top1,) = topk_accuracy(head(train_x), train_y, (1,))
+            h1 = h5 = h_loss = None
+            if held_y.numel():
+                logits = head(held_x)
+                h1, h5 = topk_accuracy(logits, held_y, (1, 5))
+                h_loss = float(F.cross_entropy(logits, held_y))
+            results.append(HeadResult(lr, wd, h1, h5, h_loss, train_top1))
+    if held_y.numel():
+
+        def rank(i: int) -> tuple[float, float, int]:
+            loss = results[i].holdout_loss
+            return -results[i].holdout_top1, loss if math.isfinite(loss) else math.inf, i
+
+        best = min(range(len(pairs)), key=rank)
+    else:
+        best = 0
+    return results, best
+
+
 def sweep_linear_probe(
     train_features: Tensor,
     train_labels: Tensor,
@@ -131,25 +185,7 @@ def sweep_linear_probe(
     pairs = sweep_pairs(lrs, weight_decays)
     if not pairs:
         raise ValueError("give at least one learning rate and one weight decay")
-    if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
-    if any(lr <= 0 for lr, _ in pairs):
-        raise ValueError(f"every lr must be > 0, got {list(dict.fromkeys(lrs))}")
-    if any(wd < 0 for _, wd in pairs):
-        raise ValueError(f"every weight_decay must be >= 0, got {list(dict.fromkeys(weight_decays))}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if not 0 <= momentum < 1:
-        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-    if holdout_fraction is None:
-        holdout_fraction = DEFAULT_HOLDOUT_FRACTION if len(pairs) > 1 else 0.0
-    if not 0 <= holdout_fraction < 1:
-        raise ValueError(f"holdout fraction must be in [0, 1), got {holdout_fraction}")
-    if len(pairs) > 1 and holdout_fraction == 0:
-        raise ValueError(
-            f"{len(pairs)} (lr, weight decay) pairs need a holdout fraction > 0 to choose on "
-            "(choosing on the test split would overstate its accuracy)"
-        )
+    holdout_fraction = _checked_holdout(pairs, lrs, weight_decays, epochs, batch_size, momentum, holdout_fraction)
 
     device, dtype = train_features.device, float_dtype(train_features, test_features)
     x_all = train_features.detach().to(device, dtype)
@@ -185,25 +221,7 @@ def sweep_linear_probe(
         progress=progress,
     )
 
-    results: list[HeadResult] = []
-    with torch.no_grad():
-        for head, (lr, wd) in zip(heads, pairs, strict=True):
-            (train_top1,) = topk_accuracy(head(train_x), train_y, (1,))
-            h1 = h5 = h_loss = None
-            if held_idx.numel():
-                logits = head(held_x)
-                h1, h5 = topk_accuracy(logits, held_y, (1, 5))
-                h_loss = float(F.cross_entropy(logits, held_y))
-            results.append(HeadResult(lr, wd, h1, h5, h_loss, train_top1))
-    if held_idx.numel():
-
-        def rank(i: int) -> tuple[float, float, int]:
-            loss = results[i].holdout_loss
-            return -results[i].holdout_top1, loss if math.isfinite(loss) else math.inf, i
-
-        best = min(range(len(pairs)), key=rank)
-    else:
-        best = 0
+    results, best = _score_heads(heads, pairs, train_x, train_y, held_x, held_y)
     with torch.no_grad():
         top1, top5 = topk_accuracy(heads[best](test_x), test_y, (1, 5))
     return SweepResult(

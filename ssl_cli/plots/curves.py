@@ -168,6 +168,52 @@ def panels(runs: list[RunMetrics], x: str = "epoch") -> list[Panel]:
     return [p for p in (loss, lr, accuracy) if p.keys] + sorted(others, key=lambda p: p.title)
 
 
+PALETTE = [f"C{i}" for i in range(10)]
+STYLES = ["-", "--", ":", "-.", (0, (7, 2, 2, 2, 2, 2)), (0, (12, 3))]  # six distinct line styles
+MARKERS = ["o", "s", "^", "D", "v", "P", "X"]
+
+
+def _draw_panel(ax: Any, panel: Any, runs: list[RunMetrics], x: str) -> None:
+    """One panel: every run's series of the panel's keys against ``x``."""
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
+    palette, styles, markers, several = PALETTE, STYLES, MARKERS, len(runs) > 1
+    for ri, r in enumerate(runs):
+        for ki, key in enumerate(panel.keys):
+            xs, ys = r.series(key, x)
+            if xs:
+                ax.plot(
+                    xs,
+                    ys,
+                    linestyle=styles[ki % len(styles)] if several else "-",
+                    color=palette[(ri if several else ki) % len(palette)],
+                    marker=markers[ki % len(markers)] if len(xs) <= MARKERS_UP_TO else None,
+                    markersize=5,
+                    linewidth=1.6,
+                )
+    ax.set_title(panel.title)
+    ax.set_xlabel(x)
+    ax.set_ylabel(panel.ylabel)
+    ax.grid(True, alpha=0.3)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    values = [v for r in runs for key in panel.keys for v in r.series(key, x)[1]]
+    if panel.title == "loss" and values and min(values) > 0 and max(values) / min(values) > LOG_RATIO:
+        ax.set_yscale("log")  # losses of different methods differ in scale by orders of magnitude
+        ax.set_ylabel(f"{panel.ylabel}, log scale")
+    if panel.title == "learning rate":
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    if len(panel.keys) > 1:
+        # one run: a colour per key; several runs: colours are the runs (figure legend), line styles the keys
+        handles = [
+            Line2D([], [], linestyle=styles[i % len(styles)], marker=markers[i % len(markers)], color="0.3")
+            if several
+            else Line2D([], [], color=palette[i % len(palette)], marker=markers[i % len(markers)])
+            for i in range(len(panel.keys))
+        ]
+        ax.legend(handles, panel.keys, fontsize="small", loc="best")
+
+
 def plot_curves(
     runs: list[RunMetrics],
     out: Path,
@@ -178,7 +224,6 @@ def plot_curves(
     """Draw the panels of ``runs`` into the PNG ``out`` (``width`` x ``height`` pixels; default by panel count)."""
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
-    from matplotlib.ticker import MaxNLocator
 
     if x not in X_AXES:
         raise DataError(f"--x-axis {x}: unknown; valid: {', '.join(X_AXES)}")
@@ -199,46 +244,12 @@ def plot_curves(
     fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI, layout="constrained")
     title = f"training curves: {runs[0].name}" if not several else f"training curves: {len(runs)} runs"
     fig.suptitle(title, fontsize="large")
-    palette = [f"C{i}" for i in range(10)]
-    styles = ["-", "--", ":", "-.", (0, (7, 2, 2, 2, 2, 2)), (0, (12, 3))]  # six distinct line styles
-    markers = ["o", "s", "^", "D", "v", "P", "X"]
+    palette = PALETTE
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax in axes[len(shown) :]:
         ax.set_visible(False)
     for ax, panel in zip(axes, shown, strict=False):
-        for ri, r in enumerate(runs):
-            for ki, key in enumerate(panel.keys):
-                xs, ys = r.series(key, x)
-                if xs:
-                    ax.plot(
-                        xs,
-                        ys,
-                        linestyle=styles[ki % len(styles)] if several else "-",
-                        color=palette[(ri if several else ki) % len(palette)],
-                        marker=markers[ki % len(markers)] if len(xs) <= MARKERS_UP_TO else None,
-                        markersize=5,
-                        linewidth=1.6,
-                    )
-        ax.set_title(panel.title)
-        ax.set_xlabel(x)
-        ax.set_ylabel(panel.ylabel)
-        ax.grid(True, alpha=0.3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        values = [v for r in runs for key in panel.keys for v in r.series(key, x)[1]]
-        if panel.title == "loss" and values and min(values) > 0 and max(values) / min(values) > LOG_RATIO:
-            ax.set_yscale("log")  # losses of different methods differ in scale by orders of magnitude
-            ax.set_ylabel(f"{panel.ylabel}, log scale")
-        if panel.title == "learning rate":
-            ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
-        if len(panel.keys) > 1:
-            # one run: a colour per key; several runs: colours are the runs (figure legend), line styles the keys
-            handles = [
-                Line2D([], [], linestyle=styles[i % len(styles)], marker=markers[i % len(markers)], color="0.3")
-                if several
-                else Line2D([], [], color=palette[i % len(palette)], marker=markers[i % len(markers)])
-                for i in range(len(panel.keys))
-            ]
-            ax.legend(handles, panel.keys, fontsize="small", loc="best")
+        _draw_panel(ax, panel, runs, x)
     if several:
         handles = [Line2D([], [], color=palette[i % len(palette)], marker="o") for i in range(len(runs))]
         fig.legend(handles, [r.name for r in runs], loc="outside lower center", ncols=min(len(runs), 6))

@@ -189,6 +189,37 @@ def _bank_index(bank: ImageSet, queries: ImageSet) -> torch.Tensor:
     return torch.tensor([where.get(p.resolve(), -1) for p in queries.paths], dtype=torch.long)
 
 
+def _pick_queries(bank: Any, data: str, queries: str | None, from_bank: bool, num: int, seed: int, k: int):
+    """A seeded, class-balanced sample of query images; with their indices in ``bank`` (-1: not in it), checked
+    to leave ``k`` neighbours besides a query itself."""
+    from ssl_cli.plots.embedding import balanced_sample
+    from ssl_cli.plots.features import open_images
+
+    query_set = bank if from_bank else open_images(queries, "--queries")
+    picked = balanced_sample(query_set.labels, num, seed)
+    if from_bank:
+        query_index = picked.clone()
+    else:
+        query_set = query_set.subset(picked)
+        query_index = _bank_index(bank, query_set)
+    available = len(bank) - int((query_index >= 0).any())
+    if k > available:
+        itself = " besides the query itself" if (query_index >= 0).any() else ""
+        raise DataError(
+            f"--k {k}: the bank --data {data} has only {len(bank)} images, so at most {available} neighbours"
+            f"{itself}; choose a smaller --k"
+        )
+    return query_set, picked, query_index
+
+
+def _legend(q_labels: list[int], n_labels: list[list[int]], precision: float | None) -> str:
+    if precision is None:
+        return "frame: blue = query, grey = neighbour (no labels to compare)"
+    unknown = any(q < 0 for q in q_labels) or any(n < 0 for row in n_labels for n in row)
+    legend = "frame: blue = query, green = same class, red = other class" + (", grey = unknown" if unknown else "")
+    return legend + f"; {precision:.1%} of the neighbours share the query's class"
+
+
 def retrieval_grid(
     checkpoint: str | Path,
     data: str,
@@ -209,7 +240,6 @@ def retrieval_grid(
 
     Returns ``queries`` (path, class, neighbours with path, class, similarity), ``precision`` (the share of
     neighbours of the query's class, None without labels) and ``out``."""
-    from ssl_cli.plots.embedding import balanced_sample
     from ssl_cli.plots.features import class_name, encode, image_name, load_encoder, open_images, shown_pixels
 
     if k < 1:
@@ -219,20 +249,7 @@ def retrieval_grid(
     encoder = load_encoder(checkpoint, device, random_init)
     bank = open_images(data)
     from_bank = queries is None or _same_folder(queries, data)
-    query_set = bank if from_bank else open_images(queries, "--queries")
-    picked = balanced_sample(query_set.labels, num_queries, seed)
-    if from_bank:
-        query_index = picked.clone()
-    else:
-        query_set = query_set.subset(picked)
-        query_index = _bank_index(bank, query_set)
-    available = len(bank) - int((query_index >= 0).any())
-    if k > available:
-        itself = " besides the query itself" if (query_index >= 0).any() else ""
-        raise DataError(
-            f"--k {k}: the bank --data {data} has only {len(bank)} images, so at most {available} neighbours"
-            f"{itself}; choose a smaller --k"
-        )
+    query_set, picked, query_index = _pick_queries(bank, data, queries, from_bank, num_queries, seed, k)
     listed = bank  # the files, for the names: a decoded set keeps only pixels
     bank = bank.cached("auto")
     if on_total:
@@ -257,16 +274,10 @@ def retrieval_grid(
 
     tile = encoder.size * max(1, math.ceil(MIN_TILE / encoder.size))
     weights = "random weights" if random_init else Path(checkpoint).name
-    unknown = any(q < 0 for q in q_labels) or any(n < 0 for row in n_labels for n in row)
-    legend = "frame: blue = query, green = same class, red = other class" + (", grey = unknown" if unknown else "")
-    if precision is None:
-        legend = "frame: blue = query, grey = neighbour (no labels to compare)"
-    else:
-        legend += f"; {precision:.1%} of the neighbours share the query's class"
     header = [
         f"{len(query_f)} queries from {shown_set.name}, each with its {k} nearest images in {bank.name} "
         f"(cosine similarity of {encoder.name} features, {weights})",
-        legend,
+        _legend(q_labels, n_labels, precision),
     ]
     picture = render_grid(
         [shown_pixels(encoder, shown_set, i) for i in shown_idx],
@@ -280,18 +291,17 @@ def retrieval_grid(
         tile,
     )
     write_atomic(out, lambda tmp: picture.save(tmp, format="PNG"))
-    rows = []
-    for r, i in enumerate(shown_idx):
-        rows.append(
-            {
-                "path": image_name(shown_listed, i),
-                "class": class_name(shown_set, i),
-                "neighbors": [
-                    {"path": image_name(listed, j), "class": class_name(bank, j), "similarity": float(s)}
-                    for j, s in zip(idx[r].tolist(), sims[r].tolist(), strict=True)
-                ],
-            }
-        )
+    rows = [
+        {
+            "path": image_name(shown_listed, i),
+            "class": class_name(shown_set, i),
+            "neighbors": [
+                {"path": image_name(listed, j), "class": class_name(bank, j), "similarity": float(s)}
+                for j, s in zip(idx[r].tolist(), sims[r].tolist(), strict=True)
+            ],
+        }
+        for r, i in enumerate(shown_idx)
+    ]
     return {
         "out": str(out),
         "k": k,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -219,7 +219,7 @@ def warmup_warning(warmup_epochs: float, epochs: int) -> str | None:
     )
 
 
-def _start_notes(recipe: Recipe, choice: AugmentChoice, device: torch.device, reporter: Reporter) -> None:
+def _augment_notes(recipe: Recipe, choice: AugmentChoice, device: torch.device, reporter: Reporter) -> None:
     """The run's first lines after the folder: the augmentation path and why, a warm-up longer than the run."""
     workers = resolve_workers(recipe.data.num_workers)
     per_image = f"per image in {workers} loader worker{'s' if workers != 1 else ''}" if workers else "per image"
@@ -247,6 +247,208 @@ def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
     return f"{prefix.rstrip('.')}: {a!r} then, {b!r} now"
 
 
+@dataclass
+class _Training:
+    """Everything a run sets up before its first step (``_set_up``), read by the epoch loop."""
+
+    recipe: Recipe
+    data: str | None
+    val: str | None
+    env: DistEnv
+    run: RunDir
+    reporter: Reporter
+    images: ImageSet
+    augment: AugmentChoice
+    monitors: OnlineMonitors | None
+    method: Method
+    optimizer: torch.optim.Optimizer
+    steps_per_epoch: int
+    lrs: Any
+    wds: Any
+
+    @property
+    def global_batch(self) -> int:
+        return self.recipe.train.batch_size * self.env.world_size
+
+    @property
+    def main(self) -> bool:
+        return self.env.rank == 0
+
+
+@dataclass
+class _EpochSums:
+    """Running sums of one epoch's steps, on the device (no host sync per step)."""
+
+    loss: torch.Tensor
+    steps: int = 0
+    images: int = 0
+    method: dict[str, torch.Tensor] = field(default_factory=dict)
+    """The method's own monitors (``StepOutput.metrics``), averaged over the epoch."""
+
+    def means(self) -> dict[str, float]:
+        return {k: float(v) / max(self.steps, 1) for k, v in self.method.items()}
+
+
+def _build_model(recipe: Recipe, env: DistEnv, monitors: OnlineMonitors | None) -> Method:
+    torch.manual_seed(recipe.train.seed)
+    method = build_method(recipe)
+    if monitors is not None:
+        monitors.attach(method)
+    if env.world_size > 1 and recipe.train.sync_batchnorm:
+        method = convert_global_batchnorm(method)
+    method = method.to(env.device)
+    return method.to(memory_format=torch.channels_last) if recipe.train.channels_last else method
+
+
+def _set_up(
+    recipe: Recipe, data: str | None, out: Path, resume: bool, reporter: Reporter | None, val: str | None
+) -> tuple[_Training, Any]:
+    """The process group, the run folder, the data, the method and its optimizer and schedules; with ``resume``, the
+    checkpoint to continue from."""
+    env = resolve_env(recipe)
+    world, train = env.world_size, recipe.train
+    reporter = (reporter or SilentReporter()) if env.rank == 0 else SilentReporter()  # progress from rank 0 only
+    run = RunDir(Path(out))
+    ckpt, resumed_with = _check_resume(recipe, run) if resume else (None, None)
+    global_batch = train.batch_size * world
+    images = open_dataset(data, role="train").cached(recipe.data.cache)
+    augment = resolve_augment(recipe, images, resumed_with)
+    if len(images) < global_batch:
+        batch = f"{global_batch}" if world == 1 else f"{train.batch_size} x {world} processes = {global_batch}"
+        raise DataError(f"{images.name} has {len(images)} images, fewer than one batch ({batch}); lower --batch-size")
+    monitors = OnlineMonitors.open(recipe, images, val) if val is not None else None
+    method = _build_model(recipe, env, monitors)
+    groups = method.param_groups()
+    if monitors is not None:
+        groups = monitors.param_groups(groups, method, effective_lr(recipe.optim, global_batch))
+    steps_per_epoch = len(images) // global_batch
+    lrs = lr_schedule(recipe.schedule, effective_lr(recipe.optim, global_batch), steps_per_epoch, train.epochs)
+    t = _Training(
+        recipe, data, val, env, run, reporter, images, augment, monitors, method,
+        build_optimizer(groups, recipe.optim, global_batch), steps_per_epoch, lrs,
+        weight_decay_schedule(recipe.optim, steps_per_epoch * train.epochs),
+    )  # fmt: skip
+    if t.main:
+        run.prepare(recipe, resume)
+    barrier()
+    _start_notes(t)
+    method.bind_data(len(images), images.labels.clone() if images.labeled else None)
+    return t, ckpt
+
+
+def _start_notes(t: _Training) -> None:
+    world, reporter = t.env.world_size, t.reporter
+    reporter.log(
+        f"run folder: {t.run.root}" + (f" ({world} processes, global batch {t.global_batch})" if world > 1 else "")
+    )
+    if t.monitors is not None:
+        m = t.monitors.settings
+        reporter.log(
+            f"monitors on {t.monitors.val.name} ({len(t.monitors.val)} images): "
+            + (f"kNN (k={m['knn_k']}) every {m['knn_every']} epoch(s)" if m["knn_every"] else "no kNN")
+            + (f", online linear classifier (lr {m['online_lr']:g})" if m["online_linear"] else "")
+        )
+    _augment_notes(t.recipe, t.augment, t.env.device, reporter)
+
+
+def _resume(t: _Training, ckpt: Any) -> int:
+    """Load the model, optimizer and random state of ``ckpt``; the epoch to continue at."""
+    check_resume_monitors(ckpt.section("model").keys(), t.monitors, t.run.last)
+    try:
+        t.method.load_state_dict(ckpt.section("model"))
+    except RuntimeError as e:  # e.g. a memory bank sized for another dataset
+        first = str(e).strip().splitlines()[-1].strip()
+        raise CheckpointError(
+            f"--resume: {t.run.last} does not fit this run's model ({first}); was it trained on other data? "
+            "resume with the same --data, or start a new run with another --out"
+        ) from None
+    load_optimizer(t.optimizer, ckpt)
+    restore_rng(ckpt)
+    # from the epoch: a run resumed with another number of processes has another number of steps per epoch
+    start_epoch = int(ckpt.meta["epoch"])
+    if t.main:
+        t.run.truncate_metrics(start_epoch)
+    t.reporter.log(f"resuming {t.run.last} at epoch {start_epoch}, step {start_epoch * t.steps_per_epoch}")
+    return start_epoch
+
+
+def _train_epoch(t: _Training, model: torch.nn.Module, loader: Any, epoch: int, step: int) -> tuple[int, _EpochSums]:
+    """One epoch of optimizer steps from global step ``step``; the step after it and the epoch's sums."""
+    recipe, train, device = t.recipe, t.recipe.train, t.env.device
+    memory_format = torch.channels_last if train.channels_last else torch.contiguous_format
+    total_steps = t.steps_per_epoch * train.epochs
+    loader.sampler.set_epoch(epoch)
+    if t.env.world_size > 1:  # per-rank random streams (shuffle-BN, noise samples), the same after a resume
+        torch.manual_seed(mix_seed(train.seed, epoch, t.env.rank))
+    t.method.epoch_start(epoch, lambda: _device_batches(loader, device, memory_format))
+    started, sums = time.perf_counter(), _EpochSums(torch.zeros((), device=device))
+    for views, index in _device_batches(loader, device, memory_format):
+        set_lr(t.optimizer, float(t.lrs[step]))
+        if t.wds is not None:
+            set_weight_decay(t.optimizer, float(t.wds[step]), recipe.optim.weight_decay)
+        out = optimizer_step(
+            model, t.method, t.optimizer, views, index, step, total_steps, train.precision, recipe.optim.clip_grad
+        )
+        step += 1
+        sums.steps += 1
+        sums.loss += out.loss.detach()
+        for name, value in out.metrics.items():
+            sums.method[name] = sums.method.get(name, 0.0) + value.detach().float()
+        sums.images += views[0].shape[0] * t.env.world_size
+        if sums.steps % 10 == 0 or sums.steps == t.steps_per_epoch:
+            _report_progress(t, epoch, step, sums, time.perf_counter() - started)
+    return step, sums
+
+
+def _report_progress(t: _Training, epoch: int, step: int, sums: _EpochSums, elapsed: float) -> None:
+    # the only host sync of the step loop: divergence is caught here (on every rank alike, from the ranks' mean),
+    # before any checkpoint
+    mean_loss = float(all_reduce_mean(sums.loss)) / sums.steps
+    if not math.isfinite(mean_loss):
+        raise TrainingError(
+            f"loss became {mean_loss} at epoch {epoch + 1}, step {step}; lower optim.lr or check the "
+            f"data (checkpoints so far are kept in {t.run.checkpoints})"
+        )
+    metrics = {"loss": mean_loss, "lr": float(t.lrs[step - 1])}
+    metrics["images_per_second"] = sums.steps * t.global_batch / max(elapsed, 1e-9)
+    metrics.update(sums.means())
+    t.reporter.update(step, epoch, metrics)
+
+
+def _end_epoch(
+    t: _Training, epoch: int, step: int, sums: _EpochSums, seconds: float
+) -> tuple[float, dict[str, float] | None]:
+    """The epoch's record (metrics, monitors) reported, logged and checkpointed; its loss and the held-out
+    evaluation of the monitors if one was due."""
+    record = {
+        "epoch": epoch + 1,
+        "step": step,
+        "loss": float(all_reduce_mean(sums.loss)) / max(sums.steps, 1),
+        "lr": float(t.lrs[step - 1]),
+        "images_per_second": sums.steps * t.global_batch / max(seconds, 1e-9),
+        "seconds": seconds,
+        **{k: float(all_reduce_mean(v)) / max(sums.steps, 1) for k, v in sorted(sums.method.items())},
+        **t.method.epoch_end(epoch + 1),
+    }
+    evaluation = None
+    if t.monitors is not None and t.main and t.monitors.due(epoch + 1):
+        evaluation = t.monitors.evaluate(t.method, t.env.device)
+        record.update(evaluation)
+    t.reporter.epoch_end(record)
+    if t.main:  # one writer; the other ranks wait, so none runs ahead of a checkpoint it may resume from
+        t.run.log_metrics(record)
+        meta = checkpoint_meta(
+            t.recipe, t.method, t.images, t.data, epoch + 1, step, record, t.monitors, t.val, t.augment.path
+        )
+        meta["world_size"] = t.env.world_size
+        save_checkpoint(t.run.last, t.method, t.optimizer, meta)
+        every = t.recipe.train.checkpoint_every
+        if every and (epoch + 1) % every == 0:
+            save_checkpoint(t.run.epoch_checkpoint(epoch + 1), t.method, t.optimizer, meta)
+    barrier()
+    return record["loss"], evaluation
+
+
 def pretrain(
     recipe: Recipe,
     data: str | None,
@@ -258,146 +460,28 @@ def pretrain(
     """Train ``recipe`` on ``data`` (a folder, a dataset name, or None for the demo set) into ``out``.
 
     ``val``: labeled held-out images (folder, dataset name, ``demo:test``) for the online monitors (kNN, online
-    linear classifier; ``ssl_cli.train.monitors``)."""
-    env = resolve_env(recipe)
-    device, world, main = env.device, env.world_size, env.rank == 0
-    reporter = (reporter or SilentReporter()) if main else SilentReporter()  # progress from rank 0 only
-    run = RunDir(Path(out))
-    ckpt, resumed_with = _check_resume(recipe, run) if resume else (None, None)
-    train = recipe.train
-    global_batch = train.batch_size * world
+    linear classifier; ``ssl_cli.train.monitors``). The whole of ``ssl pretrain`` (demo settings, resume from a run
+    folder's own recipe and data, torchrun set-up) is ``ssl_cli.train.launch.run_pretraining``."""
+    t, ckpt = _set_up(recipe, data, out, resume, reporter, val)
+    epochs = recipe.train.epochs
+    start_epoch = _resume(t, ckpt) if ckpt is not None else 0
+    step = start_epoch * t.steps_per_epoch
+    if start_epoch >= epochs:
+        t.reporter.log(f"the run is already complete ({epochs} epochs); nothing to train")
+        loss = ckpt.meta.get("metrics", {}).get("loss")
+        return PretrainResult(str(t.run.last), str(t.run.root), epochs, step, loss, None, 0.0)
 
-    images = open_dataset(data, role="train").cached(recipe.data.cache)
-    augment = resolve_augment(recipe, images, resumed_with)
-    if len(images) < global_batch:
-        batch = f"{global_batch}" if world == 1 else f"{train.batch_size} x {world} processes = {global_batch}"
-        raise DataError(f"{images.name} has {len(images)} images, fewer than one batch ({batch}); lower --batch-size")
-    monitors = OnlineMonitors.open(recipe, images, val) if val is not None else None
-    torch.manual_seed(train.seed)
-    method = build_method(recipe)
-    if monitors is not None:
-        monitors.attach(method)
-    if world > 1 and train.sync_batchnorm:
-        method = convert_global_batchnorm(method)
-    method = method.to(device)
-    if train.channels_last:
-        method = method.to(memory_format=torch.channels_last)
-    groups = method.param_groups()
-    if monitors is not None:
-        groups = monitors.param_groups(groups, method, effective_lr(recipe.optim, global_batch))
-    optimizer = build_optimizer(groups, recipe.optim, global_batch)
-    steps_per_epoch = len(images) // global_batch
-    total_steps = steps_per_epoch * train.epochs
-    lrs = lr_schedule(recipe.schedule, effective_lr(recipe.optim, global_batch), steps_per_epoch, train.epochs)
-    wds = weight_decay_schedule(recipe.optim, total_steps)
-
-    start_epoch, step = 0, 0
-    if main:
-        run.prepare(recipe, resume)
-    barrier()
-    reporter.log(
-        f"run folder: {run.root}" + (f" ({world} processes, global batch {global_batch})" if world > 1 else "")
-    )
-    if monitors is not None:
-        m = monitors.settings
-        reporter.log(
-            f"monitors on {monitors.val.name} ({len(monitors.val)} images): "
-            + (f"kNN (k={m['knn_k']}) every {m['knn_every']} epoch(s)" if m["knn_every"] else "no kNN")
-            + (f", online linear classifier (lr {m['online_lr']:g})" if m["online_linear"] else "")
-        )
-    _start_notes(recipe, augment, device, reporter)
-    method.bind_data(len(images), images.labels.clone() if images.labeled else None)
-    if ckpt is not None:
-        check_resume_monitors(ckpt.section("model").keys(), monitors, run.last)
-        try:
-            method.load_state_dict(ckpt.section("model"))
-        except RuntimeError as e:  # e.g. a memory bank sized for another dataset
-            first = str(e).strip().splitlines()[-1].strip()
-            raise CheckpointError(
-                f"--resume: {run.last} does not fit this run's model ({first}); was it trained on other data? "
-                "resume with the same --data, or start a new run with another --out"
-            ) from None
-        load_optimizer(optimizer, ckpt)
-        restore_rng(ckpt)
-        # from the epoch: a run resumed with another number of processes has another number of steps per epoch
-        start_epoch = int(ckpt.meta["epoch"])
-        step = start_epoch * steps_per_epoch
-        if main:
-            run.truncate_metrics(start_epoch)
-        reporter.log(f"resuming {run.last} at epoch {start_epoch}, step {step}")
-        if start_epoch >= train.epochs:
-            reporter.log(f"the run is already complete ({train.epochs} epochs); nothing to train")
-            loss_value = ckpt.meta.get("metrics", {}).get("loss")
-            return PretrainResult(str(run.last), str(run.root), train.epochs, step, loss_value, None, 0.0)
-
-    loader = training_batches(recipe, images, device, env, augment.path)
-    model = wrap_distributed(method, env)
-    memory_format = torch.channels_last if train.channels_last else torch.contiguous_format
-
-    reporter.start(total_steps, step, recipe.train.epochs)
-    started = time.perf_counter()
-    trained_images, record, loss_value, evaluation = 0, {}, None, None
-    method.train()
-    for epoch in range(start_epoch, train.epochs):
-        loader.sampler.set_epoch(epoch)
-        if world > 1:  # per-rank random streams (shuffle-BN, noise samples), the same after a resume
-            torch.manual_seed(mix_seed(train.seed, epoch, env.rank))
-        method.epoch_start(epoch, lambda: _device_batches(loader, device, memory_format))
-        epoch_start, loss_sum, n_steps = time.perf_counter(), torch.zeros((), device=device), 0
-        method_sums: dict[str, torch.Tensor] = {}  # the method's own monitors, averaged over the epoch
-        for views, index in _device_batches(loader, device, memory_format):
-            set_lr(optimizer, float(lrs[step]))
-            if wds is not None:
-                set_weight_decay(optimizer, float(wds[step]), recipe.optim.weight_decay)
-            out_step = optimizer_step(
-                model, method, optimizer, views, index, step, total_steps, train.precision, recipe.optim.clip_grad
-            )
-            loss = out_step.loss
-            step += 1
-            n_steps += 1
-            loss_sum += loss.detach()
-            for name, value in out_step.metrics.items():
-                method_sums[name] = method_sums.get(name, 0.0) + value.detach().float()
-            trained_images += views[0].shape[0] * world
-            if n_steps % 10 == 0 or n_steps == steps_per_epoch:
-                # the only host sync of the step loop: divergence is caught here (on every rank alike, from
-                # the ranks' mean), before any checkpoint
-                mean_loss = float(all_reduce_mean(loss_sum)) / n_steps
-                if not math.isfinite(mean_loss):
-                    raise TrainingError(
-                        f"loss became {mean_loss} at epoch {epoch + 1}, step {step}; lower optim.lr or check the "
-                        f"data (checkpoints so far are kept in {run.checkpoints})"
-                    )
-                elapsed = time.perf_counter() - epoch_start
-                metrics = {"loss": mean_loss, "lr": float(lrs[step - 1])}
-                metrics["images_per_second"] = n_steps * global_batch / max(elapsed, 1e-9)
-                metrics.update({k: float(v) / n_steps for k, v in method_sums.items()})
-                reporter.update(step, epoch, metrics)
-        seconds = time.perf_counter() - epoch_start
-        loss_value = float(all_reduce_mean(loss_sum)) / max(n_steps, 1)
-        record = {
-            "epoch": epoch + 1,
-            "step": step,
-            "loss": loss_value,
-            "lr": float(lrs[step - 1]),
-            "images_per_second": n_steps * global_batch / max(seconds, 1e-9),
-            "seconds": seconds,
-            **{k: float(all_reduce_mean(v)) / max(n_steps, 1) for k, v in sorted(method_sums.items())},
-            **method.epoch_end(epoch + 1),
-        }
-        if monitors is not None and main and monitors.due(epoch + 1):
-            evaluation = monitors.evaluate(method, device)
-            record.update(evaluation)
-        reporter.epoch_end(record)
-        if main:  # one writer; the other ranks wait, so none runs ahead of a checkpoint it may resume from
-            run.log_metrics(record)
-            meta = checkpoint_meta(recipe, method, images, data, epoch + 1, step, record, monitors, val, augment.path)
-            meta["world_size"] = world
-            save_checkpoint(run.last, method, optimizer, meta)
-            if train.checkpoint_every and (epoch + 1) % train.checkpoint_every == 0:
-                save_checkpoint(run.epoch_checkpoint(epoch + 1), method, optimizer, meta)
-        barrier()
-
+    loader = training_batches(recipe, t.images, t.env.device, t.env, t.augment.path)
+    model = wrap_distributed(t.method, t.env)
+    t.reporter.start(t.steps_per_epoch * epochs, step, epochs)
+    started, trained_images, loss, evaluation = time.perf_counter(), 0, None, None
+    t.method.train()
+    for epoch in range(start_epoch, epochs):
+        epoch_started = time.perf_counter()
+        step, sums = _train_epoch(t, model, loader, epoch, step)
+        loss, due = _end_epoch(t, epoch, step, sums, time.perf_counter() - epoch_started)
+        evaluation = due or evaluation
+        trained_images += sums.images
     seconds = time.perf_counter() - started
     ips = trained_images / seconds if trained_images else None
-    return PretrainResult(str(run.last), str(run.root), train.epochs, step, loss_value, ips, seconds, evaluation)
+    return PretrainResult(str(t.run.last), str(t.run.root), epochs, step, loss, ips, seconds, evaluation)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -124,28 +125,25 @@ def _train_keys(spec: str | None, images: ImageSet) -> tuple[list[str], Path | N
     return image_keys(listing, root), root
 
 
-def run_transfer(
-    checkpoint: str,
-    train: str | None,
-    val: str | None,
-    out: str | Path,
-    cfg: FinetuneConfig,
-    *,
-    label_fraction: float | None = None,
-    label_subset: str | Path | None = None,
-    random_init: bool = False,
-    device: str = "auto",
-    num_workers: int | str = "auto",
-    reporter=None,
-    log: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
-    """Fine-tune, evaluate and write the ``--out`` folder (see the module doc); returns the summary ``--json``
-    prints. Every bad input raises an ``SSLError`` before anything is written."""
-    from ssl_cli.artifacts.backbone import ProjectedBackbone
-    from ssl_cli.eval.run import setup
+@dataclass(frozen=True)
+class _Plan:
+    """A transfer run's checked inputs, before anything is read or written."""
 
-    log = log or (lambda _message: None)
-    cfg = cfg.resolved()
+    out: Path
+    outputs: dict[str, Path]
+    checkpoint: Path
+    subset_path: Path | None
+    identity: dict[str, Any]
+    """What makes two runs the same run (``run.json``): a rerun of it may replace its results."""
+    rerun: bool
+    saved: LabelSubset | None
+    """The ``--label-subset`` file's subset."""
+
+
+def _plan(
+    checkpoint: str, train: str | None, val: str | None, out: str | Path, cfg: FinetuneConfig,
+    label_fraction: float | None, label_subset: str | Path | None, random_init: bool,
+) -> _Plan:  # fmt: skip
     if label_fraction is not None and label_subset is not None:
         raise DataError("--label-fraction and --label-subset: give one of them (a subset file fixes its fraction)")
     if label_fraction is not None:
@@ -169,27 +167,34 @@ def run_transfer(
     }
     rerun = check_out(out, identity, ignore=subset_path)
     saved = read_subset(subset_path) if subset_path is not None else None
+    return _Plan(out, outputs, ckpt_path, subset_path, identity, rerun, saved)
 
-    s = setup(checkpoint, train, val, device, random_init)
+
+def _labeled(plan: _Plan, s: Any, train: str | None, fraction: float | None, seed: int, subset_arg: Any):
+    """The labelled training images: a new class-balanced subset (``--label-fraction``), the saved one
+    (``--label-subset``) or all of them; with the subset (None for all)."""
     classes = s.train.classes
     keys, root = _train_keys(train, s.train)
-    subset: LabelSubset | None = None
-    if label_fraction is not None:
-        indices = select_subset(s.train.labels, s.num_classes, label_fraction, cfg.seed)
+    if fraction is not None:
+        indices = select_subset(s.train.labels, s.num_classes, fraction, seed)
         data_path = str(root.resolve()) if root is not None else _spec_id(train)
-        subset = subset_from_indices(
-            indices, keys, s.train.labels, classes, label_fraction, cfg.seed, s.train.name, data_path
-        )
-    elif saved is not None:
-        indices = subset_indices(saved, keys, s.train.labels, classes, f"--label-subset {label_subset}")
-        subset = saved
-    labeled = s.train.subset(indices) if subset is not None else s.train
+        subset = subset_from_indices(indices, keys, s.train.labels, classes, fraction, seed, s.train.name, data_path)
+    elif plan.saved is not None:
+        indices = subset_indices(plan.saved, keys, s.train.labels, classes, f"--label-subset {subset_arg}")
+        subset = plan.saved
+    else:
+        return None, s.train
+    return subset, s.train.subset(indices)
 
-    if rerun:
+
+def _start_out(plan: _Plan, subset: LabelSubset | None, log: Callable[[str], None]) -> Callable[[dict], None]:
+    """Write ``run.json`` (and the new subset) into ``--out``, start ``epochs.jsonl``; the per-epoch writer."""
+    out = plan.out
+    if plan.rerun:
         log(f"--out {out} holds this same run (same settings): its results are replaced")
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(outputs[RUN_FILE], {"format": "ssl-transfer-run/1", "config": identity})
-    if subset is not None and subset_path != outputs[SUBSET_FILE]:
+    _write_json(plan.outputs[RUN_FILE], {"format": "ssl-transfer-run/1", "config": plan.identity})
+    if subset is not None and plan.subset_path != plan.outputs[SUBSET_FILE]:
         save_subset(subset, out / SUBSET_FILE)
     (out / EPOCHS_FILE).write_text("", encoding="utf-8")
 
@@ -197,41 +202,75 @@ def run_transfer(
         with (out / EPOCHS_FILE).open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
-    model, projector = s.model, None
-    if isinstance(model, ProjectedBackbone):  # SimCLR v2: fine-tune from the projection head's first layer(s)
-        projector = s.meta.get("projector")
-        model = attach_classifier(model.backbone, s.num_classes, model.head, model.num_features, seed=cfg.seed)
-    else:
-        model = attach_classifier(model, s.num_classes, seed=cfg.seed)
-    result = finetune(
-        model,
-        labeled,
-        s.val,
-        train_eval_transform(s.size, s.mean, s.std),
-        eval_transform(s.size, s.mean, s.std),
-        cfg,
-        s.device,
-        num_workers,
-        reporter,
-        on_epoch,
-    )
+    return on_epoch
 
-    top1, top5 = topk_accuracy(result.logits, result.labels, (1, 5))
-    counts = confusion_matrix(result.logits.argmax(dim=1), result.labels, s.num_classes)
-    fraction = label_fraction if label_fraction is not None else (saved.fraction if saved is not None else 1.0)
-    arch = s.meta["backbone"]["name"]
-    hyper = {
+
+def _classifier(s: Any, seed: int) -> tuple[torch.nn.Module, Any]:
+    """The backbone with a fresh linear classifier; SimCLR v2 exports keep their projection head's first layer(s)."""
+    from ssl_cli.artifacts.backbone import ProjectedBackbone
+
+    model = s.model
+    if isinstance(model, ProjectedBackbone):  # SimCLR v2: fine-tune from the projection head's first layer(s)
+        head = attach_classifier(model.backbone, s.num_classes, model.head, model.num_features, seed=seed)
+        return head, s.meta.get("projector")
+    return attach_classifier(model, s.num_classes, seed=seed), None
+
+
+def _hyperparameters(cfg: FinetuneConfig, s: Any, result: Any) -> dict[str, Any]:
+    sgd = cfg.optimizer == "sgd"
+    return {
         **cfg.to_dict(),
         "peak_lr": peak_lr(cfg),
         "schedule": "linear warm-up, then cosine to 0, per step",
-        "optimizer_settings": {"momentum": 0.9, "nesterov": True}
-        if cfg.optimizer == "sgd"
-        else {"betas": [0.9, 0.999]},
+        "optimizer_settings": {"momentum": 0.9, "nesterov": True} if sgd else {"betas": [0.9, 0.999]},
         "augmentation": "random resized crop + horizontal flip",
         "input_size": s.size,
         "layer_groups": result.num_layers,
         "frozen_parameters": len(result.frozen),
     }
+
+
+def run_transfer(
+    checkpoint: str,
+    train: str | None,
+    val: str | None,
+    out: str | Path,
+    cfg: FinetuneConfig,
+    *,
+    label_fraction: float | None = None,
+    label_subset: str | Path | None = None,
+    random_init: bool = False,
+    device: str = "auto",
+    num_workers: int | str = "auto",
+    reporter=None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Fine-tune, evaluate and write the ``--out`` folder (see the module doc); returns the summary ``--json``
+    prints. Every bad input raises an ``SSLError`` before anything is written."""
+    from ssl_cli.eval.run import setup
+
+    cfg = cfg.resolved()
+    plan = _plan(checkpoint, train, val, out, cfg, label_fraction, label_subset, random_init)
+    s = setup(checkpoint, train, val, device, random_init)
+    subset, labeled = _labeled(plan, s, train, label_fraction, cfg.seed, label_subset)
+    on_epoch = _start_out(plan, subset, log or (lambda _message: None))
+    model, projector = _classifier(s, cfg.seed)
+    result = finetune(
+        model, labeled, s.val, train_eval_transform(s.size, s.mean, s.std), eval_transform(s.size, s.mean, s.std),
+        cfg, s.device, num_workers, reporter, on_epoch,
+    )  # fmt: skip
+    fraction = (
+        label_fraction if label_fraction is not None else (plan.saved.fraction if plan.saved is not None else 1.0)
+    )
+    return _write_results(plan, s, cfg, result, model, projector, labeled, subset, fraction, random_init)
+
+
+def _write_results(plan, s, cfg, result, model, projector, labeled, subset, fraction, random_init) -> dict[str, Any]:
+    """``model.safetensors``, ``metrics.json`` and ``confusion_matrix.png`` in ``--out``; the summary."""
+    out, identity, classes = plan.out, plan.identity, s.train.classes
+    top1, top5 = topk_accuracy(result.logits, result.labels, (1, 5))
+    counts = confusion_matrix(result.logits.argmax(dim=1), result.labels, s.num_classes)
+    arch = s.meta["backbone"]["name"]
     metrics = {
         "top1": top1,
         "top5": top5,
@@ -241,7 +280,7 @@ def run_transfer(
         "num_train_images": len(s.train),
         "num_val_images": len(s.val),
         "label_subset": str(out / SUBSET_FILE) if subset is not None else None,
-        "checkpoint": str(ckpt_path),
+        "checkpoint": str(plan.checkpoint),
         "architecture": arch,
         "random_init": bool(random_init),
         "train": identity["train"],
@@ -250,20 +289,13 @@ def run_transfer(
         "epochs": cfg.epochs,
         "steps": result.history[-1]["step"],
         "seconds": result.seconds,
-        "hyperparameters": hyper,
+        "hyperparameters": _hyperparameters(cfg, s, result),
         "classes": classes,
         "confusion_matrix": counts.tolist(),
     }
-    meta = finetuned_meta(
-        s.meta,
-        model,
-        classes,
-        projector,
-        {
-            "source": {"checkpoint": str(ckpt_path), "method": s.meta.get("method"), "random_init": bool(random_init)},
-            "metrics": {"top1": top1, "top5": top5, "val": identity["val"]},
-        },
-    )
+    source = {"checkpoint": str(plan.checkpoint), "method": s.meta.get("method"), "random_init": bool(random_init)}
+    extra = {"source": source, "metrics": {"top1": top1, "top5": top5, "val": identity["val"]}}
+    meta = finetuned_meta(s.meta, model, classes, projector, extra)
     model.cpu()
     save_finetuned(model, meta, out / MODEL_FILE)
     share = f"{fraction:.0%} of the labels, " if fraction is not None and fraction < 1 else ""
