@@ -114,7 +114,7 @@ def test_ema_update_math() -> None:
         for p in online.parameters():
             p.add_(1.0)
     before = [p.clone() for p in target.parameters()]
-    ema_update(target, online, 0.99)
+    ema_update([(target, online)], 0.99)
     for t, b, o in zip(target.parameters(), before, online.parameters(), strict=True):
         torch.testing.assert_close(t, 0.99 * b + 0.01 * o.detach())
         assert not t.requires_grad

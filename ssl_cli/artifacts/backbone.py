@@ -15,7 +15,7 @@ from torch import nn
 from ssl_cli.artifacts.checkpoint import EXPORT_FORMAT, FORMAT
 from ssl_cli.artifacts.safetensors_io import read_safetensors
 from ssl_cli.backbones import build_backbone
-from ssl_cli.config.schema import BackboneConfig
+from ssl_cli.config.schema import IMAGENET_MEAN, IMAGENET_STD, BackboneConfig
 from ssl_cli.errors import CheckpointError
 from ssl_cli.heads import ScaleBatchNorm1d
 
@@ -84,8 +84,11 @@ def head_from_spec(spec: list[dict[str, Any]]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def load_backbone(path: str | Path, device: str = "cpu", with_meta: bool = False):
+def load_backbone(path: str | Path, device: str = "cpu", with_meta: bool = False, random_init: bool = False):
     """Rebuild the timm backbone saved in a training checkpoint or an exported file (eval mode).
+
+    ``random_init``: the same architecture with fresh random weights (torch seed 0), the baseline every
+    self-supervised method must beat (``--random-init`` of ``ssl knn`` / ``probe`` / ``plot`` / ``neighbors``).
 
     An export made with ``projector_layers > 0`` comes back as a ``ProjectedBackbone`` (backbone + head).
     ``path`` may also be a folder written by ``ssl export --format hf`` (its ``model.safetensors`` is read).
@@ -94,8 +97,18 @@ def load_backbone(path: str | Path, device: str = "cpu", with_meta: bool = False
     if path.is_dir() and (path / HF_WEIGHTS).is_file():  # an ``ssl export --format hf`` folder
         path = path / HF_WEIGHTS
     tensors, meta = read_safetensors(path)
-    model = rebuild(tensors, meta, path).to(device).eval()
+    model = rebuild(tensors, meta, path)
+    if random_init:
+        torch.manual_seed(0)
+        model = build_backbone(backbone_config(meta))
+    model = model.to(device).eval()
     return (model, meta) if with_meta else model
+
+
+def preprocessing_stats(meta: dict[str, Any]) -> tuple[list[float], list[float]]:
+    """The mean and std a file's backbone expects its inputs normalised with (ImageNet's when not recorded)."""
+    pre = meta.get("preprocessing") or {}
+    return list(pre.get("mean", IMAGENET_MEAN)), list(pre.get("std", IMAGENET_STD))
 
 
 def rebuild(tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: Path) -> nn.Module:

@@ -71,14 +71,7 @@ def setup(
 
     Without ``cache`` the images are decoded here (as ever); with one, only when features must be extracted.
     """
-    model, meta = load_backbone(checkpoint, with_meta=True)
-    if random_init:
-        # same architecture, fresh random weights: the baseline every SSL method must beat
-        torch.manual_seed(0)
-        from ssl_cli.artifacts.backbone import backbone_config
-        from ssl_cli.backbones import build_backbone
-
-        model = build_backbone(backbone_config(meta)).eval()
+    model, meta = load_backbone(checkpoint, with_meta=True, random_init=random_init)
     dev = resolve_device(device)
     train_set = _labeled(open_dataset(train, role="train"), "--train")
     val_set = _labeled(open_dataset(val, role="eval"), "--val")

@@ -94,5 +94,4 @@ class BYOL(Method):
 
     def after_optimizer_step(self, step: int, total_steps: int) -> None:
         tau = self.tau(step, total_steps)
-        ema_update(self.target_backbone, self.backbone, tau)
-        ema_update(self.target_projector, self.projector, tau)
+        ema_update([(self.target_backbone, self.backbone), (self.target_projector, self.projector)], tau)

@@ -133,8 +133,7 @@ class DINO(Method):
     @torch.no_grad()
     def after_optimizer_step(self, step: int, total_steps: int) -> None:
         m = self.momentum(step, total_steps)
-        ema_update(self.teacher_backbone, self.backbone, m)
-        ema_update(self.teacher_head, self.head, m)
+        ema_update([(self.teacher_backbone, self.backbone), (self.teacher_head, self.head)], m)
         new, self._new_center = self._new_center, None
         if new is not None:
             self.center.copy_(new)

@@ -84,8 +84,7 @@ class MoCoV1(Method):
         return StepOutput(loss, {"contrastive_acc": acc})
 
     def after_optimizer_step(self, step: int, total_steps: int) -> None:
-        ema_update(self.key_backbone, self.backbone, self.config.momentum)
-        ema_update(self.key_projector, self.projector, self.config.momentum)
+        ema_update([(self.key_backbone, self.backbone), (self.key_projector, self.projector)], self.config.momentum)
         if self._new_keys is not None:
             self.queue.enqueue(self._new_keys)
             self._new_keys = None

@@ -79,5 +79,4 @@ class MoCoV3(Method):
 
     def after_optimizer_step(self, step: int, total_steps: int) -> None:
         m = self.momentum(step, total_steps)
-        ema_update(self.key_backbone, self.backbone, m)
-        ema_update(self.key_projector, self.projector, m)
+        ema_update([(self.key_backbone, self.backbone), (self.key_projector, self.projector)], m)

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -38,17 +38,22 @@ class CosineMomentum:
 
 
 @torch.no_grad()
-def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
-    """target <- momentum * target + (1 - momentum) * online, for trained parameters (buffers keep their own
-    statistics; the copies of frozen parameters stay as they are)."""
-    targets, onlines = list(target.parameters()), list(online.parameters())
-    if len(targets) != len(onlines):
-        raise ValueError("ema_update: target and online modules differ in structure")
-    # a frozen online parameter (MoCo v3's patch projection) keeps its copy exactly, not m w + (1 - m) w
-    trained = [i for i, o in enumerate(onlines) if o.requires_grad]
-    if not trained:
+def ema_update(pairs: Sequence[tuple[nn.Module, nn.Module]], momentum: float) -> None:
+    """target <- momentum * target + (1 - momentum) * online for every ``(target, online)`` pair (a momentum
+    encoder and its projector, say), in one multi-tensor update over all of them. Only trained parameters move:
+    buffers keep their own statistics, and the copies of frozen parameters stay as they are."""
+    t_params: list[torch.Tensor] = []
+    o_params: list[torch.Tensor] = []
+    for target, online in pairs:
+        targets, onlines = list(target.parameters()), list(online.parameters())
+        if len(targets) != len(onlines):
+            raise ValueError("ema_update: target and online modules differ in structure")
+        # a frozen online parameter (MoCo v3's patch projection) keeps its copy exactly, not m w + (1 - m) w
+        trained = [i for i, o in enumerate(onlines) if o.requires_grad]
+        t_params += [targets[i] for i in trained]
+        o_params += [onlines[i].detach() for i in trained]
+    if not t_params:
         return
-    t_params, o_params = [targets[i] for i in trained], [onlines[i].detach() for i in trained]
     torch._foreach_mul_(t_params, momentum)
     torch._foreach_add_(t_params, o_params, alpha=1.0 - momentum)
 

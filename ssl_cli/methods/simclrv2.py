@@ -90,8 +90,7 @@ class SimCLRv2(SimCLR):
     def after_optimizer_step(self, step: int, total_steps: int) -> None:
         if not self.uses_queue:
             return
-        ema_update(self.key_backbone, self.backbone, self.config.momentum)
-        ema_update(self.key_projector, self.projector, self.config.momentum)
+        ema_update([(self.key_backbone, self.backbone), (self.key_projector, self.projector)], self.config.momentum)
         if self._new_keys is not None:
             self.queue.enqueue(self._new_keys)
             self._new_keys = None

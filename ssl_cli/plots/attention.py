@@ -278,7 +278,7 @@ def visualize(
 
     Returns ``images`` (the PNG paths), ``heads``, ``grid`` [gh, gw], and ``out``, ``size``, ``zoom``.
     """
-    from ssl_cli.artifacts.backbone import load_backbone
+    from ssl_cli.artifacts.backbone import load_backbone, preprocessing_stats
     from ssl_cli.augment import eval_transform
     from ssl_cli.runtime import resolve_device
 
@@ -300,8 +300,7 @@ def visualize(
             raise CheckpointError(f"{checkpoint}: metadata lacks preprocessing.input_size; pass --size")
         size = int(pre["input_size"][-1])
     set_input_size(vit, size, name)
-    mean = torch.tensor(pre.get("mean", [0.485, 0.456, 0.406]), dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(pre.get("std", [0.229, 0.224, 0.225]), dtype=torch.float32).view(3, 1, 1)
+    mean, std = (torch.tensor(v, dtype=torch.float32).view(3, 1, 1) for v in preprocessing_stats(meta))
     zoom = zoom or max(1, math.ceil(MIN_PANEL / size))
 
     images = open_images(data)

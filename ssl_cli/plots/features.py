@@ -36,21 +36,15 @@ class Encoder:
 def load_encoder(checkpoint: str | Path, device: str = "auto", random_init: bool = False) -> Encoder:
     """The backbone of a training checkpoint or an export; ``random_init``: the same architecture with fresh
     random weights (torch seed 0, as ``ssl knn --random-init``), the baseline a trained backbone must beat."""
-    from ssl_cli.artifacts.backbone import backbone_config, load_backbone
+    from ssl_cli.artifacts.backbone import load_backbone, preprocessing_stats
     from ssl_cli.runtime import resolve_device
 
-    model, meta = load_backbone(checkpoint, with_meta=True)
-    if random_init:
-        from ssl_cli.backbones import build_backbone
-
-        torch.manual_seed(0)
-        model = build_backbone(backbone_config(meta)).eval()
+    model, meta = load_backbone(checkpoint, with_meta=True, random_init=random_init)
     pre = meta.get("preprocessing") or {}
     if "input_size" not in pre:
         raise CheckpointError(f"{checkpoint}: metadata lacks preprocessing.input_size")
     dev = resolve_device(device)
-    mean = list(pre.get("mean", [0.485, 0.456, 0.406]))
-    std = list(pre.get("std", [0.229, 0.224, 0.225]))
+    mean, std = preprocessing_stats(meta)
     return Encoder(model.to(dev).eval(), meta, dev, int(pre["input_size"][-1]), mean, std, random_init)
 
 
