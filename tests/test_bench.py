@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_cli import TINY_SET, invoke, one_json, user_error
+from helpers import TINY_SET, invoke, one_json, user_error
 from torch import nn
 
 from conftest import TINY, write_image_folder

@@ -13,9 +13,9 @@ import pytest
 import timm
 import torch
 from click.testing import Result
+from helpers import invoke
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
 import ssl_cli
 import ssl_cli.artifacts.safetensors_io as safetensors_io
@@ -24,7 +24,6 @@ from conftest import TINY, write_image_folder
 from ssl_cli.artifacts.checkpoint import EXPORT_FORMAT, FORMAT, read_checkpoint
 from ssl_cli.artifacts.safetensors_io import atomic_save
 from ssl_cli.backbones import build_backbone
-from ssl_cli.cli.app import app
 from ssl_cli.config import load_recipe
 from ssl_cli.config.schema import BackboneConfig
 from ssl_cli.errors import CheckpointError
@@ -636,11 +635,7 @@ def test_export_command_json_and_table(stock, tmp_path: Path) -> None:
 
 
 def _invoke(*args: str) -> Result:
-    try:  # click < 8.2 mixes stderr into stdout unless told not to
-        runner = CliRunner(mix_stderr=False)
-    except TypeError:
-        runner = CliRunner()
-    return runner.invoke(app, list(args), env={"SSL_DEBUG": None, "COLUMNS": "120"})
+    return invoke(*args, columns=120)
 
 
 def _user_error(result: Result, fragment: str) -> None:

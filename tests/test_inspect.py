@@ -13,8 +13,8 @@ import pytest
 import timm
 import torch
 from click.testing import Result
+from helpers import invoke
 from safetensors.torch import save_file
-from typer.testing import CliRunner
 
 import ssl_cli
 import ssl_cli.artifacts.backbone as backbone_module
@@ -23,7 +23,6 @@ from conftest import TINY, write_image_folder
 from ssl_cli.artifacts.checkpoint import EXPORT_FORMAT
 from ssl_cli.artifacts.safetensors_io import atomic_save, read_safetensors
 from ssl_cli.backbones import build_backbone
-from ssl_cli.cli.app import app
 from ssl_cli.config import load_recipe
 from ssl_cli.config.schema import BackboneConfig
 from ssl_cli.errors import CheckpointError
@@ -55,11 +54,7 @@ def run(tmp_path_factory) -> SimpleNamespace:
 
 
 def _invoke(*args: str | Path) -> Result:
-    try:  # click < 8.2 mixes stderr into stdout unless told not to
-        runner = CliRunner(mix_stderr=False)
-    except TypeError:
-        runner = CliRunner()
-    return runner.invoke(app, ["inspect", *(str(a) for a in args)], env={"SSL_DEBUG": None, "COLUMNS": "200"})
+    return invoke("inspect", *args, columns=200)
 
 
 def _json(*args: str | Path) -> dict:

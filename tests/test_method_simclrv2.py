@@ -11,14 +11,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import invoke
 from safetensors import safe_open
 from torch import nn
-from typer.testing import CliRunner
 
 import ssl_cli
 from conftest import TINY, random_views, tiny_method, write_image_folder
 from ssl_cli.artifacts.checkpoint import read_checkpoint
-from ssl_cli.cli.app import app
 from ssl_cli.config import load_recipe
 from ssl_cli.errors import CheckpointError, RecipeError
 from ssl_cli.eval.run import features, run_knn, run_probe, setup
@@ -342,11 +341,7 @@ def test_export_refuses_too_many_layers_and_methods_without_an_mlp_projector(tra
 
 
 def _invoke(*args) -> SimpleNamespace:
-    try:
-        runner = CliRunner(mix_stderr=False)
-    except TypeError:
-        runner = CliRunner()
-    r = runner.invoke(app, [str(a) for a in args])
+    r = invoke(*args)
     return SimpleNamespace(code=r.exit_code, stdout=r.stdout, stderr=r.stderr)
 
 

@@ -169,7 +169,7 @@ def test_bad_held_out_data_is_one_line(folders, tmp_path: Path) -> None:
 
 
 def test_cli_val_logs_the_monitors_and_resume_reuses_it(folders, tmp_path: Path) -> None:
-    from test_cli import invoke, ok
+    from helpers import invoke, ok
 
     train, val = folders
     tiny = [a for k, v in TINY if k != "train.epochs" for a in ("--set", f"{k}={v}")]

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 from click.testing import Result
+from helpers import invoke as cli_invoke
+from helpers import one_json, user_error
 from PIL import Image
-from test_cli import invoke as cli_invoke
-from test_cli import one_json, user_error
 
 from conftest import write_image_folder
 from ssl_cli.artifacts.backbone import load_backbone

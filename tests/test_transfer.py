@@ -14,10 +14,10 @@ import pytest
 import timm
 import torch
 from click.testing import Result
+from helpers import invoke as cli_invoke
+from helpers import one_json, user_error
 from PIL import Image
 from safetensors.torch import load_file
-from test_cli import invoke as cli_invoke
-from test_cli import one_json, user_error
 
 from ssl_cli.artifacts.checkpoint import EXPORT_FORMAT
 from ssl_cli.artifacts.safetensors_io import atomic_save

@@ -11,14 +11,13 @@ import numpy as np
 import pytest
 import torch
 from click.testing import Result
+from helpers import invoke as cli_invoke
 from PIL import Image
-from typer.testing import CliRunner
 
 from conftest import write_image_folder
 from ssl_cli.artifacts.checkpoint import EXPORT_FORMAT
 from ssl_cli.artifacts.safetensors_io import atomic_save
 from ssl_cli.backbones import build_backbone
-from ssl_cli.cli.app import app
 from ssl_cli.config import load_recipe
 from ssl_cli.config.schema import BackboneConfig
 from ssl_cli.export.backbone import export_backbone
@@ -55,11 +54,7 @@ TINY_VIT = [
 
 
 def invoke(*args: str | Path) -> Result:
-    try:  # click < 8.2 mixes stderr into stdout unless told not to
-        runner = CliRunner(mix_stderr=False)
-    except TypeError:
-        runner = CliRunner()
-    return runner.invoke(app, ["visualize", *(str(a) for a in args)], env={"SSL_DEBUG": None})
+    return cli_invoke("visualize", *args)
 
 
 def one_json(result: Result) -> dict:
