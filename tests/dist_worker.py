@@ -46,7 +46,7 @@ CASES: dict[str, tuple[str, list]] = {
     "dino": (
         "dino-resnet-cifar",
         [("backbone.small_stem", False), ("method.proj_hidden_dim", 32), ("method.num_prototypes", 20)]
-        + [("method.freeze_last_layer_epochs", 0.0), ("method.momentum_base", 0.9), ("optim.clip_grad", 1.0)]
+        + [("method.freeze_last_layer_epochs", 0.0), ("method.momentum", 0.9), ("optim.clip_grad", 1.0)]
         + [("views", [{"count": 2, "size": 32}, {"count": 1, "size": 32}])],
     ),
     # DeepCluster v2: memory fill and writes with every rank's rows, the same k-means on every rank; a local view

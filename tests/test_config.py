@@ -8,7 +8,8 @@ import pydantic
 import pytest
 import tomli_w
 
-from ssl_cli.config import builtin_recipes, load_recipe
+import ssl_cli.config.load as config_load
+from ssl_cli.config import builtin_recipes, load_recipe, recipe_from_dict
 from ssl_cli.config.load import parse_assignment
 from ssl_cli.errors import RecipeError
 
@@ -120,3 +121,29 @@ def test_recipes_are_immutable() -> None:
     r = load_recipe("simclr")
     with pytest.raises(pydantic.ValidationError):
         r.optim.lr = 1.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("recipe", "old", "new"),
+    [("byol", "tau_base", "momentum"), ("byol", "tau_final", "momentum_final"), ("mocov3", "momentum_base", "momentum")]
+    + [("dino", "momentum_base", "momentum")],
+)
+def test_old_names_of_the_ema_rate_load_as_the_new_ones(recipe, old, new, tmp_path, capsys, monkeypatch) -> None:
+    """One name for the EMA rate (momentum, momentum_final) in every method; the old ones still load, with a note."""
+    monkeypatch.setattr(config_load, "_NOTED", set())  # the note is printed once per key and file in a process
+    r = load_recipe(recipe, [(f"method.{old}", 0.999)])
+    assert getattr(r.method, new) == 0.999 and old not in r.method.model_dump()
+    assert f"method.{old} is now method.{new}" in capsys.readouterr().err
+    # a saved recipe (a checkpoint's, a run folder's) with the old name is the same recipe: resume compares equal
+    saved = r.to_dict()
+    saved["method"][old] = saved["method"].pop(new)
+    assert recipe_from_dict(saved).to_dict() == r.to_dict()
+    # a user's recipe extending the built-in one (which has the new name) with the old one: the user's value wins
+    user = tmp_path / "mine.toml"
+    user.write_text(f'extends = "{recipe}"\n\n[method]\n{old} = 0.999\n', encoding="utf-8")
+    assert getattr(load_recipe(str(user)).method, new) == 0.999
+
+
+def test_byol_momentum_final_below_momentum_is_rejected() -> None:
+    with pytest.raises(RecipeError, match="momentum_final"):
+        load_recipe("byol", [("method.momentum_final", 0.9)])

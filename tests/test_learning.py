@@ -41,7 +41,7 @@ METHODS = {
     # +0.067 / +0.027)
     "byol": (
         [("method.proj_hidden_dim", 256), ("method.proj_output_dim", 64), ("method.pred_hidden_dim", 256)]
-        + [("method.tau_base", 0.99)],
+        + [("method.momentum", 0.99)],
         0.02,
     ),
     "simsiam": (
@@ -99,7 +99,7 @@ METHODS["swav-cifar"] = (
 # 0.3 it fell below random (-0.010 to -0.033), with the recipe's LARS + clip_lr it stayed at random (+0.003)
 METHODS["dino-resnet-cifar"] = (
     [("backbone.small_stem", False), ("method.proj_hidden_dim", 256), ("method.num_prototypes", 256)]
-    + [("method.momentum_base", 0.99), ("method.warmup_teacher_temperature_epochs", 0)]
+    + [("method.momentum", 0.99), ("method.warmup_teacher_temperature_epochs", 0)]
     + [("method.teacher_temperature", 0.04), ("train.epochs", 10), ("optim.name", "sgd"), ("optim.lr", 0.05)],
     0.02,
 )

@@ -97,7 +97,7 @@ def test_target_batchnorm_runs_in_training_mode_like_the_official_code() -> None
 
 
 def test_ema_follows_the_cosine_tau_schedule_step_by_step() -> None:
-    m = tiny("byol", ("method.tau_base", 0.9))
+    m = tiny("byol", ("method.momentum", 0.9))
     opt = build_optimizer(m.param_groups(), m.recipe.optim, 8)
     total = 10
     for step in range(3):
@@ -163,7 +163,7 @@ def test_recipes_load_and_build() -> None:
     assert (r.optim.name, r.optim.lr, r.optim.weight_decay, r.optim.exclude_bias_norm) == ("lars", 0.2, 1.5e-6, True)
     assert (r.train.batch_size, r.train.epochs, r.schedule.warmup_epochs) == (4096, 1000, 10)
     assert (r.method.proj_hidden_dim, r.method.proj_output_dim, r.method.pred_hidden_dim) == (4096, 256, 4096)
-    assert r.method.tau_base == 0.996
+    assert r.method.momentum == 0.996
     v1, v2 = r.views
     assert (v1.count, v2.count) == (1, 1)
     assert v1.jitter() == v2.jitter() == {"brightness": 0.4, "contrast": 0.4, "saturation": 0.2, "hue": 0.1}
@@ -180,7 +180,7 @@ def test_recipes_load_and_build() -> None:
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        (("method.tau_base", 1.5), r"method\.tau_base"),
+        (("method.momentum", 1.5), r"method\.momentum"),
         (("method.pred_hidden_dim", 0), r"method\.pred_hidden_dim"),
         (("method.proj_norm", "layernorm"), r"method\.proj_norm"),
     ],
@@ -192,6 +192,6 @@ def test_bad_values_give_one_line_errors(override, message) -> None:
 
 
 def test_tau_final_below_tau_base_is_rejected() -> None:
-    with pytest.raises(RecipeError, match="tau_final") as e:
-        load_recipe("byol", [("method.tau_final", 0.9)])
+    with pytest.raises(RecipeError, match="momentum_final") as e:
+        load_recipe("byol", [("method.momentum_final", 0.9)])
     assert "\n" not in str(e.value)

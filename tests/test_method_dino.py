@@ -113,7 +113,7 @@ def test_centre_follows_the_teacher_outputs_step_by_step() -> None:
 
 
 def test_teacher_sees_global_crops_only_and_is_an_ema_of_the_student() -> None:
-    m = dino_method(("method.momentum_base", 0.9), ("method.freeze_last_layer_epochs", 0.0))
+    m = dino_method(("method.momentum", 0.9), ("method.freeze_last_layer_epochs", 0.0))
     seen: list[tuple] = []
     m.teacher_backbone.register_forward_pre_hook(lambda mod, args: seen.append(tuple(args[0].shape)))
     student_seen: list[tuple] = []

@@ -73,14 +73,14 @@ def test_vit_recipe_keeps_the_patch_projection_frozen_while_the_rest_trains() ->
 @pytest.mark.parametrize("name", ["mocov3", "mocov3-cifar", "mocov3-vit", "mocov3-vit-cifar"])
 def test_recipes_load(name: str) -> None:
     r = load_recipe(name)
-    assert r.method.momentum_base == 0.99 and r.method.proj_output_dim == 256
+    assert r.method.momentum == 0.99 and r.method.proj_output_dim == 256
     assert r.backbone.freeze_patch_embed == ("vit" in name)
     assert r.method.proj_layers == (3 if "vit" in name else 2)
 
 
 def test_bad_values_are_one_clear_error() -> None:
     assert_one_line_error("temperature", load_recipe, "mocov3", [("method.temperature", 0.0)])
-    assert_one_line_error("momentum_base", load_recipe, "mocov3", [("method.momentum_base", 1.5)])
+    assert_one_line_error("momentum", load_recipe, "mocov3", [("method.momentum", 1.5)])
 
 
 def test_keys_come_from_the_momentum_encoder_not_the_online_one() -> None:

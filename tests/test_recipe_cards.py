@@ -160,8 +160,8 @@ CARDS: dict[str, tuple[str, float, dict[str, Any], list[dict[str, Any]]]] = {
         "4096, 1000 epochs, 10 warm-up, tau 0.996 -> 1 cosine, heads 4096 -> 256, bias-free last layers)",
         3.2,
         {
-            "method.tau_base": 0.996,
-            "method.tau_final": 1.0,
+            "method.momentum": 0.996,
+            "method.momentum_final": 1.0,
             "method.proj_hidden_dim": 4096,
             "method.proj_output_dim": 256,
             "method.pred_hidden_dim": 4096,
@@ -253,7 +253,7 @@ CARDS: dict[str, tuple[str, float, dict[str, Any], list[dict[str, Any]]]] = {
         9.6,
         {
             "method.temperature": 1.0,
-            "method.momentum_base": 0.99,
+            "method.momentum": 0.99,
             "method.proj_layers": 2,
             "method.proj_hidden_dim": 4096,
             "method.proj_output_dim": 256,
@@ -297,7 +297,7 @@ CARDS: dict[str, tuple[str, float, dict[str, Any], list[dict[str, Any]]]] = {
             "method.warmup_teacher_temperature": 0.04,
             "method.warmup_teacher_temperature_epochs": 30,
             "method.center_momentum": 0.9,
-            "method.momentum_base": 0.996,
+            "method.momentum": 0.996,
             "method.freeze_last_layer_epochs": 1.0,
             "method.norm_last_layer": False,
             "optim.weight_decay": 0.04,

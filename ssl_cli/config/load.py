@@ -172,6 +172,29 @@ def _error(err: ValidationError, model: type[BaseModel], origins: dict[str, str]
     return RecipeError(f"{source}: {loc}: {msg} (got {e['input']!r})" if loc else f"{source}: {msg}")
 
 
+_NOTED: set[tuple[str, str]] = set()
+
+
+def _rename_old_keys(method: dict[str, Any], config_cls: type, origins: dict[str, str]) -> None:
+    """Old names of ``[method]`` keys (a method's ``Config.renamed``: old -> new) load as the new ones, with a
+    one-line note on stderr (once per key and file), so that saved runs, their checkpoints and user recipes still
+    load and resume."""
+    for old, new in getattr(config_cls, "renamed", {}).items():
+        if old not in method:
+            continue
+        source, new_source = origins.get(f"method.{old}", "recipe"), origins.get(f"method.{new}", "recipe")
+        if new in method and source == new_source:
+            raise RecipeError(f"{source}: method.{old} is the old name of method.{new}; give only method.{new}")
+        value = method.pop(old)
+        # both given: the command line wins; otherwise the old name, which only a user's file or an old run has (a
+        # recipe extending a built-in one, whose own keys have the new name)
+        if new not in method or not new_source.startswith(("--set", "command line")):
+            method[new] = value
+        if (source, old) not in _NOTED:
+            _NOTED.add((source, old))
+            print(f"note: {source}: method.{old} is now method.{new} (the old name still loads)", file=sys.stderr)
+
+
 def resolve(data: dict[str, Any], origins: dict[str, str] | None = None) -> Recipe:
     """Validate a raw recipe dict into a ``Recipe``; the method section by its method's own schema."""
     # The one import from a lower layer up: each method owns its ``[method]`` schema in its own file (one file per
@@ -189,6 +212,7 @@ def resolve(data: dict[str, Any], origins: dict[str, str] | None = None) -> Reci
         config_cls = get_method(method.get("name")).Config
     except RecipeError as e:
         raise RecipeError(f"{origins.get('method.name', 'recipe')}: method.name: {e}") from None
+    _rename_old_keys(method, config_cls, origins)
     try:
         data["method"] = config_cls.model_validate(method)
     except ValidationError as e:

@@ -4,7 +4,7 @@ An online network (backbone + projector + predictor) predicts the projection tha
 (an EMA copy of backbone + projector, no gradient) gives for the other view of the same image. Loss:
 the normalised MSE ``2 - 2 cos(q(z_online(v)), z_target(v'))``, symmetrised over the two view orders.
 After every optimizer step the target follows ``xi <- tau xi + (1 - tau) theta``, with tau rising from
-``tau_base`` to 1 on a cosine schedule over the run.
+``momentum`` to ``momentum_final`` (1) on a cosine schedule over the run.
 
 As in the official code, the last linear layer of projector and predictor has no bias (``proj_last_bias = false``
 in the recipes: haiku's ``Linear(with_bias=False)`` in byol/utils/networks.py), each view is forwarded on its own
@@ -18,35 +18,28 @@ statistics, like the online one). With ``backbone.norm = "groupnorm_ws"`` and ``
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
-from pydantic import model_validator
 
 from ssl_cli.config.schema import PositiveInt, Probability
 from ssl_cli.heads import ProjectorConfig, mlp, projector
 from ssl_cli.losses.byol import normalized_mse
 from ssl_cli.losses.simsiam import normalized_std
 from ssl_cli.methods.base import Method, StepOutput
-from ssl_cli.methods.momentum import CosineMomentum, ema_update, frozen_copy
+from ssl_cli.methods.momentum import CosineMomentum, CosineMomentumConfig, ema_update, frozen_copy
 from ssl_cli.methods.registry import register
 
 
-class BYOLConfig(ProjectorConfig):
+class BYOLConfig(ProjectorConfig, CosineMomentumConfig):
     name: Literal["byol"] = "byol"
     proj_hidden_dim: PositiveInt = 4096
     proj_output_dim: PositiveInt = 256
     pred_hidden_dim: PositiveInt = 4096
     """Hidden width of the predictor MLP (proj_output_dim -> pred_hidden_dim -> proj_output_dim)."""
-    tau_base: Probability = 0.996
-    """Target EMA rate at step 0; it rises to ``tau_final`` on a cosine schedule."""
-    tau_final: Probability = 1.0
-
-    @model_validator(mode="after")
-    def _rising(self) -> BYOLConfig:
-        if self.tau_final < self.tau_base:
-            raise ValueError(f"tau_final ({self.tau_final}) must be >= tau_base ({self.tau_base})")
-        return self
+    momentum: Probability = 0.996
+    """Target EMA rate (the paper's tau) at step 0; it rises to ``momentum_final`` on a cosine schedule."""
+    renamed: ClassVar[dict[str, str]] = {"tau_base": "momentum", "tau_final": "momentum_final"}
 
 
 @register
@@ -54,7 +47,7 @@ class BYOL(Method):
     Config = BYOLConfig
     description = "BYOL (2020): EMA target network, predictor, normalised MSE, no negatives, LARS"
     # 80 steps on the demo: a faster-moving target lets the online network bootstrap within the run
-    demo_overrides = {"method.tau_base": 0.99}
+    demo_overrides = {"method.momentum": 0.99}
 
     def __init__(self, config: BYOLConfig, backbone, recipe) -> None:
         super().__init__(config, backbone, recipe)
@@ -68,7 +61,7 @@ class BYOL(Method):
         )
         self.target_backbone = frozen_copy(self.backbone)
         self.target_projector = frozen_copy(self.projector)
-        self._taus = CosineMomentum(config.tau_base, config.tau_final)
+        self._taus = CosineMomentum(config.momentum, config.momentum_final)
 
     def online(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Projection z and prediction q(z) of the online network."""

@@ -15,26 +15,26 @@ first epoch. Gradient clipping (per parameter) and the weight-decay schedule (0.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 import torch
 from pydantic import Field
 from timm.layers import DropPath
 from torch import nn
 
-from ssl_cli.config.schema import MethodConfig, PositiveInt, Probability
+from ssl_cli.config.schema import PositiveInt, Probability
 from ssl_cli.errors import RecipeError
 from ssl_cli.heads import DINOHead
 from ssl_cli.losses.dino import dino_loss, teacher_probs, teacher_temperatures, updated_center
 from ssl_cli.methods.base import Method, StepOutput
-from ssl_cli.methods.momentum import CosineMomentum, ema_update, frozen_copy
+from ssl_cli.methods.momentum import CosineMomentum, CosineMomentumConfig, ema_update, frozen_copy
 from ssl_cli.methods.multicrop import encode_then_head
 from ssl_cli.methods.registry import register
 
 Temperature = Annotated[float, Field(gt=0.0)]
 
 
-class DINOConfig(MethodConfig):
+class DINOConfig(CosineMomentumConfig):
     name: Literal["dino"] = "dino"
     num_prototypes: PositiveInt = 65536
     """Outputs of the head's last layer (the reference's ``out_dim``)."""
@@ -51,8 +51,10 @@ class DINOConfig(MethodConfig):
     warmup_teacher_temperature: Temperature = 0.04
     warmup_teacher_temperature_epochs: Annotated[int, Field(ge=0)] = 30
     center_momentum: Probability = 0.9
-    momentum_base: Probability = 0.996
-    """Teacher momentum at step 0; it rises to 1 on a cosine schedule (0.9995 suits batch 256)."""
+    momentum: Probability = 0.996
+    """Teacher momentum at step 0; it rises to ``momentum_final`` (1) on a cosine schedule (0.9995 suits batch
+    256)."""
+    renamed: ClassVar[dict[str, str]] = {"momentum_base": "momentum"}
     freeze_last_layer_epochs: Annotated[float, Field(ge=0.0)] = 1.0
     num_targets: Annotated[int, Field(ge=1)] = 2
     """The first ``num_targets`` views (the global crops) go through the teacher."""
@@ -92,7 +94,7 @@ class DINO(Method):
             config.warmup_teacher_temperature_epochs,
             recipe.train.epochs,
         )
-        self._momenta = CosineMomentum(config.momentum_base)
+        self._momenta = CosineMomentum(config.momentum, config.momentum_final)
         self._new_center: torch.Tensor | None = None
 
     def teacher_temperature(self, epoch: int) -> float:

@@ -15,7 +15,7 @@ instability; ``mocov3-vit`` also builds the official ViT (12 heads, fixed sin-co
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -24,11 +24,11 @@ from ssl_cli.config.schema import PositiveInt, Probability
 from ssl_cli.heads import LastNorm, ProjectorConfig, mlp, projector
 from ssl_cli.losses.mocov3 import mocov3_contrastive
 from ssl_cli.methods.base import Method, StepOutput
-from ssl_cli.methods.momentum import CosineMomentum, ema_update, frozen_copy
+from ssl_cli.methods.momentum import CosineMomentum, CosineMomentumConfig, ema_update, frozen_copy
 from ssl_cli.methods.registry import register
 
 
-class MoCoV3Config(ProjectorConfig):
+class MoCoV3Config(ProjectorConfig, CosineMomentumConfig):
     name: Literal["mocov3"] = "mocov3"
     proj_hidden_dim: PositiveInt = 4096
     proj_output_dim: PositiveInt = 256
@@ -40,8 +40,9 @@ class MoCoV3Config(ProjectorConfig):
     does not (unset: off, so recipes saved before this key existed still resume)."""
     temperature: Annotated[float, Field(gt=0.0)] = 1.0
     """1.0 for ResNets, 0.2 for ViTs (the reference's defaults)."""
-    momentum_base: Probability = 0.99
-    """Key-encoder momentum at step 0; it rises to 1 on a cosine schedule."""
+    momentum: Probability = 0.99
+    """Key-encoder momentum at step 0; it rises to ``momentum_final`` (1) on a cosine schedule."""
+    renamed: ClassVar[dict[str, str]] = {"momentum_base": "momentum"}
 
 
 @register
@@ -57,7 +58,7 @@ class MoCoV3(Method):
         self.predictor = mlp(dims, last_bias=False, last_batchnorm=last_bn, last_affine=False)
         self.key_backbone = frozen_copy(self.backbone)
         self.key_projector = frozen_copy(self.projector)
-        self._momenta = CosineMomentum(config.momentum_base)
+        self._momenta = CosineMomentum(config.momentum, config.momentum_final)
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
         return self.predictor(self.projector(self.backbone(x)))

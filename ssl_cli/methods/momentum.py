@@ -9,10 +9,27 @@ import copy
 from collections.abc import Callable, Sequence
 
 import torch
+from pydantic import model_validator
 from torch import nn
 
+from ssl_cli.config.schema import MethodConfig, Probability
 from ssl_cli.distributed import broadcast, gather, is_distributed, rank, world_size
 from ssl_cli.schedules import momentum_schedule
+
+
+class CosineMomentumConfig(MethodConfig):
+    """The recipe keys of an EMA rate on a cosine schedule (BYOL, MoCo v3, DINO): ``momentum`` at step 0, rising to
+    ``momentum_final`` at the last step. Methods with a constant rate (MoCo v1 / v2, SimCLR v2) have ``momentum``
+    alone: one name for the EMA rate in every recipe."""
+
+    momentum_final: Probability = 1.0
+    """The EMA rate at the last step."""
+
+    @model_validator(mode="after")
+    def _rising(self) -> CosineMomentumConfig:
+        if self.momentum_final < self.momentum:
+            raise ValueError(f"momentum_final ({self.momentum_final}) must be >= momentum ({self.momentum})")
+        return self
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:
