@@ -1,17 +1,7 @@
-"""Writing training checkpoints (reading them: ``ssl_cli.artifacts.checkpoint``); nothing in them is pickled.
+"""Writing training checkpoints: the method's state, the optimizer and the random streams, with the run's metadata.
 
-Layout of a training checkpoint:
-
-- tensors ``model.<name>``: the method's full ``state_dict`` (backbone under ``model.backbone.``, heads,
-  momentum encoders, queues);
-- tensors ``optim.<param index>.<state name>`` plus metadata ``optim_groups`` (JSON): the optimizer;
-- tensor ``rng.torch`` (and ``rng.cuda.<i>``): random generator states, so a resumed run continues the
-  same random stream;
-- metadata: ``format``, ``ssl_version``, ``recipe`` (the resolved recipe), ``backbone`` (timm name and
-  kwargs, stem changes), ``preprocessing`` (mean, std, input size), ``epoch``, ``step``, ``data``, ``metrics``.
-
-Writes go to a temporary file that replaces the target in one ``os.replace``: an interrupted write never
-leaves a broken checkpoint behind.
+The layout and the reading side are ``ssl_cli.artifacts.checkpoint``; the write goes through the one atomic writer
+(``ssl_cli.artifacts.atomic``), so an interrupted write never leaves a broken checkpoint behind. Nothing is pickled.
 """
 
 from __future__ import annotations
