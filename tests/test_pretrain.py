@@ -13,7 +13,7 @@ import torch
 from conftest import TINY, write_image_folder
 from ssl_cli.artifacts.checkpoint import read_checkpoint
 from ssl_cli.config import load_recipe
-from ssl_cli.errors import DataError, TrainingError
+from ssl_cli.errors import DataError, RecipeError, TrainingError
 from ssl_cli.runtime import SilentReporter, autocast, resolve_device
 from ssl_cli.schedules import lr_schedule
 from ssl_cli.train.optim import effective_lr
@@ -179,3 +179,22 @@ def test_all_builtin_recipes_build_with_the_demo_settings() -> None:
     for name in builtin_recipes():
         base = load_recipe(name)
         build_method(load_recipe(name, demo_overrides(base.method.name, base)))
+
+
+def test_run_pretraining_does_what_ssl_pretrain_does(tmp_path) -> None:
+    """The library entry point: a run, then --resume of its folder with the recipe and data taken from it."""
+    from ssl_cli.train.launch import plan_pretraining, run_pretraining
+
+    data = write_image_folder(tmp_path / "data", per_class=8, classes=2)
+    notes: list[str] = []
+    overrides = [*TINY, ("train.batch_size", 8), ("method.proj_hidden_dim", 32), ("method.proj_output_dim", 16)]
+    out = tmp_path / "run"
+    first = run_pretraining("simclr", str(data), out, overrides=overrides, note=notes.append)
+    assert first is not None and Path(first.checkpoint).is_file() and first.steps == 2 and notes == []
+    # resume: no recipe, no data; both come from the run folder (and the run is already complete)
+    plan = plan_pretraining(None, None, out, True, [], None)
+    assert plan.data == str(data) and plan.recipe.to_dict() == load_recipe("simclr", overrides).to_dict()
+    again = run_pretraining(None, None, out, resume=True)
+    assert again is not None and again.steps == first.steps and again.checkpoint == first.checkpoint
+    with pytest.raises(RecipeError, match="--resume needs --out"):
+        run_pretraining(None, None, None, resume=True)
