@@ -47,7 +47,7 @@ def main() -> None:
     p.add_argument("--lightly-python", help="python of a venv with lightly; required without --small-stem")
     p.add_argument("--small-stem", action="store_true", help="the CIFAR stem, ssl only")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--warmup-steps", type=int, default=3)
     p.add_argument("--methods", nargs="+", default=list(ROWS))
     p.add_argument("--steps", type=int, default=15)
     a = p.parse_args()
@@ -57,12 +57,12 @@ def main() -> None:
     rows = []
     for method in a.methods:
         ours = run([sys.executable, "-m", "ssl_cli", "bench", *ROWS[method], "--data", a.data, *common]
-                   + ["--steps", str(a.steps), "--warmup", str(a.warmup), "--json"])  # fmt: skip
+                   + ["--steps", str(a.steps), "--warmup-steps", str(a.warmup_steps), "--json"])  # fmt: skip
         row = {"method": method, "small_stem": a.small_stem, "ssl": ours}
         if not a.small_stem:
             peer_cmd = [a.lightly_python, str(Path(__file__).with_name("lightly_peer.py")), "--method", method]
             peer_cmd += ["--train", a.data, "--out", f"/tmp/lightly-bench-{method}", "--batch-size", str(a.batch_size)]
-            row["lightly"] = run([*peer_cmd, "--steps", str(a.steps), "--warmup-steps", str(a.warmup)])
+            row["lightly"] = run([*peer_cmd, "--steps", str(a.steps), "--warmup-steps", str(a.warmup_steps)])
         rows.append(row)
         with a.out.open("a") as f:
             f.write(json.dumps(row) + "\n")

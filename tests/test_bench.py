@@ -17,7 +17,7 @@ from ssl_cli.train.bench import bench, count_flops, encoders, record_encoder_cal
 def test_bench_measures_ceiling_data_and_step(augment: str, tmp_path) -> None:
     data = write_image_folder(tmp_path / "data", per_class=8, classes=2)
     overrides = [*TINY, ("train.batch_size", 8), ("data.augment", augment), ("data.num_workers", 0)]
-    result = bench(load_recipe("mocov2", [*overrides, ("method.queue_size", 32)]), str(data), steps=2, warmup=1)
+    result = bench(load_recipe("mocov2", [*overrides, ("method.queue_size", 32)]), str(data), steps=2, warmup_steps=1)
     for key in ("ceiling", "data", "step"):
         assert result[f"{key}_images_per_second"] > 0
     assert result["step_vs_ceiling"] == pytest.approx(
@@ -53,7 +53,7 @@ def test_count_flops_counts_matrix_products_forward_and_backward() -> None:
 
 
 def test_cli_json_and_bad_recipe_key() -> None:
-    args = ["bench", "--recipe", "simclr", *TINY_SET, "--batch-size", "8", "--steps", "1", "--warmup", "0"]
+    args = ["bench", "--recipe", "simclr", *TINY_SET, "--batch-size", "8", "--steps", "1", "--warmup-steps", "0"]
     payload = one_json(invoke(*args, "--device", "cpu", "--num-workers", "0", "--json"))
     assert payload["method"] == "simclr" and payload["data"].startswith("demo")
     user_error(invoke("bench", "--recipe", "simclr", "--set", "data.augment=gpu"), "data.augment")
@@ -139,15 +139,15 @@ def test_without_data_a_short_measurement_on_the_demo_set(monkeypatch, tmp_path)
 
     seen: list[tuple] = []
 
-    def fake(recipe, data, steps, warmup):
-        seen.append((recipe.train.batch_size, recipe.backbone.small_stem, data, steps, warmup))
+    def fake(recipe, data, steps, warmup_steps):
+        seen.append((recipe.train.batch_size, recipe.backbone.small_stem, data, steps, warmup_steps))
         return {"recipe": recipe.recipe.name}
 
     monkeypatch.setattr(ssl_cli.train.bench, "bench", fake)
     result = invoke("bench", "--recipe", "simclr-cifar", "--json")
     assert result.exit_code == 0 and "no --data: the built-in demo set" in result.stderr
     assert seen[-1] == (64, True, None, 8, 2)  # the recipe's own CIFAR stem
-    invoke("bench", "--recipe", "simclr-cifar", "--batch-size", "32", "--steps", "5", "--warmup", "0", "--json")
+    invoke("bench", "--recipe", "simclr-cifar", "--batch-size", "32", "--steps", "5", "--warmup-steps", "0", "--json")
     assert seen[-1] == (32, True, None, 5, 0)
     invoke("bench", "--recipe", "simclr-cifar", "--data", str(tmp_path), "--json")
     assert seen[-1] == (256, True, str(tmp_path), 20, 3)

@@ -288,7 +288,7 @@ def test_bench_clusters_before_its_steps(tmp_path: Path) -> None:
 
     data = write_image_folder(tmp_path / "data", per_class=8, classes=2)
     recipe = load_recipe("deepclusterv2-cifar", [*TINY, *SMALL, ("train.batch_size", 8)])
-    result = bench(recipe, str(data), steps=1, warmup=0)
+    result = bench(recipe, str(data), steps=1, warmup_steps=0)
     assert result["method"] == "deepclusterv2" and result["step_images_per_second"] > 0
 
 

@@ -9,7 +9,7 @@ from ssl_cli.config import load_recipe
 from ssl_cli.errors import RecipeError
 
 # without --data the demo's 2,560 32x32 images: a short measurement (about a minute on 2 CPU cores for simclr-cifar
-# with its own CIFAR stem), still after a warm-up iteration; --batch-size / --steps / --warmup / --set win
+# with its own CIFAR stem), still after a warm-up iteration; --batch-size / --steps / --warmup-steps / --set win
 DEMO_BATCH_SIZE, DEMO_STEPS, DEMO_WARMUP = 64, 8, 2
 
 
@@ -24,8 +24,12 @@ def bench(
     steps: int = typer.Option(
         None, "--steps", min=1, help=f"Timed iterations of each measurement (default 20; demo data: {DEMO_STEPS})."
     ),
-    warmup: int = typer.Option(
-        None, "--warmup", min=0, help=f"Untimed iterations before each measurement (default 3; demo: {DEMO_WARMUP})."
+    warmup_steps: int = typer.Option(
+        None,
+        "--warmup-steps",
+        "--warmup",  # its name before 0.1 (a warm-up in steps, where ssl transfer's --warmup-epochs counts epochs)
+        min=0,
+        help=f"Untimed iterations before each measurement (default 3; demo: {DEMO_WARMUP}).",
     ),
     overrides: list[str] = typer.Option([], "--set", help="Override any recipe key: --set data.augment=batch."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout."),
@@ -47,13 +51,13 @@ def bench(
     demo = [("train.batch_size", DEMO_BATCH_SIZE)] if data is None else []
     resolved = load_recipe(recipe, [*demo, *((k, v) for k, v in flags.items() if v is not None), *overrides])
     if data is None:
-        steps, warmup = steps or DEMO_STEPS, DEMO_WARMUP if warmup is None else warmup
+        steps, warmup_steps = steps or DEMO_STEPS, DEMO_WARMUP if warmup_steps is None else warmup_steps
         err.print(
             f"no --data: the built-in demo set (2,560 generated 32x32 images), a short measurement: batch size "
-            f"{resolved.train.batch_size}, {steps} timed steps after {warmup} warm-up step(s)",
+            f"{resolved.train.batch_size}, {steps} timed steps after {warmup_steps} warm-up step(s)",
             markup=False,
         )
-    result = run_bench(resolved, data, steps=steps or 20, warmup=3 if warmup is None else warmup)
+    result = run_bench(resolved, data, steps=steps or 20, warmup_steps=3 if warmup_steps is None else warmup_steps)
     if as_json:
         emit_json(result)
     else:

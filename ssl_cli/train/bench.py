@@ -183,7 +183,7 @@ def replay_step(
     return run
 
 
-def bench(recipe: Recipe, data: str | None = None, steps: int = 20, warmup: int = 3) -> dict[str, Any]:
+def bench(recipe: Recipe, data: str | None = None, steps: int = 20, warmup_steps: int = 3) -> dict[str, Any]:
     """Ceiling, data-path and step throughput of ``recipe`` (images/s), their ratios and peak memory."""
     device = resolve_device(recipe.train.device)
     train = recipe.train
@@ -209,7 +209,7 @@ def bench(recipe: Recipe, data: str | None = None, steps: int = 20, warmup: int 
     method.bind_data(len(images), None)
 
     def first_batches() -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
-        for views, _labels, index in itertools.islice(loader, 1 + 2 * (steps + warmup)):
+        for views, _labels, index in itertools.islice(loader, 1 + 2 * (steps + warmup_steps)):
             yield [v.to(device, non_blocking=True, memory_format=memory_format) for v in views], index.to(device)
 
     # untimed, the hook before an epoch (DeepCluster v2 fills its feature memory and runs k-means), over the batches
@@ -219,7 +219,7 @@ def bench(recipe: Recipe, data: str | None = None, steps: int = 20, warmup: int 
 
     def train_step() -> None:
         views, index = data_step()
-        total = steps + warmup + 1
+        total = steps + warmup_steps + 1
         optimizer_step(
             method, method, optimizer, views, index, counter["step"], total, train.precision, recipe.optim.clip_grad
         )
@@ -232,11 +232,11 @@ def bench(recipe: Recipe, data: str | None = None, steps: int = 20, warmup: int 
     if len(with_grad) < len(calls):
         runs.append(replay_step(method, calls, device, train.precision, memory_format))
     step_flops, ceiling_flops = count_flops(train_step), count_flops(runs[2] if len(runs) > 2 else runs[0])
-    seconds = _timed_rounds(runs, steps, warmup, device)
+    seconds = _timed_rounds(runs, steps, warmup_steps, device)
     backbone_rate, step_rate = batch / seconds[0], batch / seconds[1]
     ceiling = batch / seconds[2] if len(seconds) > 2 else backbone_rate
     shapes = [(batch, 3, v.size, v.size) for v in recipe.views for _ in range(v.count)]
-    data_rate = batch / _timed(data_step, steps, warmup, device)
+    data_rate = batch / _timed(data_step, steps, warmup_steps, device)
     return {
         "recipe": recipe.recipe.name,
         "method": recipe.method.name,
