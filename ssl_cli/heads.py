@@ -47,18 +47,17 @@ class ProjectorConfig(MethodConfig):
     proj_output_dim: PositiveInt = 128
     proj_batchnorm: bool = True
     """A normalisation layer after each hidden linear layer of the MLP (BatchNorm unless ``proj_norm`` says)."""
-    proj_norm: Literal["batchnorm", "groupnorm"] | None = None
-    """The hidden layers' normalisation when ``proj_batchnorm`` is on: unset or ``batchnorm``: BatchNorm;
-    ``groupnorm`` (32 groups) uses no batch statistics, for BYOL with GroupNorm + WS (Richemond et al. 2020,
-    arXiv:2010.10241). Unset by default so recipes saved before this key existed still resume."""
+    proj_norm: Literal["batchnorm", "groupnorm"] = "batchnorm"
+    """The hidden layers' normalisation when ``proj_batchnorm`` is on: ``batchnorm``, or ``groupnorm`` (32 groups),
+    which uses no batch statistics, for BYOL with GroupNorm + WS (Richemond et al. 2020, arXiv:2010.10241)."""
     proj_layers: Annotated[int, Field(ge=2)] = 2
     """Linear layers in the MLP projector (SimCLR v2, SimSiam, Barlow Twins: 3)."""
     proj_last_batchnorm: LastNorm = "none"
     """BatchNorm on the MLP's output (see ``LastNorm``): ``scale`` (SimCLR, SimCLR v2), ``affine``, or ``plain`` (no
     parameters, SimSiam); the last linear layer then has no bias."""
-    proj_last_bias: bool | None = None
-    """A bias in the MLP's last linear layer when no BatchNorm follows it (unset: true; BYOL's official projector and
-    predictor have none). Unset by default so recipes saved before this key existed still resume."""
+    proj_last_bias: bool = True
+    """A bias in the MLP's last linear layer when no BatchNorm follows it (BYOL's official projector and predictor
+    have none: ``byol.toml`` sets false; the default is what runs saved before this key existed were trained with)."""
 
 
 def _groups(width: int, max_groups: int = 32, min_size: int = 16) -> int:
@@ -123,9 +122,9 @@ def projector(cfg: ProjectorConfig, in_dim: int) -> tuple[nn.Module, int]:
         dims,
         batchnorm=cfg.proj_batchnorm,
         last_batchnorm=last_bn,
-        last_bias=not last_bn and cfg.proj_last_bias is not False,
+        last_bias=not last_bn and cfg.proj_last_bias,
         last_affine=last_affine(cfg.proj_last_batchnorm),
-        norm=cfg.proj_norm or "batchnorm",
+        norm=cfg.proj_norm,
     )
     return layers, cfg.proj_output_dim
 

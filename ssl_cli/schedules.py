@@ -85,7 +85,7 @@ def step_schedule(
 def lr_schedule(cfg: ScheduleConfig, base_lr: float, steps_per_epoch: int, epochs: int) -> torch.Tensor:
     """The run's per-step learning rate: ``epochs * steps_per_epoch`` values for ``optim.set_lr``.
 
-    ``base_lr`` is the effective (batch-size-scaled) rate; warm-up starts at ``cfg.warmup_start`` (unset: 0) and lasts
+    ``base_lr`` is the effective (batch-size-scaled) rate; warm-up starts at ``cfg.warmup_start`` and lasts
     ``round(cfg.warmup_epochs * steps_per_epoch)`` steps; ``cfg.min_lr`` is the absolute final rate of
     the cosine decay; ``step`` multiplies the rate by ``cfg.gamma`` from each of ``cfg.milestones`` (epochs) on (or sets
     it to ``base_lr * cfg.factors[i]`` from milestone i on).
@@ -94,7 +94,7 @@ def lr_schedule(cfg: ScheduleConfig, base_lr: float, steps_per_epoch: int, epoch
         raise ValueError(f"steps_per_epoch and epochs must be >= 0, got {steps_per_epoch}, {epochs}")
     total = steps_per_epoch * epochs
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
-    start = cfg.warmup_start or 0.0
+    start = cfg.warmup_start
     if cfg.name == "cosine":
         return cosine_schedule(base_lr, cfg.min_lr, total, warmup, start)
     if cfg.name == "constant":

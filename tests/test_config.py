@@ -147,3 +147,19 @@ def test_old_names_of_the_ema_rate_load_as_the_new_ones(recipe, old, new, tmp_pa
 def test_byol_momentum_final_below_momentum_is_rejected() -> None:
     with pytest.raises(RecipeError, match="momentum_final"):
         load_recipe("byol", [("method.momentum_final", 0.9)])
+
+
+def test_old_monitor_keys_load_as_the_knn_table(capsys, monkeypatch) -> None:
+    """``monitor.knn_k`` / ``knn_temperature`` / ``knn_every`` are now ``monitor.knn.k`` / ... (the names of
+    ``ssl knn --k / --temperature``); the old names still load, with a note, and both at once from one place is an
+    error."""
+    monkeypatch.setattr(config_load, "_NOTED", set())
+    r = load_recipe("simclr", ["monitor.knn_k=7", "monitor.knn_temperature=0.2", "monitor.knn_every=3"])
+    assert (r.monitor.knn.k, r.monitor.knn.temperature, r.monitor.knn.every) == (7, 0.2, 3)
+    assert "monitor.knn_k is now monitor.knn.k" in capsys.readouterr().err
+    assert "knn_k" not in r.to_dict()["monitor"]
+    saved = r.to_dict()
+    saved["monitor"] = {"knn_k": 7, "knn_temperature": 0.2, "knn_every": 3}
+    assert recipe_from_dict(saved).to_dict() == r.to_dict()
+    with pytest.raises(RecipeError, match="monitor.knn_k is the old name of monitor.knn.k; give only monitor.knn.k"):
+        recipe_from_dict({**saved, "monitor": {"knn_k": 7, "knn": {"k": 7}}})

@@ -151,7 +151,7 @@ def test_batchnorm_byol_features_do_depend_on_the_batch() -> None:
 def test_groupnorm_heads_option_keeps_batchnorm_default() -> None:
     cfg = ProjectorConfig(name="x", proj_hidden_dim=64, proj_output_dim=8)
     assert isinstance(projector(cfg, 16)[0][1], nn.BatchNorm1d)
-    assert "proj_norm" not in cfg.model_dump(exclude_none=True)  # saved recipes of other methods are unchanged
+    assert cfg.proj_norm == "batchnorm"  # what runs saved before the key existed were trained with
     gn = mlp([16, 4096, 8], norm="groupnorm")
     assert isinstance(gn[1], nn.GroupNorm) and gn[1].num_groups == 32
     narrow = mlp([16, 32, 8], norm="groupnorm")[1]

@@ -72,7 +72,7 @@ def test_classifier_gradient_is_the_softmax_formula_and_the_backbone_gets_none_o
 
 def test_the_backbone_trains_bit_identically_with_the_monitors_on(folders, tmp_path: Path) -> None:
     train, val = folders
-    r = recipe(("monitor.knn_every", 0))
+    r = recipe(("monitor.knn.every", 0))
     with_monitors = pretrain(r, train, tmp_path / "on", val=val)
     without = pretrain(r, train, tmp_path / "off")
     a, b = (
@@ -87,15 +87,15 @@ def test_the_backbone_trains_bit_identically_with_the_monitors_on(folders, tmp_p
     assert not torch.equal(a["online_classifier.weight"], init)  # ... and the classifier itself did train
     rec = records(tmp_path / "on")[-1]
     assert 0.0 <= rec["online_top1"] <= 1.0 and rec["online_loss"] > 0
-    assert "knn_top1" not in rec  # knn_every = 0
+    assert "knn_top1" not in rec  # knn.every = 0
 
 
 def test_knn_every_and_the_last_epoch() -> None:
     m = OnlineMonitors.__new__(OnlineMonitors)
     m.recipe = recipe(("train.epochs", 5))
-    m.settings = {"knn_every": 2}
+    m.config = recipe(("monitor.knn.every", 2)).monitor
     assert [e for e in range(1, 6) if m.due(e)] == [2, 4, 5]
-    m.settings = {"knn_every": 0}
+    m.config = recipe(("monitor.knn.every", 0)).monitor
     assert not any(m.due(e) for e in range(1, 6))
 
 
@@ -104,7 +104,7 @@ def test_the_classifier_group_follows_the_schedule_at_online_lr_without_decay() 
     method = tiny_method("simclr", ("optim.name", "lars"))
     method.attach_online_classifier(torch.zeros(4, dtype=torch.long), 2, torch.Generator())
     monitors = OnlineMonitors.__new__(OnlineMonitors)
-    monitors.settings = r.monitor.settings("lars")
+    monitors.online_lr = r.monitor.resolved_online_lr("lars")
     base = effective_lr(r.optim, 8)
     opt = build_optimizer(monitors.param_groups(method.param_groups(), method, base), r.optim, 8)
     group = opt.param_groups[-1]
@@ -113,19 +113,20 @@ def test_the_classifier_group_follows_the_schedule_at_online_lr_without_decay() 
     assert not any(n.startswith("online_classifier") for g in opt.param_groups[:-1] for n in g["names"])
     set_lr(opt, base / 2)  # half-way down the schedule
     assert group["lr"] == pytest.approx(0.025)
-    assert r.monitor.settings("adamw")["online_lr"] == 0.05 and recipe().monitor is None
+    assert r.monitor.resolved_online_lr("adamw") == 0.05
+    assert recipe().monitor.resolved_online_lr("adamw") == 1e-3 and recipe().monitor.resolved_online_lr("sgd") == 0.1
 
 
 def test_monitor_knn_is_ssl_knn_on_the_checkpoint(folders, tmp_path: Path) -> None:
     train, val = folders
-    result = pretrain(recipe(("train.epochs", 2), ("monitor.knn_every", 1)), train, tmp_path / "run", val=val)
+    result = pretrain(recipe(("train.epochs", 2), ("monitor.knn.every", 1)), train, tmp_path / "run", val=val)
     recs = records(tmp_path / "run")
     assert [("knn_top1" in r, "online_val_top1" in r) for r in recs] == [(True, True), (True, True)]
     knn = run_knn(setup(result.checkpoint, train, val, "cpu"), [20], 0.07, 16, 0)
     assert recs[-1]["knn_top1"] == knn["top1"] and recs[-1]["knn_top5"] == knn["top5"]
     assert result.monitors["knn_top1"] == knn["top1"]
     meta = read_checkpoint(result.checkpoint).meta
-    assert meta["data"]["val"] == val and meta["monitor"]["knn_k"] == 20
+    assert meta["data"]["val"] == val and meta["monitor"]["knn"]["k"] == 20
 
 
 class Interrupt(SilentReporter):
@@ -136,7 +137,7 @@ class Interrupt(SilentReporter):
 
 def test_resume_keeps_the_monitors_and_matches_the_uninterrupted_run(folders, tmp_path: Path) -> None:
     train, val = folders
-    r = recipe(("monitor.knn_every", 0), ("train.epochs", 2), ("train.batch_size", 4))
+    r = recipe(("monitor.knn.every", 0), ("train.epochs", 2), ("train.batch_size", 4))
     full = read_checkpoint(pretrain(r, train, tmp_path / "full", val=val).checkpoint).section("model")
     with pytest.raises(KeyboardInterrupt):
         pretrain(r, train, tmp_path / "cut", val=val, reporter=Interrupt())

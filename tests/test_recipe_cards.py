@@ -257,7 +257,7 @@ CARDS: dict[str, tuple[str, float, dict[str, Any], list[dict[str, Any]]]] = {
             "method.proj_layers": 2,
             "method.proj_hidden_dim": 4096,
             "method.proj_output_dim": 256,
-            "method.pred_last_batchnorm": None,
+            "method.pred_last_batchnorm": False,
             "optim.name": "lars",
             "optim.weight_decay": 1e-6,
             "train.batch_size": 4096,

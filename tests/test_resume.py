@@ -136,3 +136,28 @@ def test_a_checkpoint_from_before_auto_resumes_per_sample_as_it_was_trained(tmp_
     a, b = read_checkpoint(full.checkpoint).section("model"), read_checkpoint(resumed.checkpoint).section("model")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert read_checkpoint(resumed.checkpoint).meta["data"]["augment"] == "sample"
+
+
+def test_a_checkpoint_without_the_keys_added_since_resumes_as_the_same_recipe(tmp_path: Path) -> None:
+    """Resume compares re-validated recipes: a key added since a run was saved (absent from its checkpoint and its
+    recipe.toml) takes its schema default on both sides, and an old key name loads as the new one."""
+    from ssl_cli.errors import CheckpointError
+
+    data = str(write_image_folder(tmp_path / "data", per_class=8, classes=2))
+    r = load_recipe("byol", [*TINY, ("train.batch_size", 8), ("train.epochs", 2)])
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(r, data, tmp_path / "run", reporter=Interrupt(at=2))
+    last = tmp_path / "run/checkpoints/last.safetensors"
+    old = read_checkpoint(last)
+    saved = old.meta["recipe"]
+    for section, key in [("backbone", "pos_embed"), ("optim", "clip_grad"), ("schedule", "warmup_start")]:
+        del saved[section][key]  # as a version before these keys wrote it
+    del saved["monitor"], saved["method"]["proj_norm"]
+    saved["method"]["tau_base"] = saved["method"].pop("momentum")  # BYOL's old name of the EMA rate
+    atomic_save(old.tensors, old.meta, last)
+    resumed = pretrain(r, data, tmp_path / "run", resume=True)
+    assert read_checkpoint(resumed.checkpoint).meta["epoch"] == 2
+    # a new key's default still counts as a value: setting it otherwise is a different recipe
+    other = load_recipe("byol", [*TINY, ("train.batch_size", 8), ("train.epochs", 3), ("optim.clip_grad", 1.0)])
+    with pytest.raises(CheckpointError, match=r"optim.clip_grad: 0.0 then, 1.0 now"):
+        pretrain(other, data, tmp_path / "run", resume=True)

@@ -174,25 +174,49 @@ def _error(err: ValidationError, model: type[BaseModel], origins: dict[str, str]
 
 _NOTED: set[tuple[str, str]] = set()
 
+# Old recipe keys (dotted) -> their new names. A method's own old ``[method]`` keys are in its ``Config.renamed``.
+RENAMED: dict[str, str] = {
+    "monitor.knn_every": "monitor.knn.every",
+    "monitor.knn_k": "monitor.knn.k",
+    "monitor.knn_temperature": "monitor.knn.temperature",
+}
 
-def _rename_old_keys(method: dict[str, Any], config_cls: type, origins: dict[str, str]) -> None:
-    """Old names of ``[method]`` keys (a method's ``Config.renamed``: old -> new) load as the new ones, with a
-    one-line note on stderr (once per key and file), so that saved runs, their checkpoints and user recipes still
-    load and resume."""
-    for old, new in getattr(config_cls, "renamed", {}).items():
-        if old not in method:
+
+def _table(data: dict[str, Any], parts: list[str], create: bool = False) -> dict[str, Any] | None:
+    """The table at ``parts`` inside ``data`` (created on the way with ``create``), or None."""
+    node: Any = data
+    for part in parts:
+        if not isinstance(node, dict):
+            return None
+        if part not in node and create:
+            node[part] = {}
+        node = node.get(part)
+    return node if isinstance(node, dict) else None
+
+
+def _rename_old_keys(data: dict[str, Any], renamed: dict[str, str], origins: dict[str, str]) -> None:
+    """Old names of recipe keys (``renamed``: old -> new, dotted) load as the new ones, with a one-line note on
+    stderr (once per key and file), so that saved runs, their checkpoints and user recipes still load and resume."""
+    for old, new in renamed.items():
+        *old_path, old_key = old.split(".")
+        *new_path, new_key = new.split(".")
+        parent = _table(data, old_path)
+        if parent is None or old_key not in parent:
             continue
-        source, new_source = origins.get(f"method.{old}", "recipe"), origins.get(f"method.{new}", "recipe")
-        if new in method and source == new_source:
-            raise RecipeError(f"{source}: method.{old} is the old name of method.{new}; give only method.{new}")
-        value = method.pop(old)
+        source, new_source = origins.get(old, "recipe"), origins.get(new, "recipe")
+        target = _table(data, new_path, create=True)
+        if target is None:
+            raise RecipeError(f"{source}: {old} is the old name of {new}, but {'.'.join(new_path)} is not a table")
+        if new_key in target and source == new_source:
+            raise RecipeError(f"{source}: {old} is the old name of {new}; give only {new}")
+        value = parent.pop(old_key)
         # both given: the command line wins; otherwise the old name, which only a user's file or an old run has (a
         # recipe extending a built-in one, whose own keys have the new name)
-        if new not in method or not new_source.startswith(("--set", "command line")):
-            method[new] = value
+        if new_key not in target or not new_source.startswith(("--set", "command line")):
+            target[new_key] = value
         if (source, old) not in _NOTED:
             _NOTED.add((source, old))
-            print(f"note: {source}: method.{old} is now method.{new} (the old name still loads)", file=sys.stderr)
+            print(f"note: {source}: {old} is now {new} (the old name still loads)", file=sys.stderr)
 
 
 def resolve(data: dict[str, Any], origins: dict[str, str] | None = None) -> Recipe:
@@ -212,7 +236,9 @@ def resolve(data: dict[str, Any], origins: dict[str, str] | None = None) -> Reci
         config_cls = get_method(method.get("name")).Config
     except RecipeError as e:
         raise RecipeError(f"{origins.get('method.name', 'recipe')}: method.name: {e}") from None
-    _rename_old_keys(method, config_cls, origins)
+    renamed = {f"method.{old}": f"method.{new}" for old, new in getattr(config_cls, "renamed", {}).items()}
+    _rename_old_keys(data, {**RENAMED, **renamed}, origins)
+    method = data["method"]
     try:
         data["method"] = config_cls.model_validate(method)
     except ValidationError as e:

@@ -49,16 +49,16 @@ class BackboneConfig(Section):
     """ViT patch size (timm ``patch_size``)."""
     freeze_patch_embed: bool = False
     """Keep the random patch projection of a ViT frozen (MoCo v3)."""
-    dynamic_img_size: bool | None = None
+    dynamic_img_size: bool = False
     """ViTs: accept inputs of any size, the position embedding interpolated to the patch grid (timm
-    ``dynamic_img_size``), so multi-crop's small crops go through the same ViT (DINO). Unset means off."""
-    pos_embed: Literal["learn", "sincos"] | None = None
+    ``dynamic_img_size``), so multi-crop's small crops go through the same ViT (DINO)."""
+    pos_embed: Literal["learn", "sincos"] = "learn"
     """ViTs: ``sincos`` replaces the learned position embedding by a fixed (frozen) 2-D sin-cos embedding, MoCo v3's;
-    unset or ``learn``: timm's learned one."""
-    weight_init: Literal["timm", "mocov3"] | None = None
+    ``learn``: timm's learned one."""
+    weight_init: Literal["timm", "mocov3"] = "timm"
     """ViTs: ``mocov3`` initialises as the MoCo v3 code does: xavier-uniform linear layers (Q, K, V as three
     matrices; timm's ``weight_init="moco"``) and the patch projection uniform with the fan-in/out of a
-    ``3 p^2 -> dim`` linear layer. Unset or ``timm``: timm's default init."""
+    ``3 p^2 -> dim`` linear layer. ``timm``: timm's default init."""
     drop_path_rate: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     norm: Literal["batchnorm", "groupnorm_ws"] = "batchnorm"
     """``groupnorm_ws``: every BatchNorm2d becomes GroupNorm (32 groups) and every Conv2d a weight-standardised
@@ -136,15 +136,15 @@ class OptimConfig(Section):
     """No weight decay (and no LARS adaptation) for biases and normalisation parameters."""
     trust_coefficient: Annotated[float, Field(gt=0.0)] = 0.001
     """LARS trust coefficient (eta)."""
-    clip_lr: bool | None = None
+    clip_lr: bool = False
     """LARS only: LARC's clip mode, each layer's rate min(trust_coefficient * ||w|| / ||g||, lr) instead of their
-    product (solo-learn's CIFAR recipes). Unset means off."""
+    product (solo-learn's CIFAR recipes)."""
     weight_decay_end: Annotated[float, Field(ge=0.0)] | None = None
     """Weight decay at the end of the run, reached on a cosine from ``weight_decay`` (DINO: 0.04 -> 0.4); unset:
     constant. Scales every decayed group alike."""
-    clip_grad: Annotated[float, Field(ge=0.0)] | None = None
+    clip_grad: Annotated[float, Field(ge=0.0)] = 0.0
     """Clip each parameter's gradient to this L2 norm before the step (DINO's per-parameter clipping, 3.0);
-    unset or 0: no clipping."""
+    0: no clipping."""
 
     @model_validator(mode="after")
     def _weight_decay_end(self) -> OptimConfig:
@@ -165,9 +165,9 @@ class ScheduleConfig(Section):
     factors: list[Annotated[float, Field(gt=0.0)]] | None = None
     """``step``: the rate relative to the base from each milestone on, one per milestone (InvaSpread: x0.1, x0.05,
     x0.01 at 120, 160, 200); unset: ``gamma ** i`` after the i-th milestone."""
-    warmup_start: Annotated[float, Field(ge=0.0)] | None = None
+    warmup_start: Annotated[float, Field(ge=0.0)] = 0.0
     """The learning rate at the first warm-up step (absolute, like ``min_lr``); the warm-up ramps linearly from it to
-    the peak (SwAV / DeepCluster v2's 800-epoch scripts: ``--start_warmup 0.3``). Unset: 0."""
+    the peak (SwAV / DeepCluster v2's 800-epoch scripts: ``--start_warmup 0.3``)."""
 
     @field_validator("milestones")
     @classmethod
@@ -199,9 +199,9 @@ class TrainConfig(Section):
     checkpoint_every: Annotated[int, Field(ge=0)] = 10
     """Save ``epoch_NNNN.safetensors`` every N epochs (0: only ``last``)."""
     channels_last: bool = False
-    sync_batchnorm: bool | None = None
+    sync_batchnorm: bool = False
     """Under torchrun: BatchNorm statistics over the global batch of all processes (SimCLR, BYOL and Barlow
-    Twins at scale). Unset means off, so recipes saved before this key existed still resume."""
+    Twins at scale)."""
 
     @field_validator("device")
     @classmethod
@@ -212,35 +212,36 @@ class TrainConfig(Section):
         return v
 
 
+class KnnMonitorConfig(Section):
+    """The kNN monitor: the same weighted kNN as ``ssl knn`` (whose ``--k`` / ``--temperature`` these are)."""
+
+    every: Annotated[int, Field(ge=0)] = 1
+    """Epochs between kNN evaluations (and held-out scores of the online classifier); the last epoch is always
+    evaluated; 0: never."""
+    k: PositiveInt = 20
+    """Neighbours (20, as solo-learn's and DINO's monitors)."""
+    temperature: Annotated[float, Field(gt=0.0)] = 0.07
+    """Vote weight exp(similarity / T)."""
+
+
 class MonitorConfig(Section):
     """Online monitors during pretraining, on when ``ssl pretrain --val DIR`` gives labeled held-out images (and the
     training images have labels too): weighted kNN of the held-out images against the training set every
-    ``knn_every`` epochs, and a linear classifier trained on the detached features of the training batches
-    (solo-learn's online classifier), scored on the held-out images at the same time. Unset keys take the defaults
-    named below, so recipes saved before this section existed still resume."""
+    ``knn.every`` epochs, and a linear classifier trained on the detached features of the training batches
+    (solo-learn's online classifier), scored on the held-out images at the same time."""
 
-    knn_every: Annotated[int, Field(ge=0)] | None = None
-    """Epochs between kNN evaluations (and held-out scores of the online classifier); the last epoch is always
-    evaluated. Unset: 1; 0: never."""
-    knn_k: PositiveInt | None = None
-    """Neighbours (unset: 20, as solo-learn's and DINO's monitors)."""
-    knn_temperature: Annotated[float, Field(gt=0.0)] | None = None
-    """Vote weight exp(similarity / T) (unset: 0.07)."""
-    online_linear: bool | None = None
-    """Train the online linear classifier (unset: true). It sees only detached features: the backbone is trained
-    exactly as without it."""
-    online_lr: Annotated[float, Field(gt=0.0)] | None = None
-    """The classifier's learning rate at the schedule's peak, no weight decay (unset: 0.1, or 1e-3 under AdamW)."""
+    knn: KnnMonitorConfig = KnnMonitorConfig()
+    online_linear: bool = True
+    """Train the online linear classifier. It sees only detached features: the backbone is trained exactly as
+    without it."""
+    online_lr: Annotated[float, Field(gt=0.0)] | Literal["auto"] = "auto"
+    """The classifier's learning rate at the schedule's peak, no weight decay (``auto``: 0.1, or 1e-3 under
+    AdamW)."""
 
-    def settings(self, optimizer: str) -> dict[str, float | int | bool]:
-        """Every key with its default filled in."""
-        return {
-            "knn_every": 1 if self.knn_every is None else self.knn_every,
-            "knn_k": self.knn_k or 20,
-            "knn_temperature": self.knn_temperature or 0.07,
-            "online_linear": True if self.online_linear is None else self.online_linear,
-            "online_lr": self.online_lr or (1e-3 if optimizer == "adamw" else 0.1),
-        }
+    def resolved_online_lr(self, optimizer: str) -> float:
+        if self.online_lr == "auto":
+            return 1e-3 if optimizer == "adamw" else 0.1
+        return float(self.online_lr)
 
 
 class Recipe(Section):
@@ -254,8 +255,8 @@ class Recipe(Section):
     optim: OptimConfig = OptimConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     train: TrainConfig = TrainConfig()
-    monitor: MonitorConfig | None = None
-    """Online monitors (``ssl pretrain --val``); unset: the defaults of ``MonitorConfig``."""
+    monitor: MonitorConfig = MonitorConfig()
+    """Online monitors (``ssl pretrain --val``)."""
 
     @property
     def num_views(self) -> int:

@@ -56,8 +56,8 @@ class BYOL(Method):
         self.predictor = mlp(
             [dim, config.pred_hidden_dim, dim],
             batchnorm=config.proj_batchnorm,
-            last_bias=config.proj_last_bias is not False,
-            norm=config.proj_norm or "batchnorm",
+            last_bias=config.proj_last_bias,
+            norm=config.proj_norm,
         )
         self.target_backbone = frozen_copy(self.backbone)
         self.target_projector = frozen_copy(self.projector)

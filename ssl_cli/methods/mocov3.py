@@ -35,9 +35,9 @@ class MoCoV3Config(ProjectorConfig, CosineMomentumConfig):
     proj_layers: Annotated[int, Field(ge=2)] = 2
     proj_last_batchnorm: LastNorm = "plain"
     pred_hidden_dim: PositiveInt = 4096
-    pred_last_batchnorm: bool | None = None
+    pred_last_batchnorm: bool = False
     """The predictor ends in BatchNorm without affine parameters: the official ViT predictor does, the ResNet one
-    does not (unset: off, so recipes saved before this key existed still resume)."""
+    does not."""
     temperature: Annotated[float, Field(gt=0.0)] = 1.0
     """1.0 for ResNets, 0.2 for ViTs (the reference's defaults)."""
     momentum: Probability = 0.99
@@ -54,7 +54,7 @@ class MoCoV3(Method):
     def __init__(self, config: MoCoV3Config, backbone, recipe) -> None:
         super().__init__(config, backbone, recipe)
         self.projector, dim = projector(config, self.feature_dim)
-        dims, last_bn = [dim, config.pred_hidden_dim, dim], bool(config.pred_last_batchnorm)
+        dims, last_bn = [dim, config.pred_hidden_dim, dim], config.pred_last_batchnorm
         self.predictor = mlp(dims, last_bias=False, last_batchnorm=last_bn, last_affine=False)
         self.key_backbone = frozen_copy(self.backbone)
         self.key_projector = frozen_copy(self.projector)

@@ -8,8 +8,8 @@
   adaptation, ``monitor.online_lr`` at the schedule's peak, following the run's schedule). The step's training
   accuracy is logged as ``online_top1``; at evaluation epochs its accuracy on the held-out images as
   ``online_val_top1`` / ``online_val_top5``.
-* **kNN** every ``monitor.knn_every`` epochs (and at the last): weighted kNN [1] (cosine, votes
-  ``exp(sim / T)``, ``monitor.knn_k`` neighbours) of the held-out images' features against the training images'
+* **kNN** every ``monitor.knn.every`` epochs (and at the last): weighted kNN [1] (cosine, votes
+  ``exp(sim / T)``, ``monitor.knn.k`` neighbours) of the held-out images' features against the training images'
   features, both from the backbone in eval mode on un-augmented images, as ``ssl knn`` computes it; logged as
   ``knn_top1`` / ``knn_top5``.
 
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ssl_cli.augment import eval_transform
-from ssl_cli.config.schema import MonitorConfig, Recipe
+from ssl_cli.config.schema import Recipe
 from ssl_cli.data import ImageSet, open_dataset
 from ssl_cli.data.loader import resolve_workers
 from ssl_cli.errors import CheckpointError, DataError
@@ -45,7 +45,8 @@ class OnlineMonitors:
         self.recipe = recipe
         self.train = train
         self.val = val
-        self.settings = (recipe.monitor or MonitorConfig()).settings(recipe.optim.name)
+        self.config = recipe.monitor
+        self.online_lr = recipe.monitor.resolved_online_lr(recipe.optim.name)
 
     @classmethod
     def open(cls, recipe: Recipe, train: ImageSet, val_spec: str) -> OnlineMonitors:
@@ -67,7 +68,7 @@ class OnlineMonitors:
 
     @property
     def online_linear(self) -> bool:
-        return bool(self.settings["online_linear"])
+        return self.config.online_linear
 
     def attach(self, method: Method) -> None:
         """Give ``method`` its online classifier (weights from the run's seed, the global RNG untouched)."""
@@ -87,13 +88,13 @@ class OnlineMonitors:
                 "names": [n for n, _ in params],
                 "weight_decay": 0.0,
                 "lars_adapt": False,
-                "lr_scale": float(self.settings["online_lr"]) / base_lr,
+                "lr_scale": self.online_lr / base_lr,
             },
         ]
 
     def due(self, epoch: int) -> bool:
         """Whether epoch ``epoch`` (counting from 1) ends with an evaluation."""
-        every = int(self.settings["knn_every"])
+        every = self.config.knn.every
         return every > 0 and (epoch % every == 0 or epoch == self.recipe.train.epochs)
 
     @torch.no_grad()
@@ -112,7 +113,7 @@ class OnlineMonitors:
             )
         finally:
             method.train(was_training)
-        k, temperature = int(self.settings["knn_k"]), float(self.settings["knn_temperature"])
+        k, temperature = self.config.knn.k, self.config.knn.temperature
         by_k = knn_classify(train_f, train_y, val_f, val_y, len(self.train.classes), ks=(k,), temperature=temperature)
         record = {"knn_top1": by_k[k][0], "knn_top5": by_k[k][1]}
         if method.online_classifier is not None:
@@ -121,7 +122,8 @@ class OnlineMonitors:
         return record
 
     def describe(self) -> dict[str, Any]:
-        return {"val": self.val.name, "num_val_images": len(self.val), **self.settings}
+        settings = {**self.config.model_dump(mode="json"), "online_lr": self.online_lr}
+        return {"val": self.val.name, "num_val_images": len(self.val), **settings}
 
 
 def check_resume_monitors(model_keys: Iterable[str], monitors: OnlineMonitors | None, path: object) -> None:

@@ -19,6 +19,7 @@ import torch
 from ssl_cli.artifacts.checkpoint import read_checkpoint
 from ssl_cli.augment import MultiView
 from ssl_cli.backbones import build_backbone, timm_kwargs
+from ssl_cli.config import recipe_from_dict
 from ssl_cli.config.schema import Recipe
 from ssl_cli.data import ImageSet, open_dataset
 from ssl_cli.data.batches import AugmentChoice, BatchedEpochs, CroppedEpochs, choose_augment
@@ -92,7 +93,7 @@ def optimizer_step(
     step: int,
     total_steps: int,
     precision: str,
-    clip_grad: float | None = None,
+    clip_grad: float = 0.0,
 ) -> StepOutput:
     """One training step: forward (``model`` is the method, or DDP around it), backward, per-parameter gradient
     clipping (``optim.clip_grad``), the method's hooks around the optimizer step. Returns the step's output with the
@@ -170,9 +171,12 @@ def checkpoint_meta(
 def _check_resume(recipe: Recipe, run: RunDir) -> tuple[Any, str | None]:
     """The checkpoint to resume and the augmentation path it was trained with (None: unknown, resolve again)."""
     ckpt = read_checkpoint(run.last)
-    saved = copy.deepcopy(ckpt.meta["recipe"])
-    compared, taken = resume_augment(saved.get("data", {}), ckpt.meta.get("data", {}), recipe.data.augment)
-    saved.setdefault("data", {})["augment"] = compared
+    raw = copy.deepcopy(ckpt.meta["recipe"])
+    compared, taken = resume_augment(raw.get("data", {}), ckpt.meta.get("data", {}), recipe.data.augment)
+    raw.setdefault("data", {})["augment"] = compared
+    # compared as re-validated recipes: a key added since the run was saved takes its default on both sides, and
+    # an old key name loads as the new one
+    saved = recipe_from_dict(raw, source=f"{run.last} (recipe)").to_dict()
     if saved != recipe.to_dict():
         diff = _first_difference(saved, recipe.to_dict())
         raise CheckpointError(
@@ -342,11 +346,11 @@ def _start_notes(t: _Training) -> None:
         f"run folder: {t.run.root}" + (f" ({world} processes, global batch {t.global_batch})" if world > 1 else "")
     )
     if t.monitors is not None:
-        m = t.monitors.settings
+        m, knn = t.monitors, t.monitors.config.knn
         reporter.log(
-            f"monitors on {t.monitors.val.name} ({len(t.monitors.val)} images): "
-            + (f"kNN (k={m['knn_k']}) every {m['knn_every']} epoch(s)" if m["knn_every"] else "no kNN")
-            + (f", online linear classifier (lr {m['online_lr']:g})" if m["online_linear"] else "")
+            f"monitors on {m.val.name} ({len(m.val)} images): "
+            + (f"kNN (k={knn.k}) every {knn.every} epoch(s)" if knn.every else "no kNN")
+            + (f", online linear classifier (lr {m.online_lr:g})" if m.online_linear else "")
         )
     _augment_notes(t.recipe, t.augment, t.env.device, reporter)
 
