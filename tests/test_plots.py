@@ -190,7 +190,7 @@ def test_balanced_sample() -> None:
     assert all(len(p) == 3 for p in picks) and len(set(picks)) > 1 and set().union(*picks) - {0, 1, 2}
     unlabeled = balanced_sample(torch.full((20,), -1), 5, seed=0)
     assert len(unlabeled) == 5 and len(set(unlabeled.tolist())) == 5
-    with pytest.raises(DataError, match="--max-images 0"):
+    with pytest.raises(DataError, match="--num-images 0"):
         balanced_sample(labels, 0)
 
 
@@ -235,7 +235,7 @@ def test_plot_embedding_from_a_checkpoint_and_from_an_embed_file(world, tmp_path
             world.ckpt,
             "--data",
             world.bank,
-            "--max-images",
+            "--num-images",
             9,
             "--out",
             out,

@@ -189,7 +189,7 @@ def test_run_pretraining_does_what_ssl_pretrain_does(tmp_path) -> None:
     notes: list[str] = []
     overrides = [*TINY, ("train.batch_size", 8), ("method.proj_hidden_dim", 32), ("method.proj_output_dim", 16)]
     out = tmp_path / "run"
-    first = run_pretraining("simclr", str(data), out, overrides=overrides, note=notes.append)
+    first = run_pretraining("simclr", str(data), out, overrides=overrides, log=notes.append)
     assert first is not None and Path(first.checkpoint).is_file() and first.steps == 2 and notes == []
     # resume: no recipe, no data; both come from the run folder (and the run is already complete)
     plan = plan_pretraining(None, None, out, True, [], None)

@@ -268,7 +268,7 @@ def test_separable_problem_is_learnt(world) -> None:
     assert lines[-1]["loss"] < lines[0]["loss"]
     assert lines[-1]["val_top1"] == world.metrics["top1"]
     hyper = world.metrics["hyperparameters"]
-    assert (hyper["optimizer"], hyper["lr"], hyper["batch_size"], hyper["epochs"]) == ("sgd", 2.0, 6, 6)
+    assert (hyper["optim"], hyper["lr"], hyper["batch_size"], hyper["epochs"]) == ("sgd", 2.0, 6, 6)
     assert math.isclose(hyper["peak_lr"], 2.0 * 6 / 256)
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from ssl_cli.cli.console import emit_json, err, handles_errors, out, result_table
+from ssl_cli.cli.console import emit_json, err, handles_errors, result_table, stdout
+from ssl_cli.cli.flags import recipe_overrides
 from ssl_cli.config import load_recipe
 from ssl_cli.errors import RecipeError
 
@@ -40,16 +41,11 @@ def bench(
     steps, the recipe's own backbone and stem: about 40 s for simclr-cifar on 2 CPU cores)."""
     from ssl_cli.train.bench import bench as run_bench
 
-    flags = {
-        "backbone.name": backbone,
-        "train.batch_size": batch_size,
-        "train.device": device,
-        "data.num_workers": num_workers,
-    }
+    typed = recipe_overrides(backbone=backbone, batch_size=batch_size, device=device, num_workers=num_workers)
     if recipe is None:
         raise RecipeError("pass --recipe NAME or --recipe FILE.toml (see: ssl recipes list)")
     demo = [("train.batch_size", DEMO_BATCH_SIZE)] if data is None else []
-    resolved = load_recipe(recipe, [*demo, *((k, v) for k, v in flags.items() if v is not None), *overrides])
+    resolved = load_recipe(recipe, [*demo, *typed, *overrides])
     if data is None:
         steps, warmup_steps = steps or DEMO_STEPS, DEMO_WARMUP if warmup_steps is None else warmup_steps
         err.print(
@@ -61,4 +57,4 @@ def bench(
     if as_json:
         emit_json(result)
     else:
-        out.print(result_table("bench", result))
+        stdout.print(result_table("bench", result))

@@ -27,7 +27,7 @@ from ssl_cli.errors import SSLError
 
 # soft_wrap: a message is one line however long (no hard wrapping at the 80 columns assumed off a terminal)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
-out = Console(highlight=False)
+stdout = Console(highlight=False)
 
 F = TypeVar("F", bound=Callable[..., Any])
 

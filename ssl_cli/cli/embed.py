@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from ssl_cli.cli.console import CountProgress, emit_json, handles_errors, out, result_table
+from ssl_cli.cli.console import CountProgress, emit_json, handles_errors, result_table, stdout
 from ssl_cli.cli.evaluate import CACHE_DIR, CHECKPOINT, DEVICE, JSON, NO_CACHE, QUIET, WORKERS, feature_cache
 
 
@@ -17,7 +17,7 @@ def embed(
     data: Path = typer.Option(
         ..., "--data", "-d", help="Image folder (class sub-folders give labels; otherwise images anywhere below it)."
     ),
-    output: Path = typer.Option(
+    out: Path = typer.Option(
         ...,
         "--out",
         "-o",
@@ -45,7 +45,7 @@ def embed(
         summary = embed_folder(
             checkpoint,
             data,
-            output,
+            out,
             batch_size=batch_size,
             num_workers=num_workers if num_workers is not None else "auto",
             device=device,
@@ -63,4 +63,4 @@ def embed(
         "files": ", ".join(summary["files"]),
         "features": "from the cache" if summary["cached"] else "extracted",
     }
-    out.print(result_table(f"embeddings  {checkpoint}", rows))
+    stdout.print(result_table(f"embeddings  {checkpoint}", rows))

@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from ssl_cli.cli.console import CountProgress, emit_json, err, handles_errors, out, result_table
+from ssl_cli.cli.console import CountProgress, emit_json, err, handles_errors, result_table, stdout
 
 # Options both evaluation commands take, defined once so their names and help stay the same.
 CHECKPOINT = typer.Argument(..., help="Training checkpoint or exported backbone (.safetensors).")
@@ -104,7 +104,7 @@ def knn(
         return
     rows = {f"top1 (k={kk})": v["top1"] for kk, v in result["by_k"].items()}
     rows.update({f"top5 (k={kk})": v["top5"] for kk, v in result["by_k"].items()})
-    out.print(result_table(f"kNN  {checkpoint}{'  (random init)' if random_init else ''}", rows))
+    stdout.print(result_table(f"kNN  {checkpoint}{'  (random init)' if random_init else ''}", rows))
 
 
 def _sweep_table(result: dict) -> Table:
@@ -192,8 +192,8 @@ def linear_probe(
         emit_json(result)
         return
     if "sweep" in result:
-        out.print(_sweep_table(result))
+        stdout.print(_sweep_table(result))
         shown = {k: result[k] for k in ("top1", "top5", "train_top1", "lr", "weight_decay", "epochs")}
-        out.print(result_table("linear probe: the chosen pair on --val", shown))
+        stdout.print(result_table("linear probe: the chosen pair on --val", shown))
         return
-    out.print(result_table(f"linear probe  {checkpoint}", result))
+    stdout.print(result_table(f"linear probe  {checkpoint}", result))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from ssl_cli.cli.console import emit_json, err, handles_errors, out, result_table
+from ssl_cli.cli.console import emit_json, err, handles_errors, result_table, stdout
 
 
 def _hint(summary: dict) -> str:
@@ -37,7 +37,7 @@ def _hint(summary: dict) -> str:
 @handles_errors
 def export(
     checkpoint: Path = typer.Argument(..., help="Training checkpoint (.safetensors), or an earlier export."),
-    output: str = typer.Option(
+    out: str = typer.Option(
         None,
         "--out",
         "-o",
@@ -66,12 +66,12 @@ def export(
     """Write the backbone in one format, load it back and compare its features with PyTorch's (max abs diff)."""
     from ssl_cli.export.formats import export_model
 
-    summary = export_model(checkpoint, output, fmt, projector_layers=projector_layers)
+    summary = export_model(checkpoint, out, fmt, projector_layers=projector_layers)
     if as_json:
         emit_json(summary)
         return
     shown = {**summary, "max_abs_diff": f"{summary['max_abs_diff']:.3g}", "tolerance": f"{summary['tolerance']:.3g}"}
-    out.print(result_table("export", shown))
+    stdout.print(result_table("export", shown))
     err.print(
         f"checked with {summary['verified_with']}: max abs difference {summary['max_abs_diff']:.3g} "
         f"(tolerance {summary['tolerance']:.3g})",

@@ -8,7 +8,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from ssl_cli.cli.console import emit_json, handles_errors, out
+from ssl_cli.cli.console import emit_json, handles_errors, stdout
 
 FORMAT_NAMES = {
     "safetensors": "safetensors file",
@@ -122,4 +122,4 @@ def inspect(
     table.add_column("value", overflow="fold")
     for key, value in rows(info):
         table.add_row(key, value)
-    out.print(table)
+    stdout.print(table)

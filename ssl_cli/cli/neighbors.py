@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from ssl_cli.cli.console import CountProgress, emit_json, err, handles_errors, out, result_table
+from ssl_cli.cli.console import CountProgress, emit_json, err, handles_errors, result_table, stdout
 
 
 @handles_errors
@@ -19,7 +19,7 @@ def neighbors(
     ),
     num_queries: int = typer.Option(8, "--num-queries", help="Queries: a class-balanced seeded sample, one row each."),
     k: int = typer.Option(8, "--k", help="Neighbours per query."),
-    out_file: Path = typer.Option(
+    out: Path = typer.Option(
         None,
         "--out",
         "-o",
@@ -38,7 +38,7 @@ def neighbors(
     from ssl_cli.plots.neighbors import retrieval_grid
 
     folders = [data] + ([queries] if queries else [])
-    target = check_out(out_file or default_out(checkpoint, "neighbors.png"), inputs=[checkpoint], folders=folders)
+    target = check_out(out or default_out(checkpoint, "neighbors.png"), inputs=[checkpoint], folders=folders)
     bar: CountProgress | None = None
     with ExitStack() as stack:
 
@@ -71,4 +71,4 @@ def neighbors(
     rows = {"picture": result["out"], "queries": len(result["queries"]), "k": k, "bank": result["bank"]}
     if result["precision"] is not None:
         rows["neighbours of the query's class"] = result["precision"]
-    out.print(result_table(f"neighbors  {checkpoint}{'  (random init)' if random_init else ''}", rows))
+    stdout.print(result_table(f"neighbors  {checkpoint}{'  (random init)' if random_init else ''}", rows))

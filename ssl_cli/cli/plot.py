@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from ssl_cli.cli.console import CountProgress, emit_json, err, handles_errors, out, result_table
+from ssl_cli.cli.console import CountProgress, emit_json, err, handles_errors, result_table, stdout
 from ssl_cli.errors import DataError
 
 app = typer.Typer(help="Pictures: training curves of runs, a 2-D map of a backbone's features.", no_args_is_help=True)
@@ -26,7 +26,7 @@ def curves(
     runs: list[Path] = typer.Argument(
         ..., help="Run folders of ssl pretrain (or their metrics.jsonl); several overlay."
     ),
-    out_file: Path = typer.Option(
+    out: Path = typer.Option(
         None, OUT, "-o", help="PNG file (default: RUN/curves.png for one run, ./curves.png for several)."
     ),
     x_axis: str = typer.Option("epoch", "--x-axis", help="epoch | step."),
@@ -40,10 +40,10 @@ def curves(
     from ssl_cli.plots.files import check_out
 
     metrics = read_runs(list(runs))
-    if out_file is None:
-        out_file = metrics[0].path.parent / "curves.png" if len(metrics) == 1 else Path("curves.png")
-    target = check_out(out_file, inputs=[m.path for m in metrics])
-    result = plot_curves(metrics, target, x=x_axis, width=width, height=height)
+    if out is None:
+        out = metrics[0].path.parent / "curves.png" if len(metrics) == 1 else Path("curves.png")
+    target = check_out(out, inputs=[m.path for m in metrics])
+    result = plot_curves(metrics, target, x_axis=x_axis, width=width, height=height)
     if not quiet:
         err.print(f"wrote {target}", markup=False)
     if as_json:
@@ -56,7 +56,7 @@ def curves(
         shown = {k: v for k, v in last.items() if k not in ("epoch", "step", "seconds", "images_per_second")}
         epochs = f"epoch {int(last['epoch'])}" if "epoch" in last else f"{r['records']} records"
         rows[r["name"]] = epochs + "  " + "  ".join(f"{k} {v:.4g}" for k, v in shown.items())
-    out.print(result_table("training curves", rows))
+    stdout.print(result_table("training curves", rows))
 
 
 @app.command("embedding")
@@ -68,10 +68,12 @@ def embedding(
     data: str = typer.Option(
         None, "--data", "-d", help="Image folder (class sub-folders give colours) or dataset name."
     ),
-    out_file: Path = typer.Option(
+    out: Path = typer.Option(
         None, OUT, "-o", help="PNG file (default: <run>/embedding.png for a run's checkpoint, else ./embedding.png)."
     ),
-    max_images: int = typer.Option(2000, "--max-images", help="At most N images, a class-balanced seeded sample."),
+    num_images: int = typer.Option(
+        2000, "--num-images", "--max-images", help="At most N images, a class-balanced seeded sample."
+    ),
     method: str = typer.Option("tsne", "--method", help="tsne (PCA to 50 dimensions, then t-SNE) | pca."),
     perplexity: float = typer.Option(30.0, "--perplexity", help="t-SNE perplexity (at most (N - 1) / 3 is used)."),
     seed: int = typer.Option(0, "--seed", help="Random seed (the sample and t-SNE)."),
@@ -91,7 +93,7 @@ def embedding(
     if method not in METHODS:  # before loading anything
         raise DataError(f"--method {method}: unknown; valid: {', '.join(METHODS)}")
     target = check_out(
-        out_file or default_out(checkpoint, "embedding.png"), inputs=[checkpoint], folders=[data] if data else []
+        out or default_out(checkpoint, "embedding.png"), inputs=[checkpoint], folders=[data] if data else []
     )
     bar: CountProgress | None = None
     with ExitStack() as stack:
@@ -104,7 +106,7 @@ def embedding(
             checkpoint,
             data,
             target,
-            max_images=max_images,
+            num_images=num_images,
             method=method,
             perplexity=perplexity,
             seed=seed,
@@ -129,4 +131,4 @@ def embedding(
         rows["same-class nearest neighbour, 2-D map"] = result["nn_agreement_2d"]
     if "explained_variance" in result:
         rows["variance of PC 1, PC 2"] = ", ".join(f"{v:.3f}" for v in result["explained_variance"])
-    out.print(result_table(f"embedding  {checkpoint}{'  (random init)' if random_init else ''}", rows))
+    stdout.print(result_table(f"embedding  {checkpoint}{'  (random init)' if random_init else ''}", rows))

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import typer
 
-from ssl_cli.cli.console import ProgressReporter, emit_json, err, handles_errors, out, result_table
+from ssl_cli.cli.console import ProgressReporter, emit_json, err, handles_errors, result_table, stdout
+from ssl_cli.cli.flags import recipe_overrides
 
 
 @handles_errors
@@ -22,9 +23,9 @@ def pretrain(
         None,
         "--val",
         help="Labeled held-out images (folder with class sub-folders, dataset name, demo:test): online monitors, "
-        "kNN every monitor.knn_every epochs and an online linear classifier; --data must be labeled too.",
+        "kNN every monitor.knn.every epochs and an online linear classifier; --data must be labeled too.",
     ),
-    out_dir: Path = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<recipe>, never reused)."),
+    out: Path = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<recipe>, never reused)."),
     backbone: str = typer.Option(None, "--backbone", help="timm model name (recipe key backbone.name)."),
     epochs: int = typer.Option(None, "--epochs", min=1, help="Epochs (train.epochs)."),
     batch_size: int = typer.Option(None, "--batch-size", min=1, help="Batch size (train.batch_size)."),
@@ -42,29 +43,23 @@ def pretrain(
     from ssl_cli.train.launch import run_pretraining
 
     quiet = quiet or env_rank() != 0  # under torchrun only rank 0 talks: progress, notes, the result
-    flags = {
-        "backbone.name": backbone,
-        "train.epochs": epochs,
-        "train.batch_size": batch_size,
-        "train.device": device,
-        "train.seed": seed,
-        "data.num_workers": num_workers,
-    }
-    typed = [(k, v) for k, v in flags.items() if v is not None]
+    typed = recipe_overrides(
+        backbone=backbone, epochs=epochs, batch_size=batch_size, device=device, seed=seed, num_workers=num_workers
+    )
     with ProgressReporter(quiet=quiet) as reporter:
         result = run_pretraining(
             recipe,
             data,
-            out_dir,
+            out,
             resume=resume,
             overrides=[*typed, *overrides],
             val=val,
             reporter=reporter,
-            note=None if quiet else (lambda line: err.print(line, markup=False)),
+            log=None if quiet else (lambda line: err.print(line, markup=False)),
         )
     if result is None:  # not the main process
         return
     if as_json:
         emit_json(result.to_dict())
     else:
-        out.print(result_table("pretrain", result.to_dict()))
+        stdout.print(result_table("pretrain", result.to_dict()))

@@ -8,7 +8,7 @@ import tomli_w
 import typer
 from rich.table import Table
 
-from ssl_cli.cli.console import emit_json, handles_errors, out
+from ssl_cli.cli.console import emit_json, handles_errors, stdout
 from ssl_cli.config import builtin_recipes, load_recipe
 
 app = typer.Typer(help="List and show the built-in recipes.", no_args_is_help=True)
@@ -35,7 +35,7 @@ def list_recipes(as_json: bool = typer.Option(False, "--json", help="One JSON ob
     table = Table("recipe", "method", "backbone", "description")
     for row in rows:
         table.add_row(row["name"], row["method"], row["backbone"], row["description"])
-    out.print(table)
+    stdout.print(table)
 
 
 @app.command("show")

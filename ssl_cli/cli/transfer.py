@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ssl_cli.cli.console import ProgressReporter, emit_json, err, handles_errors, out, result_table
+from ssl_cli.cli.console import ProgressReporter, emit_json, err, handles_errors, result_table, stdout
 from ssl_cli.cli.evaluate import CHECKPOINT, DEVICE, JSON, QUIET, RANDOM_INIT, TRAIN, VAL, WORKERS
 from ssl_cli.errors import SSLError
 
@@ -22,8 +22,10 @@ def transfer(
     checkpoint: str = CHECKPOINT,
     train: str = TRAIN,
     val: str = VAL,
-    output: Path = typer.Option(..., "--out", "-o", help="Result folder: new or empty (a re-run of the same run)."),
-    optimizer: str = typer.Option("sgd", "--optimizer", help="sgd (momentum 0.9, Nesterov; SimCLR) | adamw (ViTs)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Result folder: new or empty (a re-run of the same run)."),
+    optim: str = typer.Option(
+        "sgd", "--optim", "--optimizer", help="sgd (momentum 0.9, Nesterov; SimCLR) | adamw (ViTs); as optim.name."
+    ),
     lr: float = typer.Option(
         None, "--lr", help="Learning rate at batch 256, scaled by batch/256 (default: sgd 0.05, adamw 5e-4)."
     ),
@@ -62,14 +64,14 @@ def transfer(
 
     if (train is None or val is None) and not quiet:
         err.print("no --train/--val: fine-tuning on the built-in demo data", markup=False)
-    cfg = FinetuneConfig(optimizer, lr, weight_decay, epochs, warmup_epochs, batch_size, layer_decay, freeze, seed)
+    cfg = FinetuneConfig(optim, lr, weight_decay, epochs, warmup_epochs, batch_size, layer_decay, freeze, seed)
     with ProgressReporter(epochs, quiet=quiet) as reporter:
         try:
             summary = run_transfer(
                 checkpoint,
                 train,
                 val,
-                output,
+                out,
                 cfg,
                 label_fraction=label_fraction,
                 label_subset=label_subset,
@@ -81,9 +83,9 @@ def transfer(
             )
         except KeyboardInterrupt:
             raise Interrupted(
-                f"interrupted; {output} is incomplete (no metrics.json): the same command starts it again"
+                f"interrupted; {out} is incomplete (no metrics.json): the same command starts it again"
             ) from None
     if as_json:
         emit_json(summary)
         return
-    out.print(result_table(f"transfer  {checkpoint}{'  (random init)' if random_init else ''}", summary))
+    stdout.print(result_table(f"transfer  {checkpoint}{'  (random init)' if random_init else ''}", summary))

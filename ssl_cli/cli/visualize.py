@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ssl_cli.cli.console import emit_json, err, handles_errors, out, result_table
+from ssl_cli.cli.console import emit_json, err, handles_errors, result_table, stdout
 
 
 @handles_errors
@@ -14,7 +14,7 @@ def visualize(
     checkpoint: Path = typer.Argument(..., help="Training checkpoint or exported backbone (.safetensors) of a ViT."),
     data: str = typer.Option(..., "--data", "-d", help="An image file, an image folder or a dataset name."),
     num_images: int = typer.Option(4, "--num-images", "-n", help="The first N images, in the folder's sorted order."),
-    out_dir: Path = typer.Option(
+    out: Path = typer.Option(
         None, "--out", "-o", help="Folder for the PNGs (default: <run folder>/attention, else ./attention)."
     ),
     size: int = typer.Option(None, "--size", help="Input size (default: the checkpoint's preprocessing size)."),
@@ -35,7 +35,7 @@ def visualize(
         checkpoint,
         data,
         num_images=num_images,
-        out_dir=out_dir,
+        out=out,
         size=size,
         threshold=threshold,
         zoom=zoom,
@@ -56,4 +56,4 @@ def visualize(
         "input size": result["size"],
         "panels": f"image, {result['heads']} heads, mean" + (", masks below" if threshold is not None else ""),
     }
-    out.print(result_table(f"attention  {checkpoint}", rows))
+    stdout.print(result_table(f"attention  {checkpoint}", rows))

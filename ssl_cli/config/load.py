@@ -249,12 +249,12 @@ def resolve(data: dict[str, Any], origins: dict[str, str] | None = None) -> Reci
         raise _error(e, Recipe, origins) from None
 
 
-def load_recipe(spec: str, overrides: Iterable[str | tuple[str, Any]] = ()) -> Recipe:
+def load_recipe(recipe: str, overrides: Iterable[str | tuple[str, Any]] = ()) -> Recipe:
     """Load a built-in recipe by name or a TOML file by path, apply overrides in order and validate.
 
     Overrides are ``"a.b=value"`` strings (``--set``) or ``(key, value)`` pairs (typed command-line flags).
     """
-    path = _locate(spec)
+    path = _locate(recipe)
     origins: dict[str, str] = {}
     data = _load_raw(path, (), origins)
     for override in overrides:

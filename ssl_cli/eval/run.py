@@ -126,7 +126,7 @@ def features(s: EvalSetup, images: ImageSet, batch_size: int, num_workers, progr
 
 def run_knn(
     s: EvalSetup,
-    ks: list[int],
+    k: list[int],
     temperature: float,
     batch_size: int,
     num_workers,
@@ -143,19 +143,19 @@ def run_knn(
         val_f,
         val_y,
         s.num_classes,
-        ks=ks,
+        ks=k,
         temperature=temperature,
         bank_dtype=bank_dtype,
         device=s.device,
     )
-    best = max(ks, key=lambda k: by_k[k][0])
-    first = ks[0]
+    best = max(k, key=lambda kk: by_k[kk][0])
+    first = k[0]
     return {
         "top1": by_k[first][0],
         "top5": by_k[first][1],
         "k": first,
         "temperature": temperature,
-        "by_k": {str(k): {"top1": t1, "top5": t5} for k, (t1, t5) in by_k.items()},
+        "by_k": {str(kk): {"top1": t1, "top5": t5} for kk, (t1, t5) in by_k.items()},
         "best_k": best,
         "dtype": str(bank_dtype).removeprefix("torch."),
     }

@@ -1,6 +1,6 @@
 """``ssl inspect``: what a checkpoint or export is, read from its metadata without loading its weights.
 
-``describe(path)`` recognises
+``describe(checkpoint)`` recognises
 - a training checkpoint (``ssl-checkpoint/1`` safetensors): method, recipe, backbone, epoch / step, the
   training data, the last epoch's metrics (loss, lr, images/s, online kNN / probe figures);
 - an export: a safetensors export (``ssl-backbone/1``), a Hugging Face-style folder (``ssl export --format
@@ -184,9 +184,10 @@ def _export_info(meta: dict[str, Any], kind: str, info: dict[str, Any], shapes: 
         info["num_features"] = config.get("num_features")
 
 
-def describe(path: str | Path) -> dict[str, Any]:
-    """What ``path`` is and what its metadata says (see the module doc); raises ``CheckpointError``."""
-    path = Path(path).expanduser()
+def describe(checkpoint: str | Path) -> dict[str, Any]:
+    """What ``checkpoint`` (or an export) is and what its metadata says (see the module doc); raises
+    ``CheckpointError``."""
+    path = Path(checkpoint).expanduser()
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     info: dict[str, Any] = {"path": str(path), "file_size": _size(path)}

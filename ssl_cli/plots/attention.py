@@ -267,7 +267,7 @@ def visualize(
     checkpoint: str | Path,
     data: str,
     num_images: int = 4,
-    out_dir: str | Path | None = None,
+    out: str | Path | None = None,
     size: int | None = None,
     threshold: float | None = None,
     zoom: int | None = None,
@@ -309,7 +309,7 @@ def visualize(
     vit = vit.to(dev).eval()
     crop = eval_transform(size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # the evaluation crop, pixels in [0, 1]
     patch = tuple(int(p) for p in vit.patch_embed.patch_size)
-    out = Path(out_dir).expanduser() if out_dir is not None else default_out_dir(checkpoint)
+    out = Path(out).expanduser() if out is not None else default_out_dir(checkpoint)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -217,7 +217,7 @@ def _draw_panel(ax: Any, panel: Any, runs: list[RunMetrics], x: str) -> None:
 def plot_curves(
     runs: list[RunMetrics],
     out: Path,
-    x: str = "epoch",
+    x_axis: str = "epoch",
     width: int | None = None,
     height: int | None = None,
 ) -> dict[str, Any]:
@@ -225,12 +225,12 @@ def plot_curves(
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
-    if x not in X_AXES:
-        raise DataError(f"--x-axis {x}: unknown; valid: {', '.join(X_AXES)}")
+    if x_axis not in X_AXES:
+        raise DataError(f"--x-axis {x_axis}: unknown; valid: {', '.join(X_AXES)}")
     for r in runs:
-        if not any(x in rec for rec in r.records):
-            raise CheckpointError(f"--x-axis {x}: {r.path} has no '{x}' values (valid: {', '.join(X_AXES)})")
-    shown = panels(runs, x)
+        if not any(x_axis in rec for rec in r.records):
+            raise CheckpointError(f"--x-axis {x_axis}: {r.path} has no '{x_axis}' values (valid: {', '.join(X_AXES)})")
+    shown = panels(runs, x_axis)
     if not shown:
         raise CheckpointError(f"{runs[0].path}: no metric to plot (only {', '.join(NOT_PLOTTED)})")
     cols = 1 if len(shown) == 1 else 2 if len(shown) <= 4 else 3
@@ -249,14 +249,14 @@ def plot_curves(
     for ax in axes[len(shown) :]:
         ax.set_visible(False)
     for ax, panel in zip(axes, shown, strict=False):
-        _draw_panel(ax, panel, runs, x)
+        _draw_panel(ax, panel, runs, x_axis)
     if several:
         handles = [Line2D([], [], color=palette[i % len(palette)], marker="o") for i in range(len(runs))]
         fig.legend(handles, [r.name for r in runs], loc="outside lower center", ncols=min(len(runs), 6))
     write_atomic(out, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
     return {
         "out": str(out),
-        "x_axis": x,
+        "x_axis": x_axis,
         "panels": [{"title": p.title, "keys": p.keys} for p in shown],
         "runs": [
             {

@@ -94,7 +94,7 @@ def balanced_sample(labels: torch.Tensor, max_images: int, seed: int = 0) -> tor
     with too few images gives all it has and the others fill its share. Unlabeled images (label < 0) form one
     group. Sorted indices."""
     if max_images < 1:
-        raise DataError(f"--max-images {max_images}: must be 1 or more")
+        raise DataError(f"--num-images {max_images}: must be 1 or more")
     labels = torch.as_tensor(labels).long()
     if max_images >= len(labels):
         return torch.arange(len(labels))
@@ -210,7 +210,7 @@ def embedding_map(
     checkpoint: str | Path,
     data: str | None,
     out: Path,
-    max_images: int = 2000,
+    num_images: int = 2000,
     method: str = "tsne",
     perplexity: float = 30.0,
     seed: int = 0,
@@ -238,7 +238,7 @@ def embedding_map(
             )
         if random_init:
             raise DataError(f"--random-init: {checkpoint} is an ssl embed file, not a checkpoint")
-        picked = balanced_sample(embedded["labels"], max_images, seed)
+        picked = balanced_sample(embedded["labels"], num_images, seed)
         feats, labels = embedded["features"][picked], embedded["labels"][picked]
         classes, set_name, backbone = embedded["classes"], embedded["name"], "embedded"
     else:
@@ -246,7 +246,7 @@ def embedding_map(
             raise DataError(f"--data is needed: the images whose {Path(checkpoint).name} features to map")
         encoder = load_encoder(checkpoint, device, random_init)
         images = open_images(data)
-        sample = images.subset(balanced_sample(images.labels, max_images, seed))
+        sample = images.subset(balanced_sample(images.labels, num_images, seed))
         if len(sample) < MIN_IMAGES[method]:
             raise DataError(
                 f"--data {data}: {len(sample)} image(s); --method {method} needs {MIN_IMAGES[method]} or more"

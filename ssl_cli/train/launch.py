@@ -109,15 +109,15 @@ def run_pretraining(
     overrides: Overrides = (),
     val: str | None = None,
     reporter: Reporter | None = None,
-    note: Callable[[str], None] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> PretrainResult | None:
     """Do what ``ssl pretrain`` does: ``recipe`` is a built-in name or a TOML path (None with ``resume``: the run
     folder's), ``data`` a folder or dataset name (None: the demo set, or with ``resume`` the run's own),
     ``overrides`` ``--set``-style pairs. Returns the result on the main process (rank 0), None on the others."""
     out = None if out is None else Path(out)
     plan = plan_pretraining(recipe, data, out, resume, overrides, val)
-    if plan.note and note is not None and env_rank() == 0:
-        note(plan.note)
+    if plan.note and log is not None and env_rank() == 0:
+        log(plan.note)
     if launched_by_torchrun():  # one process group for the folder choice and the training
         init_from_env(plan.recipe.train.device)
     try:

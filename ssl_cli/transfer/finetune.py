@@ -64,7 +64,8 @@ CLASSIFIER_INIT_STD = 0.01
 class FinetuneConfig:
     """Hyper-parameters of a fine-tuning run (``lr`` at batch 256, scaled by ``batch_size / 256``)."""
 
-    optimizer: str = "sgd"
+    optim: str = "sgd"
+    """The optimizer, named like the recipes' ``optim.name`` (``ssl transfer --optim``)."""
     lr: float | None = None
     weight_decay: float | None = None
     epochs: int = 30
@@ -76,10 +77,10 @@ class FinetuneConfig:
 
     def resolved(self) -> FinetuneConfig:
         """A checked copy with the optimizer's default ``lr`` / ``weight_decay`` filled in."""
-        if self.optimizer not in OPTIMIZERS:
-            raise RecipeError(f"--optimizer {self.optimizer!r}: unknown; valid: {', '.join(OPTIMIZERS)}")
-        lr = DEFAULT_LR[self.optimizer] if self.lr is None else float(self.lr)
-        wd = DEFAULT_WEIGHT_DECAY[self.optimizer] if self.weight_decay is None else float(self.weight_decay)
+        if self.optim not in OPTIMIZERS:
+            raise RecipeError(f"--optim {self.optim!r}: unknown; valid: {', '.join(OPTIMIZERS)}")
+        lr = DEFAULT_LR[self.optim] if self.lr is None else float(self.lr)
+        wd = DEFAULT_WEIGHT_DECAY[self.optim] if self.weight_decay is None else float(self.weight_decay)
         checks = [
             (math.isfinite(lr) and lr > 0, f"--lr {lr}: must be > 0"),
             (math.isfinite(wd) and wd >= 0, f"--weight-decay {wd}: must be >= 0"),
@@ -99,7 +100,7 @@ class FinetuneConfig:
             if not ok:
                 raise RecipeError(message)
         return FinetuneConfig(
-            self.optimizer,
+            self.optim,
             lr,
             wd,
             int(self.epochs),
@@ -222,7 +223,7 @@ def build_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimi
         model, weight_decay=cfg.weight_decay, no_weight_decay_list=no_decay, layer_decay=cfg.layer_decay
     )
     peak = peak_lr(cfg)
-    if cfg.optimizer == "sgd":
+    if cfg.optim == "sgd":
         return torch.optim.SGD(groups, lr=peak, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(groups, lr=peak, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
 

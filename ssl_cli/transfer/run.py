@@ -217,7 +217,7 @@ def _classifier(s: Any, seed: int) -> tuple[torch.nn.Module, Any]:
 
 
 def _hyperparameters(cfg: FinetuneConfig, s: Any, result: Any) -> dict[str, Any]:
-    sgd = cfg.optimizer == "sgd"
+    sgd = cfg.optim == "sgd"
     return {
         **cfg.to_dict(),
         "peak_lr": peak_lr(cfg),
