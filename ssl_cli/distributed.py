@@ -10,7 +10,7 @@ is the mean of the ranks' losses. The differentiable collectives below (:func:`g
 :func:`all_reduce_with_grad`) therefore *sum* the incoming gradients over the ranks in their backward pass:
 rank r's tensor then receives the gradient of the sum of all ranks' losses, which DDP's average turns into
 the gradient of their mean. With this convention a step on W ranks x B samples equals a step on one process
-with the W x B samples (tested in ``tests/test_distributed.py``).
+with the W x B samples (tested in ``tests/train/test_distributed.py``).
 """
 
 from __future__ import annotations

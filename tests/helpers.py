@@ -5,11 +5,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+import torch
 from click.testing import Result
+from PIL import Image
 from typer.testing import CliRunner
 
 from conftest import TINY
+from ssl_cli.artifacts.backbone import load_backbone
+from ssl_cli.artifacts.checkpoint import EXPORT_FORMAT
+from ssl_cli.artifacts.safetensors_io import atomic_save
+from ssl_cli.backbones import build_backbone
 from ssl_cli.cli.app import app
+from ssl_cli.config.schema import BackboneConfig
+from ssl_cli.runtime import SilentReporter
 
 # TINY as --set arguments (epochs as the --epochs flag: --set would win over it), plus a small projector
 TINY_SET = [a for k, v in TINY if k != "train.epochs" for a in ("--set", f"{k}={v}")]
@@ -58,3 +67,48 @@ def user_error(result: Result, *fragments: str, code: int = 2, only_line: bool =
     for fragment in fragments:
         assert fragment in errors[0], (fragment, errors[0])
     return errors[0]
+
+
+def wide_invoke(*args: str | Path) -> Result:
+    """``invoke`` on a 200-column terminal: tables and paths on one line each."""
+    return invoke(*args, columns=200)
+
+
+MEAN, STD = [0.5, 0.4, 0.3], [0.25, 0.2, 0.3]
+
+
+def tiny_checkpoint(path: Path, seed: int = 0) -> Path:
+    """An exported timm ``test_resnet`` (96 features) at 32x32: what ``ssl export`` writes."""
+    torch.manual_seed(seed)
+    model = build_backbone(BackboneConfig(name="test_resnet"))
+    meta = {
+        "format": EXPORT_FORMAT,
+        "backbone": {"name": "test_resnet", "kwargs": {}},
+        "preprocessing": {"mean": MEAN, "std": STD, "input_size": [3, 32, 32]},
+    }
+    atomic_save(model.state_dict(), meta, path)
+    return path
+
+
+def direct_features(checkpoint: Path, folder: Path) -> tuple[torch.Tensor, list[str]]:
+    """Independent reference: PIL -> [0, 1] -> (x - mean) / std -> backbone, one image at a time (32x32: no resize)."""
+    model = load_backbone(checkpoint)
+    paths = sorted(p for p in folder.rglob("*.png"))
+    rows = []
+    with torch.no_grad():
+        for p in paths:
+            x = torch.from_numpy(np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
+            x = (x - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
+            rows.append(model(x[None])[0])
+    return torch.stack(rows), [p.relative_to(folder).as_posix() for p in paths]
+
+
+class Interrupt(SilentReporter):
+    """Raises Ctrl-C when epoch ``at`` has finished training but before its checkpoint is written."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def epoch_end(self, record: dict) -> None:
+        if record["epoch"] == self.at:
+            raise KeyboardInterrupt

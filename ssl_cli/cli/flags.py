@@ -1,5 +1,5 @@
 """Command-line flags that set a recipe key, with one name each: the key's own (``--epochs`` is ``train.epochs``),
-or its section's for the section's ``name`` (``--backbone`` is ``backbone.name``). ``tests/test_names.py`` walks
+or its section's for the section's ``name`` (``--backbone`` is ``backbone.name``). ``tests/cli/test_names.py`` walks
 the commands and the schema and fails on a flag, key or keyword that names a concept otherwise."""
 
 from __future__ import annotations

@@ -13,8 +13,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import write_image_folder
 from ssl_cli.artifacts.checkpoint import read_checkpoint
+
+pytestmark = pytest.mark.ddp
 
 ARGS = [
     "pretrain", "--recipe", "simclr", "--backbone", "test_resnet", "--set", "views.*.size=32",

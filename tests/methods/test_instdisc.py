@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from test_resume import Interrupt
+from helpers import Interrupt
 
 from conftest import TINY, tiny_method, write_image_folder
 from ssl_cli.artifacts.checkpoint import read_checkpoint

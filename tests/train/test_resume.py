@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import Interrupt
 
 from conftest import TINY, write_image_folder
 from ssl_cli.artifacts.checkpoint import read_checkpoint
@@ -13,17 +14,6 @@ from ssl_cli.artifacts.safetensors_io import atomic_save
 from ssl_cli.config import load_recipe
 from ssl_cli.runtime import SilentReporter
 from ssl_cli.train.pretrain import pretrain
-
-
-class Interrupt(SilentReporter):
-    """Raises Ctrl-C when epoch ``at`` has finished training but before its checkpoint is written."""
-
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def epoch_end(self, record: dict) -> None:
-        if record["epoch"] == self.at:
-            raise KeyboardInterrupt
 
 
 @pytest.mark.parametrize(

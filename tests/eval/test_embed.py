@@ -11,8 +11,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from helpers import EVAL, direct_features, one_json, tiny_checkpoint, user_error
+from helpers import wide_invoke as invoke
 from safetensors import safe_open
-from test_eval_cache import EVAL, direct_features, invoke, one_json, tiny_checkpoint, user_error
 
 from conftest import write_image_folder
 from ssl_cli.eval import features as features_module

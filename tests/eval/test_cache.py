@@ -8,59 +8,19 @@ import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
-from click.testing import Result
-from helpers import invoke as cli_invoke
-from helpers import one_json, user_error  # noqa: F401 (also used by test_embed)
+from helpers import EVAL, MEAN, STD, direct_features, one_json, tiny_checkpoint, user_error
+from helpers import wide_invoke as invoke
 from PIL import Image
 from safetensors.torch import save_file
 
 from conftest import write_image_folder
-from ssl_cli.artifacts.backbone import load_backbone
-from ssl_cli.artifacts.checkpoint import EXPORT_FORMAT
-from ssl_cli.artifacts.safetensors_io import atomic_save
-from ssl_cli.backbones import build_backbone
-from ssl_cli.config.schema import BackboneConfig
 from ssl_cli.data import scan_folder
 from ssl_cli.eval import cache as cache_module
 from ssl_cli.eval import features as features_module
 from ssl_cli.eval.cache import FeatureCache, default_cache_dir, feature_key, file_digest, images_fingerprint
 from ssl_cli.eval.run import features, setup
-
-MEAN, STD = [0.5, 0.4, 0.3], [0.25, 0.2, 0.3]
-EVAL = ["--device", "cpu", "--num-workers", "0"]
-
-
-def invoke(*args: str | Path) -> Result:
-    return cli_invoke(*args, columns=200)
-
-
-def tiny_checkpoint(path: Path, seed: int = 0) -> Path:
-    """An exported timm ``test_resnet`` (96 features) at 32x32: what ``ssl export`` writes."""
-    torch.manual_seed(seed)
-    model = build_backbone(BackboneConfig(name="test_resnet"))
-    meta = {
-        "format": EXPORT_FORMAT,
-        "backbone": {"name": "test_resnet", "kwargs": {}},
-        "preprocessing": {"mean": MEAN, "std": STD, "input_size": [3, 32, 32]},
-    }
-    atomic_save(model.state_dict(), meta, path)
-    return path
-
-
-def direct_features(checkpoint: Path, folder: Path) -> tuple[torch.Tensor, list[str]]:
-    """Independent reference: PIL -> [0, 1] -> (x - mean) / std -> backbone, one image at a time (32x32: no resize)."""
-    model = load_backbone(checkpoint)
-    paths = sorted(p for p in folder.rglob("*.png"))
-    rows = []
-    with torch.no_grad():
-        for p in paths:
-            x = torch.from_numpy(np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
-            x = (x - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
-            rows.append(model(x[None])[0])
-    return torch.stack(rows), [p.relative_to(folder).as_posix() for p in paths]
 
 
 @pytest.fixture(scope="module")

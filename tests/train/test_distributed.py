@@ -16,6 +16,8 @@ import torch.multiprocessing as mp
 
 from dist_worker import CASES, run_case, worker
 
+pytestmark = pytest.mark.ddp
+
 
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory) -> dict:
