@@ -83,7 +83,7 @@ def plan_pretraining(
             raise RecipeError("--resume needs --out: the run folder to continue")
         run = RunDir(out)
         if not run.last.is_file():
-            raise RecipeError(f"--resume: no checkpoint to resume at {run.last}")
+            raise RecipeError(run.no_last_checkpoint())
         # the run folder's recipe.toml is the resolved recipe of the first run (demo settings included)
         resolved = load_recipe(recipe or str(run.root / "recipe.toml"), overrides)
         saved = read_checkpoint(run.last).meta["data"]

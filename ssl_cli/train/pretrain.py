@@ -7,6 +7,7 @@ array indexed by the global step, so a resumed run picks up the schedule exactly
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -29,6 +30,7 @@ from ssl_cli.distributed import (
     all_reduce_mean,
     barrier,
     data_parallel,
+    env_rank,
     init_from_env,
     launched_by_torchrun,
 )
@@ -39,7 +41,7 @@ from ssl_cli.schedules import lr_schedule, weight_decay_schedule
 from ssl_cli.train.checkpoint import load_optimizer, restore_rng, save_checkpoint
 from ssl_cli.train.monitors import OnlineMonitors, check_resume_monitors
 from ssl_cli.train.optim import build_optimizer, clip_gradients, effective_lr, set_lr, set_weight_decay
-from ssl_cli.train.run_dir import RunDir
+from ssl_cli.train.run_dir import RunDir, RunLock
 from ssl_cli.train.sync_batchnorm import convert_global_batchnorm
 
 
@@ -465,7 +467,15 @@ def pretrain(
 
     ``val``: labeled held-out images (folder, dataset name, ``demo:test``) for the online monitors (kNN, online
     linear classifier; ``ssl_cli.train.monitors``). The whole of ``ssl pretrain`` (demo settings, resume from a run
-    folder's own recipe and data, torchrun set-up) is ``ssl_cli.train.launch.run_pretraining``."""
+    folder's own recipe and data, torchrun set-up) is ``ssl_cli.train.launch.run_pretraining``. The run folder is
+    locked for the whole run (``RunLock``): a second run into it stops with one line."""
+    with RunLock(Path(out)) if env_rank() == 0 else contextlib.nullcontext():
+        return _pretrain(recipe, data, out, resume, reporter, val)
+
+
+def _pretrain(
+    recipe: Recipe, data: str | None, out: Path, resume: bool, reporter: Reporter | None, val: str | None
+) -> PretrainResult:
     t, ckpt = _set_up(recipe, data, out, resume, reporter, val)
     epochs = recipe.train.epochs
     start_epoch = _resume(t, ckpt) if ckpt is not None else 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,8 +11,14 @@ from typing import Any
 import tomli_w
 
 from ssl_cli.artifacts.atomic import atomic_write_text
+from ssl_cli.config import load_recipe
 from ssl_cli.config.schema import Recipe
-from ssl_cli.errors import CheckpointError
+from ssl_cli.errors import CheckpointError, RecipeError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no advisory locks, the folder checks still apply
+    fcntl = None
 
 
 @dataclass(frozen=True)
@@ -33,22 +40,46 @@ class RunDir:
     def epoch_checkpoint(self, epoch: int) -> Path:
         return self.checkpoints / f"epoch_{epoch:04d}.safetensors"
 
+    @property
+    def recipe_file(self) -> Path:
+        return self.root / "recipe.toml"
+
+    def no_last_checkpoint(self) -> str:
+        """The line for ``--resume`` without ``last.safetensors``, naming an epoch checkpoint to start from."""
+        epochs = sorted(self.checkpoints.glob("epoch_*.safetensors"))
+        hint = f" (it holds {epochs[-1].name}: copy it to {self.last.name} to resume from it)" if epochs else ""
+        return f"--resume: no checkpoint to resume at {self.last}{hint}"
+
+    def held(self) -> list[str]:
+        """What of a run the folder holds: checkpoints (``last`` or any ``epoch_NNNN``), metrics, a recipe."""
+        found = [f"checkpoints/{p.name}" for p in sorted(self.checkpoints.glob("*.safetensors"))]
+        return found + [p.name for p in (self.metrics, self.recipe_file) if p.exists()]
+
+    def _only_the_same_recipe(self, recipe: Recipe) -> bool:
+        """The folder holds nothing but this very recipe: an attempt stopped before its first epoch ended."""
+        if self.held() != [self.recipe_file.name]:
+            return False
+        try:
+            return load_recipe(str(self.recipe_file)).to_dict() == recipe.to_dict()
+        except RecipeError:
+            return False
+
     def prepare(self, recipe: Recipe, resume: bool) -> None:
-        """Check the folder suits a new run (or a resumed one) and write the resolved recipe."""
+        """Check the folder suits a new run (or a resumed one) and write the resolved recipe. A folder that holds
+        anything of a run (a checkpoint, metrics, another recipe) is never taken for a new one."""
         if self.root.exists() and not self.root.is_dir():
             raise CheckpointError(f"--out {self.root} exists and is not a folder")
         if resume and not self.last.is_file():
-            raise CheckpointError(f"--resume: no checkpoint to resume at {self.last}")
-        if not resume and self.last.exists():
+            raise CheckpointError(self.no_last_checkpoint())
+        held = self.held()
+        if not resume and held and not self._only_the_same_recipe(recipe):
+            shown = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
             raise CheckpointError(
-                f"run folder {self.root} already holds checkpoints; pass --resume to continue it "
-                "or choose another --out"
+                f"run folder {self.root} already holds a run ({shown}); pass --resume to continue it or choose "
+                "another --out (nothing in it was changed)"
             )
         self.checkpoints.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            # a new run starts its own metrics: drop lines of an earlier attempt that never wrote a checkpoint
-            self.metrics.unlink(missing_ok=True)
-        atomic_write_text(self.root / "recipe.toml", tomli_w.dumps(recipe.to_dict()))
+        atomic_write_text(self.recipe_file, tomli_w.dumps(recipe.to_dict()))
 
     def truncate_metrics(self, epoch: int) -> None:
         """On resume, drop metric lines written after the checkpoint being resumed (an interrupted epoch)."""
@@ -64,6 +95,47 @@ class RunDir:
     def log_metrics(self, record: dict[str, Any]) -> None:
         with self.metrics.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+
+
+class RunLock:
+    """One ``ssl pretrain`` at a time in a run folder: an exclusive OS lock on the folder itself for the whole run
+    (``flock`` on the directory, so no file is added to it). The OS drops the lock when the process ends, however
+    it ends (``kill -9`` included), so a crashed run never blocks the folder. A folder this lock created and
+    nothing wrote to is removed again on exit."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.fd: int | None = None
+        self.created = False
+
+    def __enter__(self) -> RunLock:
+        if self.root.exists() and not self.root.is_dir():
+            raise CheckpointError(f"--out {self.root} exists and is not a folder")
+        self.created = not self.root.exists()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(self.root, os.O_RDONLY)
+        except OSError as e:
+            raise CheckpointError(f"--out {self.root}: cannot create the run folder ({e.strerror})") from None
+        if fcntl is not None:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(self.fd)
+                raise CheckpointError(
+                    f"--out {self.root} is in use by another ssl pretrain running now; wait for it to end or choose "
+                    "another --out"
+                ) from None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self.created and not any(self.root.iterdir()):
+                self.root.rmdir()  # a run that stopped before writing anything leaves no empty folder
+        except OSError:
+            pass  # another process wrote to it meanwhile: leave it
+        finally:
+            os.close(self.fd)  # releases the lock
 
 
 def default_run_dir(name: str, base: Path = Path("runs")) -> Path:

@@ -153,30 +153,34 @@ def test_pretrain_json_and_run_folder(world) -> None:
     assert read_checkpoint(world.run / "checkpoints" / "epoch_0001.safetensors").meta["epoch"] == 1
 
 
-def test_pretrain_into_folder_with_stale_metrics_starts_them_afresh(world, tmp_path: Path) -> None:
-    """An earlier attempt that logged an epoch but never wrote a checkpoint leaves no line behind."""
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "loss": 9.9}) + "\n")
-    ok(
-        invoke(
-            "pretrain",
-            "--recipe",
-            "simclr",
-            "--data",
-            world.val,
-            "--out",
-            run,
-            "--quiet",
-            "--epochs",
-            "1",
-            *TINY_SET,
-            "--set",
-            "train.batch_size=24",
-        )
-    )
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 1 and json.loads(lines[0])["loss"] != 9.9
+def test_a_folder_with_anything_of_a_run_is_never_taken_for_a_new_run(world, tmp_path: Path) -> None:
+    """Metrics, an epoch checkpoint (no ``last``) or another recipe: refused, nothing touched. Only the same recipe
+    alone (an attempt stopped before its first checkpoint) is started again."""
+    args = ["pretrain", "--recipe", "simclr", "--data", world.val, "--quiet", "--epochs", "1", *TINY_SET]
+    args += ["--set", "train.batch_size=24"]
+    metrics = tmp_path / "metrics-only"
+    metrics.mkdir()
+    (metrics / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "loss": 9.9}) + "\n")
+    epoch_only = tmp_path / "epoch-only"
+    shutil.copytree(world.run, epoch_only)
+    (epoch_only / "checkpoints" / "last.safetensors").unlink()  # e.g. deleted after it was found corrupt
+    for run, shown in [(metrics, "metrics.jsonl"), (epoch_only, "checkpoints/epoch_0001.safetensors")]:
+        before = _bytes(run)
+        user_error(invoke(*args, "--out", run), f"already holds a run ({shown}", "--resume", only_line=False)
+        assert _bytes(run) == before
+    hint = invoke("pretrain", "--out", epoch_only, "--resume", "--quiet")
+    user_error(hint, "copy it to last.safetensors to resume from it", only_line=False)
+    # an attempt stopped before its first checkpoint: only its recipe.toml, the same recipe -> starts again
+    same = tmp_path / "same"
+    ok(invoke(*args, "--out", same, "--set", "train.epochs=1"))
+    shutil.rmtree(same / "checkpoints")
+    (same / "metrics.jsonl").unlink()
+    ok(invoke(*args, "--out", same, "--set", "train.epochs=1"))
+    assert (same / "checkpoints" / "last.safetensors").is_file()
+    shutil.rmtree(same / "checkpoints")
+    (same / "metrics.jsonl").unlink()
+    other = invoke(*args, "--out", same, "--set", "optim.lr=0.5")
+    user_error(other, "already holds a run (recipe.toml)", only_line=False)
 
 
 # --- evaluation and export --------------------------------------------------------------------------------
@@ -363,7 +367,7 @@ def test_pretrain_refuses_a_run_folder_with_checkpoints(world, tmp_path: Path) -
     result = invoke(
         "pretrain", "--recipe", "simclr", "--data", world.train, "--out", run, "--set", "optim.lr=0.5", *TINY_SET
     )
-    user_error(result, "already holds checkpoints", "--resume", only_line=False)
+    user_error(result, "already holds a run (checkpoints/", "--resume", only_line=False)
     assert _bytes(run) == before  # checkpoints, recipe.toml and metrics.jsonl untouched
 
 
