@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from torch import nn
 
 from ssl_cli.artifacts.checkpoint import EXPORT_FORMAT, FORMAT
@@ -21,7 +22,19 @@ from ssl_cli.heads import ScaleBatchNorm1d
 
 
 def backbone_config(meta: dict[str, Any]) -> BackboneConfig:
-    """The ``[backbone]`` section a checkpoint or export was made with."""
+    """The ``[backbone]`` section a checkpoint or export was made with, validated like a recipe's (so its timm
+    keyword arguments are architecture only: a crafted file cannot make timm load a path it names)."""
+    try:
+        return _backbone_config(meta)
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise CheckpointError(f"metadata backbone.{where}: {err['msg'].removeprefix('Value error, ')}") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"metadata 'backbone' is malformed ({type(e).__name__}: {e})") from None
+
+
+def _backbone_config(meta: dict[str, Any]) -> BackboneConfig:
     if "recipe" in meta and isinstance(meta["recipe"], dict) and "backbone" in meta["recipe"]:
         return BackboneConfig.model_validate(meta["recipe"]["backbone"])
     b = meta["backbone"]

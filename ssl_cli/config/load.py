@@ -159,8 +159,11 @@ def _error(err: ValidationError, model: type[BaseModel], origins: dict[str, str]
     """One line for the first validation error: where it came from, the dotted key, what is valid."""
     e = err.errors(include_url=False)[0]
     loc = ".".join(str(p) for p in (*prefix, *e["loc"]))
-    source = origins.get(loc) or next(
-        (origins[k] for k in sorted(origins, key=len, reverse=True) if loc.startswith(k + ".")), "recipe"
+    given = [origins[k] for k in origins if k.startswith(loc + ".") and origins[k].startswith(("--set", "command"))]
+    source = (
+        origins.get(loc)
+        or next(iter(given), None)  # a table whose key came from the command line (--set backbone.kwargs.x=...)
+        or next((origins[k] for k in sorted(origins, key=len, reverse=True) if loc.startswith(k + ".")), "recipe")
     )
     if e["type"] == "extra_forbidden":
         parent = _model_at(model, tuple(e["loc"][:-1]))

@@ -8,6 +8,8 @@ error rather than a silently ignored setting. Method sections are declared by th
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
@@ -19,6 +21,16 @@ Pair = Annotated[list[float], Field(min_length=2, max_length=2)]
 Triple = Annotated[list[float], Field(min_length=3, max_length=3)]
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 PositiveInt = Annotated[int, Field(ge=1)]
+
+
+# backbone.kwargs: words of timm.create_model arguments that load weights or name a file / place, and the ones ssl
+# sets itself
+LOADING_WORDS = frozenset(
+    {"pretrained", "checkpoint", "path", "file", "url", "dir", "hub", "cache", "download", "weights"}
+)
+DROP_PATH = frozenset({"drop_path_rate", "drop_path"})  # stochastic depth: "path" as in a network's residual path
+MANAGED_KWARGS = frozenset({"num_classes", "features_only", "scriptable", "exportable", "no_jit"})
+SAFE_NAME = re.compile(r"[A-Za-z0-9_.,-]{1,100}")
 
 
 class Section(BaseModel):
@@ -64,7 +76,29 @@ class BackboneConfig(Section):
     """``groupnorm_ws``: every BatchNorm2d becomes GroupNorm (32 groups) and every Conv2d a weight-standardised
     convolution, so the encoder uses no batch statistics (BYOL without BN, Richemond et al. 2020)."""
     kwargs: dict[str, int | float | bool | str] = {}
-    """Further keyword arguments for ``timm.create_model``."""
+    """Further keyword arguments for ``timm.create_model``: architecture only (``num_heads = 12``, ``depth = 4``,
+    ``global_pool = "avg"``). Keys that load weights or name a file, a folder, a URL or a hub (``pretrained``,
+    ``checkpoint_path``, ``pretrained_cfg_overlay``, ``cache_dir``, ...) are refused, and a string value must be a
+    plain name (letters, digits, ``_ . , -``), so neither a recipe nor a stranger's checkpoint can make timm read
+    a path or reach the network."""
+
+    @field_validator("kwargs")
+    @classmethod
+    def _architecture_only(cls, v: dict[str, int | float | bool | str]) -> dict[str, int | float | bool | str]:
+        for key, value in v.items():
+            words = set(key.lower().split("_")) - ({"path"} if key in DROP_PATH else set())
+            if not key.isidentifier() or words & LOADING_WORDS or key in MANAGED_KWARGS:
+                raise ValueError(
+                    f"{key!r} is not an architecture argument ssl passes to timm (no weights, files, URLs or hubs; "
+                    f"{', '.join(sorted(MANAGED_KWARGS))} are set by ssl)"
+                )
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{key} = {value} must be finite")
+            if isinstance(value, str) and not SAFE_NAME.fullmatch(value):
+                raise ValueError(
+                    f"{key} = {value!r} must be a plain name (letters, digits, _ . , -), not a path or URL"
+                )
+        return v
 
 
 class ViewConfig(Section):
