@@ -335,7 +335,10 @@ def _set_up(
         weight_decay_schedule(recipe.optim, steps_per_epoch * train.epochs),
     )  # fmt: skip
     if t.main:
+        leftovers = run.remove_leftovers()
         run.prepare(recipe, resume)
+        if leftovers:
+            reporter.log(leftovers)
     barrier()
     _start_notes(t)
     method.bind_data(len(images), images.labels.clone() if images.labeled else None)
@@ -373,7 +376,9 @@ def _resume(t: _Training, ckpt: Any) -> int:
     # from the epoch: a run resumed with another number of processes has another number of steps per epoch
     start_epoch = int(ckpt.meta["epoch"])
     if t.main:
-        t.run.truncate_metrics(start_epoch)
+        note = t.run.truncate_metrics(start_epoch)
+        if note:
+            t.reporter.log(note)
     t.reporter.log(f"resuming {t.run.last} at epoch {start_epoch}, step {start_epoch * t.steps_per_epoch}")
     return start_epoch
 

@@ -81,16 +81,43 @@ class RunDir:
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.recipe_file, tomli_w.dumps(recipe.to_dict()))
 
-    def truncate_metrics(self, epoch: int) -> None:
-        """On resume, drop metric lines written after the checkpoint being resumed (an interrupted epoch)."""
+    def truncate_metrics(self, epoch: int) -> str | None:
+        """On resume, drop metric lines written after the checkpoint being resumed (an interrupted epoch). A torn
+        last line (a crash while it was appended) is dropped with a note, returned; a broken line before the last is
+        an error, the file untouched."""
         if not self.metrics.exists():
-            return
-        keep = [
-            line
-            for line in self.metrics.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("epoch", 0) <= epoch
-        ]
+            return None
+        lines = [(n, line) for n, line in enumerate(self.metrics.read_text(encoding="utf-8").splitlines(), 1)]
+        lines = [(n, line) for n, line in lines if line.strip()]
+        records, note = [], None
+        for i, (n, line) in enumerate(lines):
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise ValueError("not an object")
+            except ValueError:
+                if i < len(lines) - 1:
+                    raise CheckpointError(
+                        f"--resume: {self.metrics} line {n} is not a JSON object; mend or remove that line"
+                    ) from None
+                note = f"{self.metrics}: dropped its torn last line {n} (written when the run was cut off)"
+                continue
+            records.append((record, line))
+        keep = [line for record, line in records if record.get("epoch", 0) <= epoch]
         atomic_write_text(self.metrics, "".join(line + "\n" for line in keep))
+        return note
+
+    def remove_leftovers(self) -> str | None:
+        """Temporary files of this folder's writes that a killed run left (``.last.safetensors.XXXX.tmp``, ...):
+        removed at start, under the run lock (no other writer is alive); a note, or None."""
+        targets = ("last.safetensors", "epoch_*.safetensors", "recipe.toml", "metrics.jsonl")
+        found = [p for folder in (self.root, self.checkpoints) for t in targets for p in folder.glob(f".{t}.*.tmp")]
+        if not found:
+            return None
+        size = sum(p.stat().st_size for p in found)
+        for p in found:
+            p.unlink(missing_ok=True)
+        return f"removed {len(found)} temporary file(s) an interrupted write left ({size / 2**20:.1f} MiB)"
 
     def log_metrics(self, record: dict[str, Any]) -> None:
         with self.metrics.open("a", encoding="utf-8") as f:

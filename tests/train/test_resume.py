@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -151,3 +152,45 @@ def test_a_checkpoint_without_the_keys_added_since_resumes_as_the_same_recipe(tm
     other = load_recipe("byol", [*TINY, ("train.batch_size", 8), ("train.epochs", 3), ("optim.clip_grad", 1.0)])
     with pytest.raises(CheckpointError, match=r"optim.clip_grad: 0.0 then, 1.0 now"):
         pretrain(other, data, tmp_path / "run", resume=True)
+
+
+def test_a_torn_last_metrics_line_and_leftover_temporary_files_do_not_stop_a_resume(tmp_path: Path) -> None:
+    """A kill while metrics.jsonl was appended leaves half a line; one during a checkpoint write leaves a hidden
+    temporary file. The resume drops the one (saying so), removes the other, and ends as an uninterrupted run."""
+    data = str(write_image_folder(tmp_path / "data", per_class=8, classes=2))
+    r = load_recipe("simclr", [*TINY, ("train.batch_size", 8), ("train.epochs", 2)])
+    full = pretrain(r, data, tmp_path / "full")
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(r, data, tmp_path / "cut", reporter=Interrupt(at=2))
+    metrics = tmp_path / "cut/metrics.jsonl"
+    with metrics.open("a") as f:
+        f.write('{"epoch": 2, "step": 4, "lo')  # torn: the process died mid-write
+    leftovers = [tmp_path / "cut/checkpoints/.last.safetensors.k2j4x8.tmp", tmp_path / "cut/.recipe.toml.a1b2.tmp"]
+    for p in leftovers:
+        p.write_bytes(b"\0" * 4096)
+    mine = tmp_path / "cut/checkpoints/.notes.tmp"  # not a temporary file of the run's own writes: kept
+    mine.write_text("x")
+    log = Log()
+    resumed = pretrain(r, data, tmp_path / "cut", resume=True, reporter=log)
+    assert any("dropped its torn last line 2" in line for line in log.lines)
+    assert any("removed 2 temporary file(s)" in line for line in log.lines)
+    assert not any(p.exists() for p in leftovers) and mine.exists()
+    assert [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()] == [1, 2]
+    a, b = read_checkpoint(full.checkpoint).section("model"), read_checkpoint(resumed.checkpoint).section("model")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_broken_metrics_line_before_the_last_is_one_error_and_nothing_is_lost(tmp_path: Path) -> None:
+    from ssl_cli.errors import CheckpointError
+
+    data = str(write_image_folder(tmp_path / "data", per_class=8, classes=2))
+    r = load_recipe("simclr", [*TINY, ("train.batch_size", 8), ("train.epochs", 3)])
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(r, data, tmp_path / "cut", reporter=Interrupt(at=3))
+    metrics = tmp_path / "cut/metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("garbage\n" + lines[1] + "\n")
+    before = metrics.read_bytes()
+    with pytest.raises(CheckpointError, match="metrics.jsonl line 1 is not a JSON object"):
+        pretrain(r, data, tmp_path / "cut", resume=True)
+    assert metrics.read_bytes() == before
