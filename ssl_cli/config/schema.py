@@ -36,7 +36,7 @@ SAFE_NAME = re.compile(r"[A-Za-z0-9_.,-]{1,100}")
 class Section(BaseModel):
     """Base of every recipe section: strict types, no unknown keys, immutable."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 class RecipeInfo(Section):
@@ -225,7 +225,8 @@ class TrainConfig(Section):
     batch_size: PositiveInt = 256
     """Images per step on each process; the global batch (learning-rate scaling, steps per epoch) is
     ``batch_size`` x the number of processes under torchrun."""
-    seed: int = 0
+    seed: Annotated[int, Field(ge=0, lt=2**63)] = 0
+    """Seeds every random stream of the run (0 to 2^63 - 1)."""
     device: str = "auto"
     """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"

@@ -39,7 +39,7 @@ from ssl_cli.heads import ProjectorConfig, projector
 from ssl_cli.losses.deepclusterv2 import NO_CLUSTER, cluster_prediction, spherical_kmeans
 from ssl_cli.losses.swav import prototype_scores
 from ssl_cli.methods.base import Method, StepOutput
-from ssl_cli.methods.multicrop import encode_by_size
+from ssl_cli.methods.multicrop import check_num_targets, encode_by_size
 from ssl_cli.methods.registry import register
 
 
@@ -65,11 +65,7 @@ class DeepClusterV2(Method):
 
     def __init__(self, config: DeepClusterV2Config, backbone, recipe) -> None:
         super().__init__(config, backbone, recipe)
-        if config.num_targets > recipe.num_views:
-            raise RecipeError(
-                f"method.num_targets: {config.num_targets} target views, but the recipe's [[views]] give only "
-                f"{recipe.num_views}"
-            )
+        check_num_targets(config.num_targets, recipe.num_views, "target views")
         self.projector, self.embed_dim = projector(config, self.feature_dim)
         self.prototypes = nn.ModuleList(nn.Linear(self.embed_dim, k, bias=False) for k in config.num_prototypes)
         # 1 once the first pass has filled the memory; a buffer, so a resumed run does not fill it again

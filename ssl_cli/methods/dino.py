@@ -23,12 +23,11 @@ from timm.layers import DropPath
 from torch import nn
 
 from ssl_cli.config.schema import PositiveInt, Probability
-from ssl_cli.errors import RecipeError
 from ssl_cli.heads import DINOHead
 from ssl_cli.losses.dino import dino_loss, teacher_probs, teacher_temperatures, updated_center
 from ssl_cli.methods.base import Method, StepOutput
 from ssl_cli.methods.momentum import CosineMomentum, CosineMomentumConfig, ema_update, frozen_copy
-from ssl_cli.methods.multicrop import encode_then_head
+from ssl_cli.methods.multicrop import check_num_targets, encode_then_head
 from ssl_cli.methods.registry import register
 
 Temperature = Annotated[float, Field(gt=0.0)]
@@ -70,11 +69,7 @@ class DINO(Method):
 
     def __init__(self, config: DINOConfig, backbone, recipe) -> None:
         super().__init__(config, backbone, recipe)
-        if config.num_targets > recipe.num_views:
-            raise RecipeError(
-                f"method.num_targets: {config.num_targets} teacher views, but the recipe's [[views]] give only "
-                f"{recipe.num_views}; valid: 1 to {recipe.num_views}"
-            )
+        check_num_targets(config.num_targets, recipe.num_views, "teacher views")
         self.head = DINOHead(
             self.feature_dim,
             config.num_prototypes,

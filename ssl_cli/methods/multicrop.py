@@ -18,6 +18,8 @@ from itertools import groupby
 
 import torch
 
+from ssl_cli.errors import RecipeError
+
 
 def encode_by_size(encoder: Callable[[torch.Tensor], torch.Tensor], views: list[torch.Tensor]) -> list[torch.Tensor]:
     """``encoder`` applied to every view, one forward per run of consecutive same-size views, in view order."""
@@ -37,3 +39,12 @@ def encode_then_head(
     concatenated features of all views (one set of BatchNorm statistics over every crop), split back per view."""
     features = torch.cat(encode_by_size(backbone, views))
     return list(head(features).split([v.shape[0] for v in views]))
+
+
+def check_num_targets(num_targets: int, num_views: int, what: str) -> None:
+    """``method.num_targets`` (the global crops that get targets) must be among the recipe's views."""
+    if num_targets > num_views:
+        raise RecipeError(
+            f"method.num_targets: {num_targets} {what}, but the recipe's [[views]] give only {num_views}; "
+            f"valid: 1 to {num_views}"
+        )

@@ -26,7 +26,7 @@ from ssl_cli.distributed import gather, rank
 from ssl_cli.heads import ProjectorConfig, projector
 from ssl_cli.losses.swav import prototype_scores, sinkhorn, swapped_prediction
 from ssl_cli.methods.base import Method, StepOutput
-from ssl_cli.methods.multicrop import encode_then_head
+from ssl_cli.methods.multicrop import check_num_targets, encode_then_head
 from ssl_cli.methods.registry import register
 
 
@@ -56,6 +56,7 @@ class SwAV(Method):
 
     def __init__(self, config: SwAVConfig, backbone, recipe) -> None:
         super().__init__(config, backbone, recipe)
+        check_num_targets(config.num_targets, recipe.num_views, "views with codes")
         self.projector, dim = projector(config, self.feature_dim)
         self.prototypes = nn.Linear(dim, config.num_prototypes, bias=False)
         self.register_buffer("queue", torch.zeros(config.num_targets, config.queue_size, dim))

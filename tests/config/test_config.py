@@ -163,3 +163,30 @@ def test_old_monitor_keys_load_as_the_knn_table(capsys, monkeypatch) -> None:
     assert recipe_from_dict(saved).to_dict() == r.to_dict()
     with pytest.raises(RecipeError, match="monitor.knn_k is the old name of monitor.knn.k; give only monitor.knn.k"):
         recipe_from_dict({**saved, "monitor": {"knn_k": 7, "knn": {"k": 7}}})
+
+
+@pytest.mark.parametrize(
+    ("assignment", "match"),
+    [
+        ("optim.lr=inf", "finite number"),
+        ("optim.lr=1e999", "finite number"),
+        ("schedule.min_lr=nan", "finite number"),
+        ("train.seed=18446744073709551616", "less than 9223372036854775808"),
+        ("train.seed=-1", "greater than or equal to 0"),
+    ],
+)
+def test_non_finite_numbers_and_seeds_beyond_64_bits_are_one_line_errors(assignment: str, match: str) -> None:
+    with pytest.raises(RecipeError, match=match) as info:
+        load_recipe("simclr", [assignment])
+    assert str(info.value).startswith(f"--set {assignment.split('=')[0]}") and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("recipe", ["swav", "deepclusterv2", "dino-resnet"])
+def test_num_targets_beyond_the_views_is_one_line_error(recipe: str) -> None:
+    from ssl_cli.train.pretrain import build_method
+
+    r = load_recipe(
+        recipe, [("backbone.name", "test_resnet"), ("backbone.small_stem", False), ("method.num_targets", 99)]
+    )
+    with pytest.raises(RecipeError, match=r"method.num_targets: 99 .* give only \d+; valid: 1 to \d+"):
+        build_method(r)
