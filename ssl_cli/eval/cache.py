@@ -167,6 +167,7 @@ class FeatureCache:
 
     def save(self, key: str, features: Tensor, labels: Tensor, info: dict[str, Any]) -> Path | None:
         """Write an entry atomically; a failure (read-only folder, full disk) is a note, not an error."""
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
 
         path = self.path(key)
@@ -177,7 +178,8 @@ class FeatureCache:
         meta = {"format": CACHE_FORMAT, "key": key, "info": json.dumps(info)}
         try:
             atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
-        except OSError as e:
-            self.note(f"features: cannot write the cache in {self.directory} ({e.strerror or e}); not cached")
+        except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error, not OSError
+            reason = getattr(e, "strerror", None) or str(e).strip().splitlines()[-1]
+            self.note(f"features: cannot write the cache in {self.directory} ({reason}); not cached")
             return None
         return path

@@ -178,6 +178,27 @@ def test_unwritable_cache_is_a_note_not_an_error(world, tmp_path: Path) -> None:
     assert any("cannot write the cache" in n for n in notes)
 
 
+def test_a_full_disk_is_a_note_and_knn_still_answers(world, tmp_path: Path, monkeypatch) -> None:
+    """safetensors reports ENOSPC as its own SafetensorError (not an OSError): still a note, a result, exit 0, and
+    no temporary file left in the cache folder."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full_disk(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\0" * 64)  # a part was written before the disk filled up
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, message: "No space left on device" })')
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    cache = tmp_path / "cache"
+    result = invoke(
+        "knn", world.ckpt, "--train", world.train, "--val", world.val, *EVAL, "--cache-dir", cache, "--json"
+    )
+    assert result.exit_code == 0, result.stderr
+    assert "top1" in one_json(result) and "cannot write the cache" in result.stderr
+    assert "No space left on device" in result.stderr
+    assert not [p for p in cache.rglob("*") if p.is_file()]
+
+
 # --- CLI ----------------------------------------------------------------------------------------------------------
 
 
