@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ssl_cli.errors import DataError
 
@@ -18,13 +18,31 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 MEMORY_LIMIT_BYTES = 4 * 2**30  # cache = "auto" keeps decoded images in memory below this
 
 
+def _grey_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
+    """Single-channel high-range pixels scaled to 0..255 by their type's range (PIL's convert clips instead).
+
+    ``I;16*`` and ``I`` holding 0..65535 (16-bit PNGs and TIFFs open as ``I``): / 257; ``I`` above that (32-bit
+    integer TIFFs): by 2^31 - 1, PIL's int32 range; ``F`` (float TIFFs): [0, 1] x 255, [0, 255] as they are, a
+    larger range by its own maximum. Negative values become 0."""
+    v = values.astype(np.float64)
+    top = float(v.max()) if v.size else 0.0
+    if mode == "F":
+        scale = 255.0 if top <= 1.0 else 1.0 if top <= 255.0 else 255.0 / top
+    elif mode.startswith("I;16") or top <= 65535:
+        scale = 1.0 / 257.0
+    else:
+        scale = 255.0 / (2**31 - 1)
+    return np.clip(np.round(v * scale), 0, 255).astype(np.uint8)
+
+
 def decode_image(path: Path) -> torch.Tensor:
-    """Read one image file as an RGB uint8 tensor, 3 x H x W (grey, RGBA, palette images are converted)."""
+    """Read one image file as an RGB uint8 tensor, 3 x H x W, upright as its EXIF orientation says (a phone photo
+    shot sideways is turned as a viewer shows it); grey, RGBA, palette, 16-bit, 32-bit and float images converted."""
     try:
         with Image.open(path) as im:
-            if im.mode == "I" or im.mode.startswith("I;16"):
-                # 16-bit grey: PIL's convert("RGB") clips at 255 instead of scaling, so scale 0..65535 here
-                grey = np.clip(np.round(np.asarray(im).astype(np.float64) / 257.0), 0, 255).astype(np.uint8)
+            im = ImageOps.exif_transpose(im) or im
+            if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+                grey = _grey_to_uint8(np.asarray(im), im.mode)
                 array = np.repeat(grey[:, :, None], 3, axis=2)
             else:
                 im = im.convert("RGBA").convert("RGB") if im.mode in ("P", "PA", "LA") else im.convert("RGB")

@@ -35,7 +35,7 @@ from ssl_cli.artifacts.backbone import HF_WEIGHTS
 from ssl_cli.data import ImageSet
 from ssl_cli.errors import CheckpointError, DataError
 
-CACHE_FORMAT = "ssl-features/1"
+CACHE_FORMAT = "ssl-features/2"  # 2: images decoded upright (EXIF), float / 32-bit TIFFs scaled
 """Version of the cache entries: part of every key, so a change of the extraction invalidates old entries."""
 
 _DIGESTS: dict[tuple[str, int, int], str] = {}

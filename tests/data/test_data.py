@@ -208,6 +208,46 @@ def test_decode_32bit_int_tiff(tmp_path: Path):
     assert torch.equal(t[0], t[1]) and torch.equal(t[1], t[2])
 
 
+def test_decode_32bit_int_tiff_beyond_16_bits_scales_by_the_int32_range(tmp_path: Path):
+    """A genuine 32-bit integer TIFF (values above 65535) saturated at 255 before."""
+    top = 2**31 - 1
+    values = np.array([[0, top // 4], [top // 2, top]], dtype=np.int32)
+    t = decode_image(_save(tmp_path / "int32.tif", values, "I"))
+    assert t[0].tolist() == [[0, 64], [127, 255]]  # round(v / (2^31 - 1) x 255)
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ([[0.0, 0.25], [0.5, 1.0]], [[0, 64], [128, 255]]),  # [0, 1]: the usual float image
+        ([[0.0, 10.0], [128.0, 255.0]], [[0, 10], [128, 255]]),  # already 0..255
+        ([[0.0, 250.0], [500.0, 1000.0]], [[0, 64], [128, 255]]),  # a larger range: by its maximum
+    ],
+)
+def test_decode_float_tiff(tmp_path: Path, values, expected):
+    """Float TIFFs (mode F) became black (PIL's convert clips [0, 1] floats to 0 / 1)."""
+    path = _save(tmp_path / "f.tif", np.array(values, dtype=np.float32), "F")
+    with Image.open(path) as check:
+        assert check.mode == "F"
+    t = decode_image(path)
+    _check_rgb(t, 2, 2)
+    assert t[0].tolist() == expected and torch.equal(t[0], t[2])
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_decode_turns_the_image_as_its_exif_orientation_says(tmp_path: Path, orientation: int):
+    """A phone photo is stored sideways with an EXIF orientation tag; viewers (and now ssl) turn it upright:
+    3 = rotated 180 degrees, 6 = turn 90 degrees clockwise to view, 8 = 90 degrees counter-clockwise."""
+    stored = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3) * 10
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "phone.png"  # PNG: lossless, with an eXIf chunk
+    Image.fromarray(stored, "RGB").save(path, exif=exif)
+    t = decode_image(path).permute(1, 2, 0).numpy()
+    upright = {3: np.rot90(stored, 2), 6: np.rot90(stored, -1), 8: np.rot90(stored, 1)}[orientation]
+    assert t.shape == upright.shape and (t == upright).all()
+
+
 def test_decode_cmyk_jpeg(tmp_path: Path):
     cmyk = np.zeros((8, 8, 4), np.uint8)
     cmyk[:, :4, 0] = 255  # cyan on the left, white (no ink) on the right
