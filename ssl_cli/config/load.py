@@ -260,16 +260,27 @@ def load_recipe(recipe: str, overrides: Iterable[str | tuple[str, Any]] = ()) ->
     path = _locate(recipe)
     origins: dict[str, str] = {}
     data = _load_raw(path, (), origins)
-    for override in overrides:
-        key, value = parse_assignment(override) if isinstance(override, str) else override
-        apply_override(data, key, value)
-        origins[key] = f"--set {key}" if isinstance(override, str) else "command line"
+    _apply_overrides(data, overrides, origins)
     info = data.setdefault("recipe", {})
     if isinstance(info, dict) and not info.get("name"):
         info["name"] = path.stem
     return resolve(data, origins)
 
 
-def recipe_from_dict(data: dict[str, Any], source: str = "checkpoint") -> Recipe:
-    """Validate a recipe stored as a dict (e.g. in checkpoint metadata)."""
-    return resolve(data, {k: source for k in _leaves(data)})
+def _apply_overrides(data: dict[str, Any], overrides: Iterable[str | tuple[str, Any]], origins: dict[str, str]) -> None:
+    for override in overrides:
+        key, value = parse_assignment(override) if isinstance(override, str) else override
+        apply_override(data, key, value)
+        origins[key] = f"--set {key}" if isinstance(override, str) else "command line"
+
+
+def recipe_from_dict(
+    data: dict[str, Any], source: str = "checkpoint", overrides: Iterable[str | tuple[str, Any]] = ()
+) -> Recipe:
+    """Validate a recipe stored as a dict (e.g. in checkpoint metadata), after ``overrides`` as in ``load_recipe``."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: the recipe is not a table (got {type(data).__name__})")
+    data = copy.deepcopy(data)
+    origins = {k: source for k in _leaves(data)}
+    _apply_overrides(data, overrides, origins)
+    return resolve(data, origins)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ssl_cli.artifacts.checkpoint import read_checkpoint
-from ssl_cli.config import load_recipe
+from ssl_cli.config import load_recipe, recipe_from_dict
 from ssl_cli.config.schema import Recipe
 from ssl_cli.distributed import agree, env_rank, init_from_env, launched_by_torchrun, shutdown
 from ssl_cli.errors import RecipeError
@@ -84,10 +84,18 @@ def plan_pretraining(
         run = RunDir(out)
         if not run.last.is_file():
             raise RecipeError(run.no_last_checkpoint())
-        # the run folder's recipe.toml is the resolved recipe of the first run (demo settings included)
-        resolved = load_recipe(recipe or str(run.root / "recipe.toml"), overrides)
-        saved = read_checkpoint(run.last).meta["data"]
-        return PretrainPlan(resolved, data or saved.get("spec"), val or saved.get("val"))
+        ckpt = read_checkpoint(run.last)
+        # the run folder's recipe.toml is the resolved recipe of the first run (demo settings included); the
+        # checkpoint holds it too, for a folder that lost its recipe.toml
+        if recipe is None and not run.recipe_file.is_file():
+            resolved = recipe_from_dict(ckpt.meta["recipe"], f"{run.last} (recipe)", overrides)
+        else:
+            resolved = load_recipe(recipe or str(run.recipe_file), overrides)
+        saved = ckpt.meta["data"]
+        note = None
+        if data is not None and saved.get("spec") not in (None, data):
+            note = f"note: --resume with --data {data}; the run was trained on {saved['spec']} until now"
+        return PretrainPlan(resolved, data or saved.get("spec"), val or saved.get("val"), note)
     if recipe is None:
         raise RecipeError("pass --recipe NAME or --recipe FILE.toml (see: ssl recipes list)")
     if data is not None:

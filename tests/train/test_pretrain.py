@@ -198,3 +198,27 @@ def test_run_pretraining_does_what_ssl_pretrain_does(tmp_path) -> None:
     assert again is not None and again.steps == first.steps and again.checkpoint == first.checkpoint
     with pytest.raises(RecipeError, match="--resume needs --out"):
         run_pretraining(None, None, None, resume=True)
+
+
+def test_resume_without_recipe_toml_takes_the_checkpoints_recipe_and_other_data_is_said(tmp_path) -> None:
+    """A run folder that lost its recipe.toml still resumes (the checkpoint holds the recipe; recipe.toml is written
+    again), with --set overrides as usual; --resume on other --data says so in a note."""
+    from helpers import Interrupt
+
+    from ssl_cli.train.launch import plan_pretraining, run_pretraining
+
+    data = write_image_folder(tmp_path / "data", per_class=8, classes=2)
+    other = write_image_folder(tmp_path / "other", per_class=8, classes=2)
+    overrides = [*TINY, ("train.batch_size", 8), ("train.epochs", 2)]
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run_pretraining("simclr", str(data), out, overrides=overrides, reporter=Interrupt(at=2))
+    saved = load_recipe(str(out / "recipe.toml"))
+    (out / "recipe.toml").unlink()
+    plan = plan_pretraining(None, None, out, True, [], None)
+    assert plan.recipe.to_dict() == saved.to_dict() and plan.data == str(data) and plan.note is None
+    changed = plan_pretraining(None, None, out, True, ["optim.lr=0.5"], None)
+    assert changed.recipe.optim.lr == 0.5
+    assert "the run was trained on " + str(data) in plan_pretraining(None, str(other), out, True, [], None).note
+    resumed = run_pretraining(None, None, out, resume=True)
+    assert resumed.epochs == 2 and load_recipe(str(out / "recipe.toml")).to_dict() == saved.to_dict()
