@@ -189,3 +189,24 @@ def build_backbone(cfg: BackboneConfig) -> nn.Module:
         for p in params:
             p.requires_grad_(False)
     return model
+
+
+def check_view_sizes(model: nn.Module, sizes: list[int]) -> None:
+    """A ViT takes the views' sizes: its own ``img_size``, or with ``dynamic_img_size`` any multiple of the patch
+    size. Checked before training (timm would stop the first step with an ``AssertionError``)."""
+    embed = getattr(model, "patch_embed", None)
+    grid, patch = getattr(embed, "img_size", None), getattr(embed, "patch_size", None)
+    if grid is None or patch is None:
+        return
+    dynamic = bool(getattr(model, "dynamic_img_size", False) or getattr(embed, "dynamic_img_pad", False))
+    for i, size in enumerate(sizes):
+        if dynamic and (size % patch[0] or size % patch[1]):
+            raise RecipeError(
+                f"views.{i}.size: {size} is not a multiple of the ViT's patch size {patch[0]}; valid: "
+                f"{', '.join(str(patch[0] * k) for k in range(1, 5))}, ..."
+            )
+        if not dynamic and (size, size) != tuple(grid):
+            raise RecipeError(
+                f"views.{i}.size: {size} does not fit the ViT, built for {grid[0]}x{grid[1]}; set backbone.img_size = "
+                f"{size}, or backbone.dynamic_img_size = true for views of several sizes"
+            )

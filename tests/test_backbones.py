@@ -177,3 +177,23 @@ def test_groupnorm_ws_has_no_batch_statistics():
 def test_groupnorm_ws_rejects_models_without_batchnorm():
     with pytest.raises(RecipeError, match="backbone.norm"):
         build_backbone(BackboneConfig(name="test_vit", norm="groupnorm_ws"))
+
+
+def test_a_view_size_that_does_not_fit_the_vit_is_one_line_before_training() -> None:
+    """timm's patch embedding stopped the first step with an AssertionError; now the recipe is refused up front."""
+    from conftest import assert_one_line_error
+    from ssl_cli.config import load_recipe
+    from ssl_cli.train.launch import DEMO_VIT_OVERRIDES
+    from ssl_cli.train.pretrain import build_method
+
+    vit = [*DEMO_VIT_OVERRIDES.items(), ("backbone.kwargs.depth", 1)]
+
+    def build(*extra):
+        return build_method(load_recipe("mocov3-vit", [*vit, *extra]))
+
+    assert_one_line_error(r"views.0.size: 40 does not fit the ViT, built for 32x32; set backbone.img_size = 40", build,
+                          ("views.*.size", 40))  # fmt: skip
+    assert_one_line_error(r"views.0.size: 36 is not a multiple of the ViT's patch size 8", build,
+                          ("views.*.size", 36), ("backbone.dynamic_img_size", True))  # fmt: skip
+    build(("views.*.size", 40), ("backbone.dynamic_img_size", True))  # a multiple of the patch: any size
+    build(("views.*.size", 32))

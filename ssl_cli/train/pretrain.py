@@ -19,7 +19,7 @@ import torch
 
 from ssl_cli.artifacts.checkpoint import read_checkpoint
 from ssl_cli.augment import MultiView
-from ssl_cli.backbones import build_backbone, timm_kwargs
+from ssl_cli.backbones import build_backbone, check_view_sizes, timm_kwargs
 from ssl_cli.config import recipe_from_dict
 from ssl_cli.config.schema import Recipe
 from ssl_cli.data import ImageSet, open_dataset
@@ -127,7 +127,9 @@ def _device_batches(loader, device: torch.device, memory_format: torch.memory_fo
 
 def build_method(recipe: Recipe) -> Method:
     """Backbone + method for a recipe (weights initialised from the current torch seed)."""
-    return get_method(recipe.method.name)(recipe.method, build_backbone(recipe.backbone), recipe)
+    backbone = build_backbone(recipe.backbone)
+    check_view_sizes(backbone, [v.size for v in recipe.views])
+    return get_method(recipe.method.name)(recipe.method, backbone, recipe)
 
 
 def checkpoint_meta(
