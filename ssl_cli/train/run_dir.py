@@ -66,9 +66,8 @@ class RunDir:
 
     def prepare(self, recipe: Recipe, resume: bool) -> None:
         """Check the folder suits a new run (or a resumed one) and write the resolved recipe. A folder that holds
-        anything of a run (a checkpoint, metrics, another recipe) is never taken for a new one."""
-        if self.root.exists() and not self.root.is_dir():
-            raise CheckpointError(f"--out {self.root} exists and is not a folder")
+        anything of a run (a checkpoint, metrics, another recipe) is never taken for a new one. Called under the
+        run's ``RunLock``, which has made sure the folder exists as a folder."""
         if resume and not self.last.is_file():
             raise CheckpointError(self.no_last_checkpoint())
         held = self.held()
