@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +88,19 @@ def tiny_checkpoint(path: Path, seed: int = 0) -> Path:
         "preprocessing": {"mean": MEAN, "std": STD, "input_size": [3, 32, 32]},
     }
     atomic_save(model.state_dict(), meta, path)
+    return path
+
+
+def corrupt_tensors(path: Path, where: float = 0.5, count: int = 4) -> Path:
+    """Flip ``count`` bytes inside the data section of a safetensors file, in place: the header (names, shapes,
+    offsets, metadata) stays valid, so the file still opens; only the weights changed, as a bad disk or an edit
+    would change them."""
+    raw = bytearray(path.read_bytes())
+    (header,) = struct.unpack("<Q", raw[:8])
+    start = 8 + header
+    at = start + int((len(raw) - start - count) * where)
+    raw[at : at + count] = bytes(b ^ 0xFF for b in raw[at : at + count])
+    path.write_bytes(bytes(raw))
     return path
 
 
