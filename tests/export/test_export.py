@@ -13,7 +13,7 @@ import pytest
 import timm
 import torch
 from click.testing import Result
-from helpers import invoke
+from helpers import corrupt_tensors, invoke
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -22,6 +22,7 @@ import ssl_cli.artifacts.safetensors_io as safetensors_io
 import ssl_cli.export.checks as checks
 from conftest import TINY, write_image_folder
 from ssl_cli.artifacts.checkpoint import EXPORT_FORMAT, FORMAT, read_checkpoint
+from ssl_cli.artifacts.integrity import HASH_KEY
 from ssl_cli.artifacts.safetensors_io import atomic_save
 from ssl_cli.backbones import build_backbone
 from ssl_cli.config import load_recipe
@@ -208,6 +209,15 @@ def test_export_refuses_a_safetensors_file_that_is_not_ssls(tmp_path: Path) -> N
     assert not (tmp_path / "out.safetensors").exists()
 
 
+def test_export_refuses_a_checkpoint_whose_weights_changed_after_writing(stock, tmp_path: Path) -> None:
+    ckpt = tmp_path / "last.safetensors"
+    ckpt.write_bytes(stock.ckpt.read_bytes())
+    corrupt_tensors(ckpt)
+    for out in ("b.safetensors", "b.pt"):
+        _user_error(_invoke("export", str(ckpt), "--out", str(tmp_path / out)), f"error: {ckpt}: its tensors do not")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.safetensors"]  # nothing written
+
+
 def test_export_refuses_a_missing_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError) as err:
         export_backbone(tmp_path / "nope.safetensors", tmp_path / "out.safetensors")
@@ -253,6 +263,7 @@ def test_files_are_plain_safetensors(stock, which: str) -> None:
     ends = [info["data_offsets"][1] for key, info in header.items() if key != "__metadata__"]
     assert max(ends) == len(raw) - 8 - header_len
     assert all(isinstance(v, str) for v in header["__metadata__"].values())
+    assert len(header["__metadata__"][HASH_KEY]) == 64  # checked on every read (tests/artifacts/test_integrity.py)
     with safe_open(str(path[which]), framework="pt") as f:
         assert set(f.keys()) == set(header) - {"__metadata__"}
 
@@ -488,6 +499,8 @@ def test_hf_folder_is_timms_hub_layout(vit, tmp_path: Path) -> None:
     # the weights file is exactly timm's state_dict, and ssl reads the folder too
     weights = load_file(str(tmp_path / "hf" / "model.safetensors"))
     assert set(weights) == set(model.state_dict())
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), framework="pt") as f:
+        assert HASH_KEY in f.metadata()
     x = _input()
     assert torch.equal(_features(model, x), _features(ssl_cli.load_backbone(str(tmp_path / "hf")), x))
 
@@ -597,6 +610,44 @@ def test_a_failed_check_leaves_nothing_and_keeps_the_earlier_output(stock, tmp_p
     after = {p.name: p.read_bytes() for p in ([out] if out.is_file() else out.iterdir())}
     assert after == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]  # no temporary file or folder is left
+
+
+class _Spiky(torch.nn.Module):
+    """Features with one channel at ``peak``: what a layer with corrupted weights gives (8.45e+29 in a case tried)."""
+
+    def __init__(self, peak: float) -> None:
+        super().__init__()
+        self.peak = peak
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = x.flatten(1)[:, :8].clone()
+        features[:, 0] = self.peak
+        return features
+
+
+def test_the_check_tolerance_stops_growing_with_the_features() -> None:
+    """The tolerance was relative to max |feature|: one huge channel let every other one be wrong by 50."""
+    model, size = _Spiky(1e6), [3, 4, 4]
+    wrong = torch.tensor([0.0] + [50.0] * 7)
+    with pytest.raises(CheckpointError) as err:
+        checks.compare(model, lambda x: model(x) + wrong, size, "the test runtime")
+    line = _one_line(err)
+    assert "max abs difference 50 > tolerance 0.1" in line and "features reach 1e+06" in line
+    # float32-sized differences still pass at the scales trained backbones give
+    for peak in (0.5, 20.0, 500.0):
+        model = _Spiky(peak)
+        assert checks.compare(model, lambda x, m=model: m(x) * (1 + 1e-7), size, "the test runtime")["tolerance"] <= 0.1
+
+
+@pytest.mark.parametrize("side", ["written", "pytorch"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+def test_the_check_fails_on_non_finite_features(side: str, value: float) -> None:
+    model = _Spiky(value) if side == "pytorch" else _Spiky(3.0)
+    run = _Spiky(value) if side == "written" else _Spiky(3.0)
+    with pytest.raises(CheckpointError) as err:
+        checks.compare(model, run, [3, 4, 4], "the test runtime")
+    expected = "the written file gives non-finite" if side == "written" else "the PyTorch model itself gives non-finite"
+    assert expected in _one_line(err)
 
 
 def test_outputs_that_are_refused(stock, tmp_path: Path) -> None:
