@@ -17,6 +17,11 @@ FORMAT_NAMES = {
     "onnx": "ONNX model",
 }
 
+INTEGRITY = {
+    "verified": "verified: the tensors match the SHA-256 recorded when the file was written",
+    "not recorded": "no tensor hash recorded (written by an older ssl): not verified",
+}
+
 
 def human_size(n: int) -> str:
     value, unit = float(n), "bytes"
@@ -98,6 +103,8 @@ def rows(info: dict[str, Any]) -> list[tuple[str, str]]:
     if info.get("onnx"):
         g = info["onnx"]
         r.append(("onnx graph", f"opset {g['opset']}, inputs {g['inputs']}, outputs {g['outputs']}"))
+    if info.get("tensors_sha256"):
+        r.append(("integrity", INTEGRITY.get(info["tensors_sha256"], info["tensors_sha256"])))
     if info.get("timm_config"):
         r.append(("load", f"timm.create_model('local-dir:{info['path']}', pretrained=True)"))
     return r
