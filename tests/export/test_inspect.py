@@ -13,7 +13,7 @@ import pytest
 import timm
 import torch
 from click.testing import Result
-from helpers import invoke
+from helpers import corrupt_tensors, invoke
 from safetensors.torch import save_file
 
 import ssl_cli
@@ -21,6 +21,7 @@ import ssl_cli.artifacts.backbone as backbone_module
 import ssl_cli.artifacts.checkpoint as checkpoint_module
 from conftest import TINY, write_image_folder
 from ssl_cli.artifacts.checkpoint import EXPORT_FORMAT
+from ssl_cli.artifacts.integrity import HASH_KEY
 from ssl_cli.artifacts.safetensors_io import atomic_save, read_safetensors
 from ssl_cli.backbones import build_backbone
 from ssl_cli.config import load_recipe
@@ -98,6 +99,7 @@ def test_a_training_checkpoint(run) -> None:
         "input_size": [3, 32, 32],
     }
     assert info["optimizer_state"] is True
+    assert info["tensors_sha256"] == "verified"
 
     table = _invoke(run.ckpt)
     assert table.exit_code == 0 and table.stderr == ""
@@ -110,6 +112,7 @@ def test_a_training_checkpoint(run) -> None:
         f"data ({run.data}): 64 images, 4 classes",
         f"loss {run.last['loss']:.4f}",
         "input 3x32x32",
+        "verified: the tensors match the SHA-256 recorded when the file was written",
     ):
         assert fragment in table.stdout, (fragment, table.stdout)
 
@@ -143,6 +146,7 @@ def test_an_export_says_what_it_was_trained_with(run, which: str, fmt: str) -> N
         else (run.root / which).stat().st_size
     )
     assert info["file_size"] == size
+    assert info["tensors_sha256"] == (None if fmt == "torchscript" else "verified")  # TorchScript: not safetensors
     table = _invoke(run.root / which).stdout
     assert "export" in table and "timm test_resnet" in table and "epoch 2 of 2" in table
 
@@ -182,6 +186,31 @@ def test_an_export_from_before_it_kept_its_source(tmp_path: Path) -> None:
     assert "epoch 7" in _invoke(tmp_path / "old.safetensors").stdout
 
 
+@pytest.mark.parametrize("which", ["run/checkpoints/last.safetensors", "hf"])
+def test_weights_changed_after_writing_are_one_line(run, tmp_path: Path, which: str) -> None:
+    copy = tmp_path / which
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    if which == "hf":
+        copy.mkdir()
+        for name in ("config.json", "model.safetensors"):
+            (copy / name).write_bytes((run.root / "hf" / name).read_bytes())
+        corrupt_tensors(copy / "model.safetensors")
+    else:
+        copy.write_bytes(run.ckpt.read_bytes())
+        corrupt_tensors(copy)
+    weights = copy / "model.safetensors" if which == "hf" else copy
+    _user_error(_invoke(copy), f"error: {weights}: its tensors do not match the {HASH_KEY} recorded when it was")
+
+
+def test_a_file_without_the_hash_is_described_as_not_verified(run, tmp_path: Path) -> None:
+    """Written before ssl recorded the hash: described as before, its tensors not checked."""
+    tensors, meta = read_safetensors(run.root / "b.safetensors")
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata={k: json.dumps(v) for k, v in meta.items()})
+    info = _json(tmp_path / "old.safetensors")
+    assert info["tensors_sha256"] == "not recorded" and info["method"] == "simclr"
+    assert "no tensor hash recorded" in _invoke(tmp_path / "old.safetensors").stdout
+
+
 def test_a_small_stem_export(tmp_path: Path) -> None:
     """resnet18 with the CIFAR stem: 3x3 conv1 (64 x 3 x 3 x 3) instead of 7x7 (64 x 3 x 7 x 7), no max-pool."""
     torch.manual_seed(0)
@@ -199,7 +228,7 @@ def test_a_small_stem_export(tmp_path: Path) -> None:
 
 
 def test_only_the_header_is_read(run, monkeypatch) -> None:
-    """No tensor is loaded: a checkpoint of any size is described in milliseconds."""
+    """No tensor is loaded: the tensors' hash is checked over the file's bytes in place (~0.1 s per 100 MB)."""
 
     def no_tensors(*_args, **_kwargs):
         raise AssertionError("the tensors were read")
@@ -232,7 +261,8 @@ def test_only_the_header_is_read(run, monkeypatch) -> None:
             raise AssertionError("a tensor was read")
 
     monkeypatch.setattr("safetensors.safe_open", NoGet)
-    assert describe(run.ckpt)["method"] == "simclr"
+    info = describe(run.ckpt)
+    assert info["method"] == "simclr" and info["tensors_sha256"] == "verified"
 
 
 def test_what_is_not_a_checkpoint_is_one_line(tmp_path: Path) -> None:
