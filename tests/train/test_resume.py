@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import Interrupt
+from helpers import Interrupt, corrupt_tensors, invoke, user_error
 
 from conftest import TINY, write_image_folder
 from ssl_cli.artifacts.checkpoint import read_checkpoint
@@ -194,3 +194,16 @@ def test_a_broken_metrics_line_before_the_last_is_one_error_and_nothing_is_lost(
     with pytest.raises(CheckpointError, match="metrics.jsonl line 1 is not a JSON object"):
         pretrain(r, data, tmp_path / "cut", resume=True)
     assert metrics.read_bytes() == before
+
+
+def test_resume_refuses_a_last_checkpoint_whose_bytes_changed_and_keeps_the_run(tmp_path: Path) -> None:
+    """Weights changed on disk after writing (a bad disk, a bad copy): one line naming the file, the run untouched;
+    the epoch checkpoint the line points to is whole."""
+    data = str(write_image_folder(tmp_path / "data", per_class=4, classes=2))
+    pretrain(load_recipe("simclr", [*TINY, ("train.batch_size", 8)]), data, tmp_path / "run")
+    last = corrupt_tensors(tmp_path / "run/checkpoints/last.safetensors")
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    result = invoke("pretrain", "--out", tmp_path / "run", "--resume", "--quiet")
+    user_error(result, f"error: {last}: its tensors do not match", "epoch_NNNN", "copy it to last.safetensors")
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
+    assert read_checkpoint(tmp_path / "run/checkpoints/epoch_0001.safetensors").meta["epoch"] == 1
