@@ -9,6 +9,8 @@ Layout of a training checkpoint:
   same random stream;
 - metadata: ``format``, ``ssl_version``, ``recipe`` (the resolved recipe), ``backbone`` (timm name and
   kwargs, stem changes), ``preprocessing`` (mean, std, input size), ``epoch``, ``step``, ``data``, ``metrics``.
+- metadata ``tensors_sha256``: the hash of all the tensors above (``ssl_cli.artifacts.integrity``), checked by
+  ``read_safetensors`` on every read, so a checkpoint whose weights changed after writing is refused.
 
 Writes (``ssl_cli.train.checkpoint``) go through ``ssl_cli.artifacts.safetensors_io.atomic_save``: an interrupted
 write never leaves a broken checkpoint behind.

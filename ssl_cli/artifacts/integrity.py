@@ -52,7 +52,7 @@ def _digest(entries: Iterable[tuple[str, str, list[int], Any]]) -> str:
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     """The hash of contiguous CPU tensors as safetensors writes them (their bytes viewed in place, not copied)."""
     return _digest(
-        (name, _DTYPES[t.dtype], list(t.shape), t.reshape(-1).view(torch.uint8).numpy())
+        (name, _DTYPES.get(t.dtype, str(t.dtype)), list(t.shape), t.reshape(-1).view(torch.uint8).numpy())
         for name, t in sorted(tensors.items())
     )
 
