@@ -19,6 +19,12 @@ class CheckpointError(SSLError):
     """A checkpoint or run folder cannot be read, resumed or written."""
 
 
+class Interrupted(SSLError):
+    """Ctrl-C: the message says what of the command's output is kept and how to go on."""
+
+    exit_code = 130
+
+
 class TrainingError(SSLError):
     """Training cannot go on (e.g. the loss diverged); the checkpoints written so far are kept."""
 

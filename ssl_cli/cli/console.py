@@ -52,7 +52,7 @@ def handles_errors(fn: F) -> F:
         except SSLError as e:
             raise fail(str(e), e.exit_code) from None
         except KeyboardInterrupt:
-            raise fail("interrupted; checkpoints written so far are kept (continue with --resume)", 130) from None
+            raise fail("interrupted", 130) from None
         except MemoryError:
             raise fail("out of memory; lower --batch-size", 1) from None
         except Exception as e:  # noqa: BLE001 - a bug, not bad input: one line unless debugging

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import typer
 
 from ssl_cli.cli.console import ProgressReporter, emit_json, err, handles_errors, result_table, stdout
 from ssl_cli.cli.flags import recipe_overrides
+
+
+@contextlib.contextmanager
+def _interrupted_says_resume():
+    """Ctrl-C before training starts, or a second one while it stops (the first stops after a checkpoint)."""
+    from ssl_cli.errors import Interrupted
+
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted("interrupted; checkpoints written so far are kept (continue with --resume)") from None
 
 
 @handles_errors
@@ -33,6 +45,13 @@ def pretrain(
     seed: int = typer.Option(None, "--seed", help="Random seed (train.seed)."),
     num_workers: int = typer.Option(None, "--num-workers", min=0, help="Data loader workers (data.num_workers)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from checkpoints/last."),
+    extend_to: int = typer.Option(
+        None,
+        "--extend-to",
+        min=1,
+        help="With --resume: train the run on to N epochs, more than it planned; from where it resumes, the schedules "
+        "follow the recipe planned for N epochs (a new segment, recorded in the checkpoints).",
+    ),
     overrides: list[str] = typer.Option([], "--set", help="Override any recipe key: --set optim.lr=0.06 (repeatable)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout at the end."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
@@ -46,7 +65,7 @@ def pretrain(
     typed = recipe_overrides(
         backbone=backbone, epochs=epochs, batch_size=batch_size, device=device, seed=seed, num_workers=num_workers
     )
-    with ProgressReporter(quiet=quiet) as reporter:
+    with ProgressReporter(quiet=quiet) as reporter, _interrupted_says_resume():
         result = run_pretraining(
             recipe,
             data,
@@ -54,6 +73,7 @@ def pretrain(
             resume=resume,
             overrides=[*typed, *overrides],
             val=val,
+            extend_to=extend_to,
             reporter=reporter,
             log=None if quiet else (lambda line: err.print(line, markup=False)),
         )

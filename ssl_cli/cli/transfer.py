@@ -8,13 +8,7 @@ import typer
 
 from ssl_cli.cli.console import ProgressReporter, emit_json, err, handles_errors, result_table, stdout
 from ssl_cli.cli.evaluate import CHECKPOINT, DEVICE, JSON, QUIET, RANDOM_INIT, TRAIN, VAL, WORKERS
-from ssl_cli.errors import SSLError
-
-
-class Interrupted(SSLError):
-    """Ctrl-C during fine-tuning: there is no --resume, the same command starts the run again."""
-
-    exit_code = 130
+from ssl_cli.errors import Interrupted
 
 
 @handles_errors
@@ -81,7 +75,7 @@ def transfer(
                 reporter=reporter,
                 log=reporter.log,
             )
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # there is no --resume: the same command starts the run again
             raise Interrupted(
                 f"interrupted; {out} is incomplete (no metrics.json): the same command starts it again"
             ) from None

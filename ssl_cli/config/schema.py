@@ -233,6 +233,12 @@ class TrainConfig(Section):
     """``auto``: bf16 autocast on CUDA, fp32 on CPU."""
     checkpoint_every: Annotated[int, Field(ge=0)] = 10
     """Save ``epoch_NNNN.safetensors`` every N epochs (0: only ``last``)."""
+    checkpoint_every_steps: Annotated[int, Field(ge=0)] = 0
+    """Also save ``last`` in the middle of an epoch every N optimizer steps (0: at epoch ends only); ``--resume``
+    continues from there exactly, the sampler's position included. For epochs longer than you can afford to lose."""
+    checkpoint_every_minutes: Annotated[float, Field(ge=0.0)] = 0.0
+    """Also save ``last`` in the middle of an epoch after this many minutes of training since the last save (0: off;
+    e.g. 30 on preemptible machines). A stop signal (Ctrl-C, SIGTERM, SIGUSR1) always saves where the run stands."""
     channels_last: bool = False
     sync_batchnorm: bool = False
     """Under torchrun: BatchNorm statistics over the global batch of all processes (SimCLR, BYOL and Barlow

@@ -97,10 +97,9 @@ class BatchedEpochs:
         return len(self.sampler) // self.batch_size
 
     def __iter__(self) -> Iterator[tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]]:
-        n = len(self.pixels)
-        order = torch.tensor(list(self.sampler), dtype=torch.int64) % n
+        order = self.sampler.order()
         total = self.batch_size * self.world_size
-        for g in range(len(self)):
+        for g in range(self.sampler.skip_batches, self.sampler.epoch_length() // self.batch_size):
             index = order[g * self.batch_size : (g + 1) * self.batch_size]
             images = self.pixels[index].to(self.device, non_blocking=True)
             generator = torch.Generator().manual_seed(mix_seed(self.seed, self.sampler.epoch, g, 2))
@@ -139,7 +138,7 @@ class CroppedEpochs:
 
     def __iter__(self) -> Iterator[tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]]:
         total = self.batch_size * self.world_size
-        for g, (crops, labels, index) in enumerate(self.loader):
+        for g, (crops, labels, index) in enumerate(self.loader, start=self.sampler.skip_batches):
             crops = [c.to(self.device, non_blocking=True) for c in crops]  # uint8: a quarter of float's bytes
             generator = torch.Generator().manual_seed(mix_seed(self.seed, self.sampler.epoch, g, 3))
             yield self.transform.finish_share(crops, generator, total, self.rank * self.batch_size), labels, index

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ssl_cli.data.images import ImageSet
+from ssl_cli.signals import ignore_stop_signals
 
 
 def mix_seed(*values: int) -> int:
@@ -33,6 +34,9 @@ class EpochSampler(Sampler[int]):
     W x ``batch_size`` and rank r takes the r-th slice of each: the ranks together see exactly the global
     batches one process with a W times larger batch would, in the same order, and every rank the same number
     of batches (the incomplete last global batch is dropped).
+
+    ``set_epoch(epoch, skip_batches)`` starts the epoch after its first ``skip_batches`` batches of this rank: a
+    run resumed from a mid-epoch checkpoint continues exactly where it stopped.
     """
 
     def __init__(self, num_samples: int, seed: int, batch_size: int = 1, rank: int = 0, world_size: int = 1) -> None:
@@ -42,23 +46,32 @@ class EpochSampler(Sampler[int]):
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
+        self.skip_batches = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.epoch, self.skip_batches = epoch, skip_batches
 
-    def __len__(self) -> int:
+    def epoch_length(self) -> int:
+        """This rank's samples in a whole epoch (what is skipped included)."""
         if self.world_size == 1:
             return self.num_samples
         return self.num_samples // (self.batch_size * self.world_size) * self.batch_size
 
-    def __iter__(self) -> Iterator[int]:
+    def __len__(self) -> int:
+        return max(0, self.epoch_length() - self.skip_batches * self.batch_size)
+
+    def order(self) -> torch.Tensor:
+        """This rank's sample indices (``0..N-1``) of the whole epoch, in order."""
         g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
-        offset = self.epoch * self.num_samples
         order = torch.randperm(self.num_samples, generator=g)
         if self.world_size > 1:
             b, w = self.batch_size, self.world_size
             order = order[: self.num_samples // (b * w) * b * w].view(-1, w, b)[:, self.rank].reshape(-1)
-        yield from (offset + i for i in order.tolist())
+        return order
+
+    def __iter__(self) -> Iterator[int]:
+        offset = self.epoch * self.num_samples
+        yield from (offset + i for i in self.order()[self.skip_batches * self.batch_size :].tolist())
 
 
 class ViewDataset(Dataset):
@@ -114,4 +127,5 @@ def train_loader(
         # the loader's own generator: drawing worker seeds from the global RNG would make the global
         # stream (used e.g. by shuffle-BN) depend on when workers start, which differs after --resume
         generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=ignore_stop_signals,  # Ctrl-C / SIGTERM / SIGUSR1 are the main process's to handle
     )

@@ -78,6 +78,11 @@ class Method(nn.Module):
         training (DeepCluster v2 filling its feature memory) use it; most ignore it and never call it.
         """
 
+    def epoch_resume(self, epoch: int) -> None:
+        """Called instead of ``epoch_start`` when a run resumes in the middle of epoch ``epoch`` (from a mid-epoch
+        checkpoint): whatever ``epoch_start`` left in the module's state is back from the checkpoint; restore what
+        it left outside (plain attributes)."""
+
     def training_step(self, views: list[torch.Tensor], step: int, index: torch.Tensor | None = None) -> StepOutput:
         """The loss for one batch. ``index``: the dataset indices of the batch's images (memory banks)."""
         raise NotImplementedError

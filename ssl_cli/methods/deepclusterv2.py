@@ -137,6 +137,17 @@ class DeepClusterV2(Method):
             self.fill_memory(batches)
         self.cluster(epoch)
 
+    @torch.no_grad()
+    def epoch_resume(self, epoch: int) -> None:
+        """The epoch's clusters are the checkpoint's (prototypes and ``assignments``): no k-means again."""
+        self._check_bound()
+        usage = []
+        for h, k in enumerate(self.config.num_prototypes):
+            clusters = self.assignments[h][self.assignments[h] != NO_CLUSTER]
+            usage.append(torch.bincount(clusters, minlength=k).gt(0).float().mean())
+        self._cluster_usage = float(torch.stack(usage).mean())
+        self._clustered = True
+
     def training_step(self, views: list[torch.Tensor], step: int, index: torch.Tensor | None = None) -> StepOutput:
         self._check_bound()
         if index is None:

@@ -98,6 +98,9 @@ class DINO(Method):
     def epoch_start(self, epoch, batches) -> None:
         self.epoch = epoch
 
+    def epoch_resume(self, epoch: int) -> None:
+        self.epoch = epoch
+
     def student(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
         """Head outputs of every view: the backbone per crop size, the head once over all crops (MultiCropWrapper)."""
         return encode_then_head(self.backbone, self.head, views)

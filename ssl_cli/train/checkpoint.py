@@ -47,16 +47,33 @@ def load_optimizer(optimizer: torch.optim.Optimizer, ckpt: Checkpoint) -> None:
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
-def rng_tensors() -> dict[str, torch.Tensor]:
-    out = {"rng.torch": torch.get_rng_state()}
+def _own_rng() -> dict[str, torch.Tensor]:
+    out = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            out[f"rng.cuda.{i}"] = s
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"cuda.{i}"] = state
     return out
 
 
-def restore_rng(ckpt: Checkpoint) -> None:
+def rng_tensors(world_size: int = 1) -> dict[str, torch.Tensor]:
+    """This process's random streams as ``rng.*``; under several processes also every process's own, as
+    ``rng.rank<r>.*`` (gathered, so every process must call this): a run resumed in the middle of an epoch continues
+    each process's stream (shuffle-BN permutations, noise samples) where it was."""
+    own = _own_rng()
+    out = {f"rng.{k}": v for k, v in own.items()}
+    if world_size > 1:
+        states: list[dict[str, torch.Tensor] | None] = [None] * world_size
+        torch.distributed.all_gather_object(states, {k: v.cpu() for k, v in own.items()})
+        for r, state in enumerate(states):
+            out.update({f"rng.rank{r}.{k}": v for k, v in (state or {}).items()})
+    return out
+
+
+def restore_rng(ckpt: Checkpoint, rank: int = 0) -> None:
+    """The random streams of ``ckpt``: this process's own (``rng.rank<r>``) where saved, else the main process's."""
     rng = ckpt.section("rng")
+    own = {k[len(f"rank{rank}.") :]: v for k, v in rng.items() if k.startswith(f"rank{rank}.")}
+    rng = own or rng
     if "torch" in rng:
         torch.set_rng_state(rng["torch"])
     cuda = [rng[k] for k in sorted(rng) if k.startswith("cuda.")]
@@ -69,8 +86,11 @@ def save_checkpoint(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer | None,
     meta: dict[str, Any],
+    extra: dict[str, torch.Tensor] | None = None,
+    rng: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Save a training checkpoint: model state, optimizer state, RNG state and metadata."""
+    """Save a training checkpoint: model state, optimizer state, RNG state (``rng``: from ``rng_tensors``, by
+    default this process's), ``extra`` tensors (a mid-epoch checkpoint's running sums) and metadata."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     full_meta = {"format": FORMAT, "ssl_version": ssl_cli.__version__, **meta}
     if optimizer is not None:
@@ -78,5 +98,6 @@ def save_checkpoint(
         tensors.update(opt_tensors)
         full_meta["optim_groups"] = groups
         full_meta["optim_scalars"] = scalars
-    tensors.update(rng_tensors())
+    tensors.update(rng if rng is not None else rng_tensors())
+    tensors.update(extra or {})
     atomic_save(tensors, full_meta, path)

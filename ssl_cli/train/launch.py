@@ -74,10 +74,21 @@ class PretrainPlan:
 
 
 def plan_pretraining(
-    recipe: str | None, data: str | None, out: Path | None, resume: bool, overrides: Overrides, val: str | None
+    recipe: str | None,
+    data: str | None,
+    out: Path | None,
+    resume: bool,
+    overrides: Overrides,
+    val: str | None,
+    extend_to: int | None = None,
 ) -> PretrainPlan:
-    """The resolved recipe and data of a run, or of the run in ``out`` to continue (``resume``)."""
+    """The resolved recipe and data of a run, or of the run in ``out`` to continue (``resume``; with ``extend_to``,
+    to that many epochs)."""
     overrides = list(overrides)
+    if extend_to is not None:
+        if not resume:
+            raise RecipeError(f"--extend-to {extend_to} continues a run: pass --resume --out RUN_FOLDER with it")
+        overrides = _extension_overrides(overrides, extend_to)
     if resume:
         if out is None:
             raise RecipeError("--resume needs --out: the run folder to continue")
@@ -108,6 +119,18 @@ def plan_pretraining(
     return PretrainPlan(load_recipe(recipe, [*demo, *overrides]), None, val, note)
 
 
+def _extension_overrides(overrides: list, extend_to: int) -> list:
+    """``overrides`` with ``train.epochs = extend_to``; an ``--epochs`` / ``--set train.epochs`` that says otherwise is
+    an error."""
+    for item in overrides:
+        key, value = item if isinstance(item, tuple) else (item.partition("=")[0].strip(), item.partition("=")[2])
+        if key == "train.epochs" and str(value).strip() != str(extend_to):
+            raise RecipeError(
+                f"--extend-to {extend_to} sets train.epochs; drop the --epochs / --set train.epochs={value}"
+            )
+    return [*overrides, ("train.epochs", extend_to)]
+
+
 def run_pretraining(
     recipe: str | None,
     data: str | None = None,
@@ -116,21 +139,25 @@ def run_pretraining(
     resume: bool = False,
     overrides: Overrides = (),
     val: str | None = None,
+    extend_to: int | None = None,
     reporter: Reporter | None = None,
     log: Callable[[str], None] | None = None,
 ) -> PretrainResult | None:
     """Do what ``ssl pretrain`` does: ``recipe`` is a built-in name or a TOML path (None with ``resume``: the run
     folder's), ``data`` a folder or dataset name (None: the demo set, or with ``resume`` the run's own),
-    ``overrides`` ``--set``-style pairs. Returns the result on the main process (rank 0), None on the others."""
+    ``overrides`` ``--set``-style pairs, ``extend_to`` (with ``resume``) more epochs than the run planned. Returns the
+    result on the main process (rank 0), None on the others."""
     out = None if out is None else Path(out)
-    plan = plan_pretraining(recipe, data, out, resume, overrides, val)
+    plan = plan_pretraining(recipe, data, out, resume, overrides, val, extend_to)
     if plan.note and log is not None and env_rank() == 0:
         log(plan.note)
     if launched_by_torchrun():  # one process group for the folder choice and the training
         init_from_env(plan.recipe.train.device)
     try:
         run_dir = out or agree(default_run_dir(plan.recipe.recipe.name or "run"))
-        result = pretrain(plan.recipe, plan.data, run_dir, resume=resume, reporter=reporter, val=plan.val)
+        result = pretrain(
+            plan.recipe, plan.data, run_dir, resume=resume, reporter=reporter, val=plan.val, extend_to=extend_to
+        )
     finally:
         shutdown()
     return result if env_rank() == 0 else None

@@ -1,8 +1,11 @@
 """``ssl pretrain``: the training loop.
 
 data -> views -> ``method.training_step`` -> backward -> optimizer step -> ``method.after_optimizer_step``
--> metrics (reporter, ``metrics.jsonl``) -> checkpoints at epoch ends. The learning rate follows a per-step
-array indexed by the global step, so a resumed run picks up the schedule exactly where it stopped.
+-> metrics (reporter, ``metrics.jsonl``) -> checkpoints at epoch ends (and mid-epoch ones: every
+``train.checkpoint_every_steps`` / ``_minutes``, and on a stop signal). The learning rate follows a per-step array
+indexed by the global step, so a resumed run picks up the schedule exactly where it stopped. ``--extend-to N`` resumes
+a run with more epochs: from the step it resumes at, every schedule follows the recipe planned for N epochs, a new
+segment recorded in the checkpoints (``schedule_segments``: ``[first global step, planned epochs]`` pairs).
 """
 
 from __future__ import annotations
@@ -10,8 +13,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +42,9 @@ from ssl_cli.errors import CheckpointError, DataError, TrainingError
 from ssl_cli.methods import Method, StepOutput, get_method
 from ssl_cli.runtime import Reporter, SilentReporter, autocast, resolve_device
 from ssl_cli.schedules import lr_schedule, weight_decay_schedule
-from ssl_cli.train.checkpoint import load_optimizer, restore_rng, save_checkpoint
+from ssl_cli.signals import Stopped, StopSignals, signal_name
+from ssl_cli.train.checkpoint import load_optimizer, restore_rng, rng_tensors, save_checkpoint
+from ssl_cli.train.epoch_state import EpochSums, PausePolicy, mid_epoch_position
 from ssl_cli.train.monitors import OnlineMonitors, check_resume_monitors
 from ssl_cli.train.optim import build_optimizer, clip_gradients, effective_lr, set_lr, set_weight_decay
 from ssl_cli.train.run_dir import RunDir, RunLock
@@ -172,20 +178,37 @@ def checkpoint_meta(
     }
 
 
-def _check_resume(recipe: Recipe, run: RunDir) -> tuple[Any, str | None]:
-    """The checkpoint to resume and the augmentation path it was trained with (None: unknown, resolve again)."""
+# how often a run saves, not what it trains: a resumed run may change these
+CADENCE_KEYS = ("checkpoint_every", "checkpoint_every_steps", "checkpoint_every_minutes")
+
+
+def _check_resume(recipe: Recipe, run: RunDir, extend_to: int | None = None) -> tuple[Any, str | None]:
+    """The checkpoint to resume and the augmentation path it was trained with (None: unknown, resolve again).
+
+    The recipe must be the saved one, but for the checkpoint cadence (``CADENCE_KEYS``) and, with ``extend_to``,
+    ``train.epochs`` (then ``extend_to``, more than the run planned so far)."""
     ckpt = read_checkpoint(run.last)
     raw = copy.deepcopy(ckpt.meta["recipe"])
     compared, taken = resume_augment(raw.get("data", {}), ckpt.meta.get("data", {}), recipe.data.augment)
     raw.setdefault("data", {})["augment"] = compared
     # compared as re-validated recipes: a key added since the run was saved takes its default on both sides, and
     # an old key name loads as the new one
-    saved = recipe_from_dict(raw, source=f"{run.last} (recipe)").to_dict()
-    if saved != recipe.to_dict():
-        diff = _first_difference(saved, recipe.to_dict())
+    saved, now = recipe_from_dict(raw, source=f"{run.last} (recipe)").to_dict(), recipe.to_dict()
+    saved["train"].update({k: now["train"][k] for k in CADENCE_KEYS})
+    planned = saved["train"]["epochs"]
+    if extend_to is not None:
+        if extend_to <= planned:
+            raise CheckpointError(
+                f"--extend-to {extend_to}: {run.last} is a run of {planned} epochs already; give more than {planned} "
+                "(to finish the planned run, --resume alone)"
+            )
+        saved["train"]["epochs"] = now["train"]["epochs"]
+    if saved != now:
+        diff = _first_difference(saved, now)
+        hint = "; to train longer than planned, --resume --extend-to N" if diff.startswith("train.epochs") else ""
         raise CheckpointError(
             f"--resume: {run.last} was trained with a different recipe ({diff}); resume without --recipe/--set "
-            "changes, or start a new run with another --out"
+            f"changes, or start a new run with another --out{hint}"
         )
     return ckpt, taken
 
@@ -273,6 +296,9 @@ class _Training:
     steps_per_epoch: int
     lrs: Any
     wds: Any
+    stop: StopSignals
+    segments: list[list[int]]
+    """``[first global step, planned epochs]`` of each schedule segment: one, more after ``--extend-to``."""
 
     @property
     def global_batch(self) -> int:
@@ -281,20 +307,6 @@ class _Training:
     @property
     def main(self) -> bool:
         return self.env.rank == 0
-
-
-@dataclass
-class _EpochSums:
-    """Running sums of one epoch's steps, on the device (no host sync per step)."""
-
-    loss: torch.Tensor
-    steps: int = 0
-    images: int = 0
-    method: dict[str, torch.Tensor] = field(default_factory=dict)
-    """The method's own monitors (``StepOutput.metrics``), averaged over the epoch."""
-
-    def means(self) -> dict[str, float]:
-        return {k: float(v) / max(self.steps, 1) for k, v in self.method.items()}
 
 
 def _build_model(recipe: Recipe, env: DistEnv, monitors: OnlineMonitors | None) -> Method:
@@ -309,7 +321,13 @@ def _build_model(recipe: Recipe, env: DistEnv, monitors: OnlineMonitors | None) 
 
 
 def _set_up(
-    recipe: Recipe, data: str | None, out: Path, resume: bool, reporter: Reporter | None, val: str | None
+    recipe: Recipe,
+    data: str | None,
+    out: Path,
+    resume: bool,
+    reporter: Reporter | None,
+    val: str | None,
+    extend_to: int | None = None,
 ) -> tuple[_Training, Any]:
     """The process group, the run folder, the data, the method and its optimizer and schedules; with ``resume``, the
     checkpoint to continue from."""
@@ -317,7 +335,7 @@ def _set_up(
     world, train = env.world_size, recipe.train
     reporter = (reporter or SilentReporter()) if env.rank == 0 else SilentReporter()  # progress from rank 0 only
     run = RunDir(Path(out))
-    ckpt, resumed_with = _check_resume(recipe, run) if resume else (None, None)
+    ckpt, resumed_with = _check_resume(recipe, run, extend_to) if resume else (None, None)
     global_batch = train.batch_size * world
     images = open_dataset(data, role="train").cached(recipe.data.cache)
     augment = resolve_augment(recipe, images, resumed_with)
@@ -334,7 +352,7 @@ def _set_up(
     t = _Training(
         recipe, data, val, env, run, reporter, images, augment, monitors, method,
         build_optimizer(groups, recipe.optim, global_batch), steps_per_epoch, lrs,
-        weight_decay_schedule(recipe.optim, steps_per_epoch * train.epochs),
+        weight_decay_schedule(recipe.optim, steps_per_epoch * train.epochs), StopSignals(), [[0, train.epochs]],
     )  # fmt: skip
     if t.main:
         leftovers = run.remove_leftovers()
@@ -362,8 +380,19 @@ def _start_notes(t: _Training) -> None:
     _augment_notes(t.recipe, t.augment, t.env.device, reporter)
 
 
-def _resume(t: _Training, ckpt: Any) -> int:
-    """Load the model, optimizer and random state of ``ckpt``; the epoch to continue at."""
+@dataclass
+class _Start:
+    """Where a run (re)starts: the epoch, the global step, and in a mid-epoch checkpoint's epoch the batches done and
+    the sums so far."""
+
+    epoch: int = 0
+    step: int = 0
+    skip: int = 0
+    sums: EpochSums | None = None
+
+
+def _resume(t: _Training, ckpt: Any, extend_to: int | None) -> _Start:
+    """Load the model, optimizer and random state of ``ckpt``; where to continue."""
     check_resume_monitors(ckpt.section("model").keys(), t.monitors, t.run.last)
     try:
         t.method.load_state_dict(ckpt.section("model"))
@@ -374,27 +403,49 @@ def _resume(t: _Training, ckpt: Any) -> int:
             "resume with the same --data, or start a new run with another --out"
         ) from None
     load_optimizer(t.optimizer, ckpt)
-    restore_rng(ckpt)
+    restore_rng(ckpt, t.env.rank)
     # from the epoch: a run resumed with another number of processes has another number of steps per epoch
-    start_epoch = int(ckpt.meta["epoch"])
+    epoch, meta = int(ckpt.meta["epoch"]), ckpt.meta
+    skip = mid_epoch_position(meta, t.env.world_size, t.steps_per_epoch, t.run.last)
+    start = _Start(epoch, epoch * t.steps_per_epoch + skip, skip)
+    if skip:
+        start.sums = EpochSums.restored(ckpt.section("sums"), meta.get("epoch_sums", {}), t.env.device)
+    planned = int(meta["recipe"].get("train", {}).get("epochs", t.recipe.train.epochs))
+    t.segments = [list(map(int, seg)) for seg in meta.get("schedule_segments", [[0, planned]])]
+    if extend_to is not None:
+        t.segments.append([start.step, extend_to])
     if t.main:
-        note = t.run.truncate_metrics(start_epoch)
+        note = t.run.truncate_metrics(epoch)
         if note:
             t.reporter.log(note)
-    t.reporter.log(f"resuming {t.run.last} at epoch {start_epoch}, step {start_epoch * t.steps_per_epoch}")
-    return start_epoch
+    within = f" ({skip} of its {t.steps_per_epoch} steps done)" if skip else ""
+    t.reporter.log(f"resuming {t.run.last} at epoch {epoch}{within}, step {start.step}")
+    if extend_to is not None:
+        t.reporter.log(
+            f"extending the run from {planned} to {extend_to} epochs: from step {start.step} on, the schedules "
+            f"follow the recipe planned for {extend_to} epochs"
+        )
+    return start
 
 
-def _train_epoch(t: _Training, model: torch.nn.Module, loader: Any, epoch: int, step: int) -> tuple[int, _EpochSums]:
-    """One epoch of optimizer steps from global step ``step``; the step after it and the epoch's sums."""
+def _train_epoch(
+    t: _Training, model: torch.nn.Module, loader: Any, epoch: int, start: _Start, policy: PausePolicy
+) -> tuple[int, EpochSums, bool]:
+    """One epoch of optimizer steps from ``start`` (its step; in a mid-epoch checkpoint's epoch, its batches done and
+    sums); the step after it, the epoch's sums and whether a stop signal came (then, if the epoch is not done, the
+    checkpoint where it stands is written)."""
     recipe, train, device = t.recipe, t.recipe.train, t.env.device
     memory_format = torch.channels_last if train.channels_last else torch.contiguous_format
     total_steps = t.steps_per_epoch * train.epochs
-    loader.sampler.set_epoch(epoch)
-    if t.env.world_size > 1:  # per-rank random streams (shuffle-BN, noise samples), the same after a resume
-        torch.manual_seed(mix_seed(train.seed, epoch, t.env.rank))
-    t.method.epoch_start(epoch, lambda: _device_batches(loader, device, memory_format))
-    started, sums = time.perf_counter(), _EpochSums(torch.zeros((), device=device))
+    loader.sampler.set_epoch(epoch, start.skip)
+    if start.skip:  # the epoch's start (its random streams, the method's epoch_start) is in the checkpoint
+        t.method.epoch_resume(epoch)
+    else:
+        if t.env.world_size > 1:  # per-rank random streams (shuffle-BN, noise samples), the same after a resume
+            torch.manual_seed(mix_seed(train.seed, epoch, t.env.rank))
+        t.method.epoch_start(epoch, lambda: _device_batches(loader, device, memory_format))
+    step, sums = start.step, start.sums or EpochSums(torch.zeros((), device=device))
+    started = time.perf_counter()
     for views, index in _device_batches(loader, device, memory_format):
         set_lr(t.optimizer, float(t.lrs[step]))
         if t.wds is not None:
@@ -403,33 +454,66 @@ def _train_epoch(t: _Training, model: torch.nn.Module, loader: Any, epoch: int, 
             model, t.method, t.optimizer, views, index, step, total_steps, train.precision, recipe.optim.clip_grad
         )
         step += 1
-        sums.steps += 1
-        sums.loss += out.loss.detach()
-        for name, value in out.metrics.items():
-            sums.method[name] = sums.method.get(name, 0.0) + value.detach().float()
-        sums.images += views[0].shape[0] * t.env.world_size
+        sums.add(out.loss, out.metrics, views[0].shape[0] * t.env.world_size)
         if sums.steps % 10 == 0 or sums.steps == t.steps_per_epoch:
             _report_progress(t, epoch, step, sums, time.perf_counter() - started)
-    return step, sums
+        save, stop = policy.decide(step, t.stop.requested)
+        if sums.steps == t.steps_per_epoch:  # _end_epoch writes the epoch's checkpoint
+            return step, sums, stop
+        if save:
+            _save_mid_epoch(t, epoch, step, sums)
+            policy.saved()
+        if stop:
+            return step, sums, True
+    return step, sums, False
 
 
-def _report_progress(t: _Training, epoch: int, step: int, sums: _EpochSums, elapsed: float) -> None:
-    # the only host sync of the step loop: divergence is caught here (on every rank alike, from the ranks' mean),
-    # before any checkpoint
-    mean_loss = float(all_reduce_mean(sums.loss)) / sums.steps
+def _save_mid_epoch(t: _Training, epoch: int, step: int, sums: EpochSums) -> None:
+    """``last`` in the middle of epoch ``epoch`` (0-based) after global step ``step``: where the run stands."""
+    metrics = {"epoch_step": sums.steps, "loss": _finite_mean_loss(t, epoch, step, sums), "lr": float(t.lrs[step - 1])}
+    tensors, saved_sums = sums.saved()
+    rng = rng_tensors(t.env.world_size)
+    if t.main:
+        meta = _meta(t, epoch, step, metrics)
+        meta.update(epoch_step=sums.steps, epoch_sums=saved_sums)
+        save_checkpoint(t.run.last, t.method, t.optimizer, meta, extra=tensors, rng=rng)
+    barrier()
+
+
+def _meta(t: _Training, epoch: int, step: int, metrics: dict) -> dict:
+    """A checkpoint's metadata after ``epoch`` whole epochs and global step ``step``."""
+    meta = checkpoint_meta(
+        t.recipe, t.method, t.images, t.data, epoch, step, metrics, t.monitors, t.val, t.augment.path
+    )
+    meta["world_size"] = t.env.world_size
+    if len(t.segments) > 1:
+        meta["schedule_segments"] = t.segments
+    return meta
+
+
+def _finite_mean_loss(t: _Training, epoch: int, step: int, sums: EpochSums) -> float:
+    """The epoch's mean loss so far (over the ranks); a diverged run stops here, on every rank alike, before any
+    checkpoint could keep its weights."""
+    mean_loss = float(all_reduce_mean(sums.loss)) / max(sums.steps, 1)
     if not math.isfinite(mean_loss):
         raise TrainingError(
             f"loss became {mean_loss} at epoch {epoch + 1}, step {step}; lower optim.lr or check the "
             f"data (checkpoints so far are kept in {t.run.checkpoints})"
         )
+    return mean_loss
+
+
+def _report_progress(t: _Training, epoch: int, step: int, sums: EpochSums, elapsed: float) -> None:
+    """The progress line (every 10 steps: the only host sync of the step loop)."""
+    mean_loss = _finite_mean_loss(t, epoch, step, sums)
     metrics = {"loss": mean_loss, "lr": float(t.lrs[step - 1])}
-    metrics["images_per_second"] = sums.steps * t.global_batch / max(elapsed, 1e-9)
+    metrics["images_per_second"] = sums.new_steps * t.global_batch / max(elapsed, 1e-9)
     metrics.update(sums.means())
     t.reporter.update(step, epoch, metrics)
 
 
 def _end_epoch(
-    t: _Training, epoch: int, step: int, sums: _EpochSums, seconds: float
+    t: _Training, epoch: int, step: int, sums: EpochSums, seconds: float
 ) -> tuple[float, dict[str, float] | None]:
     """The epoch's record (metrics, monitors) reported, logged and checkpointed; its loss and the held-out
     evaluation of the monitors if one was due."""
@@ -438,7 +522,7 @@ def _end_epoch(
         "step": step,
         "loss": float(all_reduce_mean(sums.loss)) / max(sums.steps, 1),
         "lr": float(t.lrs[step - 1]),
-        "images_per_second": sums.steps * t.global_batch / max(seconds, 1e-9),
+        "images_per_second": sums.new_steps * t.global_batch / max(seconds, 1e-9),
         "seconds": seconds,
         **{k: float(all_reduce_mean(v)) / max(sums.steps, 1) for k, v in sorted(sums.method.items())},
         **t.method.epoch_end(epoch + 1),
@@ -448,16 +532,14 @@ def _end_epoch(
         evaluation = t.monitors.evaluate(t.method, t.env.device)
         record.update(evaluation)
     t.reporter.epoch_end(record)
+    rng = rng_tensors(t.env.world_size)
     if t.main:  # one writer; the other ranks wait, so none runs ahead of a checkpoint it may resume from
         t.run.log_metrics(record)
-        meta = checkpoint_meta(
-            t.recipe, t.method, t.images, t.data, epoch + 1, step, record, t.monitors, t.val, t.augment.path
-        )
-        meta["world_size"] = t.env.world_size
-        save_checkpoint(t.run.last, t.method, t.optimizer, meta)
+        meta = _meta(t, epoch + 1, step, record)
+        save_checkpoint(t.run.last, t.method, t.optimizer, meta, rng=rng)
         every = t.recipe.train.checkpoint_every
         if every and (epoch + 1) % every == 0:
-            save_checkpoint(t.run.epoch_checkpoint(epoch + 1), t.method, t.optimizer, meta)
+            save_checkpoint(t.run.epoch_checkpoint(epoch + 1), t.method, t.optimizer, meta, rng=rng)
     barrier()
     return record["loss"], evaluation
 
@@ -469,40 +551,71 @@ def pretrain(
     resume: bool = False,
     reporter: Reporter | None = None,
     val: str | None = None,
+    extend_to: int | None = None,
 ) -> PretrainResult:
     """Train ``recipe`` on ``data`` (a folder, a dataset name, or None for the demo set) into ``out``.
 
     ``val``: labeled held-out images (folder, dataset name, ``demo:test``) for the online monitors (kNN, online
-    linear classifier; ``ssl_cli.train.monitors``). The whole of ``ssl pretrain`` (demo settings, resume from a run
-    folder's own recipe and data, torchrun set-up) is ``ssl_cli.train.launch.run_pretraining``. The run folder is
-    locked for the whole run (``RunLock``): a second run into it stops with one line."""
+    linear classifier; ``ssl_cli.train.monitors``). ``extend_to`` (with ``resume``; ``recipe.train.epochs`` equal to
+    it): continue the run in ``out`` to more epochs than it planned. The whole of ``ssl pretrain`` (demo settings,
+    resume from a run folder's own recipe and data, torchrun set-up) is ``ssl_cli.train.launch.run_pretraining``. The
+    run folder is locked for the whole run (``RunLock``): a second run into it stops with one line. Ctrl-C, SIGTERM
+    and SIGUSR1 stop the run after the step in progress and a checkpoint where it stands (:class:`Stopped`)."""
     with RunLock(Path(out)) if env_rank() == 0 else contextlib.nullcontext():
-        return _pretrain(recipe, data, out, resume, reporter, val)
+        return _pretrain(recipe, data, out, resume, reporter, val, extend_to)
 
 
 def _pretrain(
-    recipe: Recipe, data: str | None, out: Path, resume: bool, reporter: Reporter | None, val: str | None
+    recipe: Recipe,
+    data: str | None,
+    out: Path,
+    resume: bool,
+    reporter: Reporter | None,
+    val: str | None,
+    extend_to: int | None,
 ) -> PretrainResult:
-    t, ckpt = _set_up(recipe, data, out, resume, reporter, val)
+    t, ckpt = _set_up(recipe, data, out, resume, reporter, val, extend_to)
     epochs = recipe.train.epochs
-    start_epoch = _resume(t, ckpt) if ckpt is not None else 0
-    step = start_epoch * t.steps_per_epoch
-    if start_epoch >= epochs:
-        t.reporter.log(f"the run is already complete ({epochs} epochs); nothing to train")
+    start = _resume(t, ckpt, extend_to) if ckpt is not None else _Start()
+    if start.epoch >= epochs:
+        t.reporter.log(
+            f"the run is already complete ({epochs} epochs); nothing to train (to train longer: --extend-to N)"
+        )
         loss = ckpt.meta.get("metrics", {}).get("loss")
-        return PretrainResult(str(t.run.last), str(t.run.root), epochs, step, loss, None, 0.0)
+        return PretrainResult(str(t.run.last), str(t.run.root), epochs, start.step, loss, None, 0.0)
 
     loader = training_batches(recipe, t.images, t.env.device, t.env, t.augment.path)
     model = wrap_distributed(t.method, t.env)
-    t.reporter.start(t.steps_per_epoch * epochs, step, epochs)
+    t.reporter.start(t.steps_per_epoch * epochs, start.step, epochs)
     started, trained_images, loss, evaluation = time.perf_counter(), 0, None, None
+    policy = PausePolicy(recipe.train, t.env.world_size)
     t.method.train()
-    for epoch in range(start_epoch, epochs):
-        epoch_started = time.perf_counter()
-        step, sums = _train_epoch(t, model, loader, epoch, step)
-        loss, due = _end_epoch(t, epoch, step, sums, time.perf_counter() - epoch_started)
-        evaluation = due or evaluation
-        trained_images += sums.images
+    with t.stop:
+        for epoch in range(start.epoch, epochs):
+            epoch_started = time.perf_counter()
+            step, sums, stop = _train_epoch(t, model, loader, epoch, start, policy)
+            trained_images += sums.new_steps * t.global_batch
+            mid_epoch = sums.steps < t.steps_per_epoch
+            if not mid_epoch:
+                loss, due = _end_epoch(t, epoch, step, sums, time.perf_counter() - epoch_started)
+                evaluation = due or evaluation
+                policy.saved()
+                stop = policy.stop_agreed(stop or t.stop.requested)
+            if stop:
+                raise _stopped(t, epoch + (not mid_epoch), step, mid_epoch)
+            start = _Start(epoch + 1, step)
+        policy.close()
     seconds = time.perf_counter() - started
     ips = trained_images / seconds if trained_images else None
     return PretrainResult(str(t.run.last), str(t.run.root), epochs, step, loss, ips, seconds, evaluation)
+
+
+def _stopped(t: _Training, epochs_done: int, step: int, mid_epoch: bool) -> Stopped:
+    """The one line of a run that a signal stopped, its checkpoint written."""
+    signum = t.stop.signum or signal.SIGTERM  # another process got it
+    where = f"in epoch {epochs_done + 1} (step {step})" if mid_epoch else f"after epoch {epochs_done} (step {step})"
+    return Stopped(
+        f"stopped by {signal_name(signum)} {where}; {t.run.last} holds the run, continue it with: "
+        f"ssl pretrain --out {t.run.root} --resume",
+        signum,
+    )

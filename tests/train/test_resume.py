@@ -207,3 +207,66 @@ def test_resume_refuses_a_last_checkpoint_whose_bytes_changed_and_keeps_the_run(
     user_error(result, f"error: {last}: its tensors do not match", "epoch_NNNN", "copy it to last.safetensors")
     assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
     assert read_checkpoint(tmp_path / "run/checkpoints/epoch_0001.safetensors").meta["epoch"] == 1
+
+
+def _extension_run(tmp_path: Path, out: str, kill_epoch: int | None = None):
+    """A 2-epoch run (warm-up + cosine) extended to 4 epochs with --extend-to; ``kill_epoch``: Ctrl-C at that epoch's
+    end (before its checkpoint) during the extension, then a plain --resume."""
+    from ssl_cli.train.launch import run_pretraining
+
+    data = write_image_folder(tmp_path / "data", per_class=16, classes=4)  # 64 images, batch 16: 4 steps an epoch
+    over = [*TINY, ("train.batch_size", 16), ("train.epochs", 2), ("schedule.warmup_epochs", 1)]
+    run_pretraining("simclr", str(data), tmp_path / out, overrides=over)
+    if kill_epoch is None:
+        return run_pretraining(None, None, tmp_path / out, resume=True, extend_to=4)
+    with pytest.raises(KeyboardInterrupt):
+        run_pretraining(None, None, tmp_path / out, resume=True, extend_to=4, reporter=Interrupt(at=kill_epoch))
+    return run_pretraining(None, None, tmp_path / out, resume=True)
+
+
+def test_extend_to_trains_a_finished_run_on_with_a_recorded_schedule_segment(tmp_path: Path) -> None:
+    from ssl_cli.schedules import lr_schedule
+    from ssl_cli.train.optim import effective_lr
+
+    result = _extension_run(tmp_path, "run")
+    ckpt = read_checkpoint(result.checkpoint)
+    assert (ckpt.meta["epoch"], ckpt.meta["step"]) == (4, 16)
+    assert ckpt.meta["schedule_segments"] == [[0, 2], [8, 4]]
+    assert load_recipe(str(tmp_path / "run/recipe.toml")).train.epochs == 4
+    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4]
+    r = ckpt.recipe
+    planned_for_4 = lr_schedule(r.schedule, effective_lr(r.optim, 16), 4, 4)
+    planned_for_2 = lr_schedule(r.schedule, effective_lr(r.optim, 16), 4, 2)
+    assert records[1]["lr"] == pytest.approx(float(planned_for_2[7]))  # the first segment as it ran
+    assert records[2]["lr"] == pytest.approx(float(planned_for_4[11]))  # the extension: the 4-epoch plan
+    assert records[3]["lr"] == pytest.approx(float(planned_for_4[15]))
+
+
+def test_an_extended_run_interrupted_and_resumed_ends_bit_identical(tmp_path: Path) -> None:
+    whole = read_checkpoint(_extension_run(tmp_path, "whole").checkpoint)
+    resumed = read_checkpoint(_extension_run(tmp_path, "cut", kill_epoch=4).checkpoint)
+    assert resumed.meta["schedule_segments"] == whole.meta["schedule_segments"] == [[0, 2], [8, 4]]
+    for section in ("model", "optim"):
+        a, b = whole.section(section), resumed.section(section)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), section
+
+
+def test_extend_to_errors_are_one_line_and_keep_the_run(tmp_path: Path) -> None:
+    from helpers import invoke, user_error
+
+    data = write_image_folder(tmp_path / "data", per_class=8, classes=2)
+    sets = [f"--set={k}={v}" for k, v in TINY if k != "train.batch_size"]
+    out = tmp_path / "run"
+    assert (
+        invoke("pretrain", "--recipe", "simclr", "--data", data, "--out", out, "--batch-size", "8", *sets).exit_code
+        == 0
+    )
+    before = (out / "checkpoints/last.safetensors").read_bytes()
+    user_error(invoke("pretrain", "--out", out, "--resume", "--extend-to", "1"), "--extend-to 1", "run of 1 epochs")
+    user_error(invoke("pretrain", "--out", out, "--extend-to", "3"), "--extend-to 3 continues a run", "--resume")
+    user_error(
+        invoke("pretrain", "--out", out, "--resume", "--epochs", "3"), "train.epochs: 1 then, 3 now", "--extend-to"
+    )
+    user_error(invoke("pretrain", "--out", out, "--resume", "--extend-to", "3", "--epochs", "5"), "drop the --epochs")
+    assert (out / "checkpoints/last.safetensors").read_bytes() == before
