@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ssl_cli.artifacts.atomic import atomic_write
+from ssl_cli.artifacts.atomic import DiskFull, atomic_write
 from ssl_cli.artifacts.backbone import HF_WEIGHTS
 from ssl_cli.data import ImageSet
 from ssl_cli.errors import CheckpointError, DataError
@@ -178,8 +178,9 @@ class FeatureCache:
         meta = {"format": CACHE_FORMAT, "key": key, "info": json.dumps(info)}
         try:
             atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
-        except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error, not OSError
-            reason = getattr(e, "strerror", None) or str(e).strip().splitlines()[-1]
+        except (OSError, SafetensorError, DiskFull) as e:  # safetensors reports a full disk as its own error
+            reason = "No space left on device" if isinstance(e, DiskFull) else None
+            reason = reason or getattr(e, "strerror", None) or str(e).strip().splitlines()[-1]
             self.note(f"features: cannot write the cache in {self.directory} ({reason}); not cached")
             return None
         return path

@@ -26,6 +26,7 @@ replaced only by a checked one.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -39,6 +40,13 @@ from typing import Any
 import torch
 
 import ssl_cli.export.backbone as base
+from ssl_cli.artifacts.atomic import (
+    DiskFull,
+    disk_full_message,
+    is_disk_full,
+    remove_dead_temporaries,
+    temporary_prefix,
+)
 from ssl_cli.artifacts.backbone import HF_WEIGHTS, load_backbone
 from ssl_cli.errors import CheckpointError
 from ssl_cli.export import hf
@@ -138,7 +146,11 @@ def write_torchscript(prepared: PreparedExport, path: Path) -> dict[str, Any]:
             module, how = torch.jit.script(model), "script"
         except Exception:  # noqa: BLE001 - not scriptable: trace it (the check below tests other batch sizes)
             module, how = torch.jit.trace(model, check_batch(size, EXPORT_BATCH), check_trace=False), "trace"
-        torch.jit.save(module, str(path), _extra_files={TORCHSCRIPT_META: json.dumps(prepared.meta)})
+        # saved in memory, then written by Python: torch.jit.save straight to a file aborts the process with a C++
+        # stack dump on a full disk
+        buffer = io.BytesIO()
+        torch.jit.save(module, buffer, _extra_files={TORCHSCRIPT_META: json.dumps(prepared.meta)})
+        path.write_bytes(buffer.getbuffer())
         loaded = torch.jit.load(str(path), map_location="cpu")
         check = compare(model, loaded, size, "torch.jit.load")
     return {"torchscript": how, **check}
@@ -301,7 +313,8 @@ def export_model(
     if fmt == "hf":
         hf.refuse_non_stock(prepared)
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    remove_dead_temporaries(path.parent, path.name)  # the staging folders of exports killed outright
+    staging = Path(tempfile.mkdtemp(prefix=temporary_prefix(path.name), suffix=".tmp", dir=path.parent))
     try:
         if fmt == "hf":
             details = hf.write_hf(prepared, staging)
@@ -309,6 +322,10 @@ def export_model(
         else:
             details = WRITERS[fmt](prepared, staging / path.name)
             _commit_files(staging, path)
+    except (OSError, CheckpointError) as e:
+        if is_disk_full(e):
+            raise DiskFull(disk_full_message(path), path) from None
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     config = prepared.config

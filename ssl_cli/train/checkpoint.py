@@ -81,6 +81,18 @@ def restore_rng(ckpt: Checkpoint, rank: int = 0) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
+OPTIMIZER_SLOTS = {"sgd": 1, "lars": 1, "adamw": 2}
+"""Tensors of optimizer state per trained parameter (momentum; Adam's two moments)."""
+
+
+def checkpoint_bytes(model: torch.nn.Module, optimizer_name: str) -> int:
+    """About the size of one training checkpoint of ``model``: its state and the optimizer's (before the optimizer
+    has made its state, so that a run can check the free space before it trains)."""
+    state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    trained = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return state + OPTIMIZER_SLOTS.get(optimizer_name, 2) * trained
+
+
 def save_checkpoint(
     path: Path,
     model: torch.nn.Module,

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ssl_cli.artifacts.atomic import DiskFull, disk_full_message
 from ssl_cli.artifacts.checkpoint import read_checkpoint
 from ssl_cli.augment import MultiView
 from ssl_cli.backbones import build_backbone, check_view_sizes, timm_kwargs
@@ -43,7 +44,7 @@ from ssl_cli.methods import Method, StepOutput, get_method
 from ssl_cli.runtime import Reporter, SilentReporter, autocast, resolve_device
 from ssl_cli.schedules import lr_schedule, weight_decay_schedule
 from ssl_cli.signals import Stopped, StopSignals, signal_name
-from ssl_cli.train.checkpoint import load_optimizer, restore_rng, rng_tensors, save_checkpoint
+from ssl_cli.train.checkpoint import checkpoint_bytes, load_optimizer, restore_rng, rng_tensors, save_checkpoint
 from ssl_cli.train.epoch_state import EpochSums, PausePolicy, mid_epoch_position
 from ssl_cli.train.monitors import OnlineMonitors, check_resume_monitors
 from ssl_cli.train.optim import build_optimizer, clip_gradients, effective_lr, set_lr, set_weight_decay
@@ -356,9 +357,14 @@ def _set_up(
     )  # fmt: skip
     if t.main:
         leftovers = run.remove_leftovers()
+        space = run.check_free_space(
+            checkpoint_bytes(method, recipe.optim.name),
+            train.epochs // max(train.checkpoint_every, 1) * (train.checkpoint_every > 0),
+        )
         run.prepare(recipe, resume)
-        if leftovers:
-            reporter.log(leftovers)
+        for line in (leftovers, space):
+            if line:
+                reporter.log(line)
     barrier()
     _start_notes(t)
     method.bind_data(len(images), images.labels.clone() if images.labeled else None)
@@ -562,7 +568,13 @@ def pretrain(
     run folder is locked for the whole run (``RunLock``): a second run into it stops with one line. Ctrl-C, SIGTERM
     and SIGUSR1 stop the run after the step in progress and a checkpoint where it stands (:class:`Stopped`)."""
     with RunLock(Path(out)) if env_rank() == 0 else contextlib.nullcontext():
-        return _pretrain(recipe, data, out, resume, reporter, val, extend_to)
+        try:
+            return _pretrain(recipe, data, out, resume, reporter, val, extend_to)
+        except DiskFull as e:
+            if e.path is None:  # before training: nothing to continue
+                raise
+            then = f"continue the run with: ssl pretrain --out {out} --resume"
+            raise DiskFull(disk_full_message(e.path, then), e.path) from None
 
 
 def _pretrain(

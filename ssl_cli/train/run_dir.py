@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 
-from ssl_cli.artifacts.atomic import atomic_write_text
+from ssl_cli.artifacts.atomic import DiskFull, atomic_write_text, disk_full_message, is_disk_full
 from ssl_cli.config import load_recipe
 from ssl_cli.config.schema import Recipe
 from ssl_cli.errors import CheckpointError, RecipeError
@@ -119,8 +120,33 @@ class RunDir:
         return f"removed {len(found)} temporary file(s) an interrupted write left ({size / 2**20:.1f} MiB)"
 
     def log_metrics(self, record: dict[str, Any]) -> None:
-        with self.metrics.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with self.metrics.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:  # a torn line is dropped with a note on --resume
+            if is_disk_full(e):
+                raise DiskFull(disk_full_message(self.metrics), self.metrics) from None
+            raise
+
+    def check_free_space(self, checkpoint_bytes: int, epoch_checkpoints: int) -> str | None:
+        """Refuse a run whose checkpoint cannot be written here: a write needs room for the new file while the
+        previous one is kept (2 x its size). A warning (returned) when the epoch checkpoints the run will keep
+        need more than is free."""
+        free = shutil.disk_usage(self.root).free
+        mib = checkpoint_bytes / 2**20
+        if free < 2 * checkpoint_bytes:
+            raise DiskFull(
+                f"not enough free space in {self.root} for this run's checkpoints: each is about {mib:.0f} MiB and a "
+                f"write needs room for two ({free / 2**20:.0f} MiB free); free some space or choose another --out"
+            )
+        need = (2 + epoch_checkpoints) * checkpoint_bytes
+        if free < need:
+            return (
+                f"warning: this run keeps {epoch_checkpoints} epoch checkpoint(s) of about {mib:.0f} MiB in "
+                f"{self.checkpoints}, more than the {free / 2**20:.0f} MiB free; raise train.checkpoint_every or "
+                "free some space"
+            )
+        return None
 
 
 class RunLock:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import struct
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,6 +22,7 @@ import ssl_cli
 import ssl_cli.artifacts.safetensors_io as safetensors_io
 import ssl_cli.export.checks as checks
 from conftest import TINY, write_image_folder
+from ssl_cli.artifacts.atomic import DiskFull
 from ssl_cli.artifacts.checkpoint import EXPORT_FORMAT, FORMAT, read_checkpoint
 from ssl_cli.artifacts.integrity import HASH_KEY
 from ssl_cli.artifacts.safetensors_io import atomic_save
@@ -311,15 +313,17 @@ def _failing_save(exc: BaseException, calls: list | None = None, fail_at: int = 
 
 
 @pytest.mark.parametrize(
-    "exc", [OSError(28, "No space left on device"), KeyboardInterrupt()], ids=["oserror", "ctrl-c"]
+    "exc, raised",
+    [(OSError(28, "No space left on device"), DiskFull), (KeyboardInterrupt(), KeyboardInterrupt)],
+    ids=["oserror", "ctrl-c"],
 )
-def test_failed_save_keeps_the_previous_file(tmp_path: Path, monkeypatch, exc: BaseException) -> None:
+def test_failed_save_keeps_the_previous_file(tmp_path: Path, monkeypatch, exc: BaseException, raised) -> None:
     target = tmp_path / "checkpoints" / "last.safetensors"
     atomic_save({"w": torch.ones(3)}, {"format": FORMAT, "epoch": 1}, target)
     before = target.read_bytes()
 
     monkeypatch.setattr(safetensors_io, "save_file", _failing_save(exc))
-    with pytest.raises(type(exc)):
+    with pytest.raises(raised):
         atomic_save({"w": torch.zeros(3)}, {"format": FORMAT, "epoch": 2}, target)
 
     assert target.read_bytes() == before
@@ -335,8 +339,9 @@ def test_failed_save_during_training_keeps_last(tmp_path: Path, monkeypatch) -> 
     calls: list = []
     # saves per epoch: last, then epoch_NNNN; call 3 is epoch 2's last
     monkeypatch.setattr(safetensors_io, "save_file", _failing_save(OSError(28, "disk full"), calls, fail_at=3))
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(DiskFull, match=r"no space left on the device of .* while writing last.safetensors") as info:
         pretrain(recipe, str(data), tmp_path / "run")
+    assert "continue the run with: ssl pretrain --out" in str(info.value) and "\n" not in str(info.value)
     assert len(calls) == 3
     checkpoints = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch_0001.safetensors", "last.safetensors"]
@@ -694,3 +699,32 @@ def _user_error(result: Result, fragment: str) -> None:
     assert result.stdout == "" and "Traceback" not in result.stderr
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.stderr
+
+
+def test_a_full_disk_during_a_torchscript_export_is_one_line_and_keeps_the_earlier_file(stock, tmp_path, monkeypatch):
+    """TorchScript is serialised in memory and written by Python: a full disk is one line (``torch.jit.save`` straight
+    to the file aborted the process with a C++ stack dump, exit 134, and left its staging folder)."""
+    out = tmp_path / "b.pt"
+    export_model(stock.ckpt, out, "torchscript")
+    before = out.read_bytes()
+    real = Path.write_bytes
+
+    def full(self, data):
+        real(self, bytes(data)[:100])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    _user_error(_invoke("export", str(stock.ckpt), "--out", str(out)), "no space left on the device")
+    _user_error(_invoke("export", str(stock.ckpt), "--out", str(out)), "b.pt is kept as it was")
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.pt"]  # no staging folder is left
+
+
+def test_the_staging_folder_of_an_export_killed_outright_goes_at_the_next_export(stock, tmp_path) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    stale = tmp_path / f".b.pt.{proc.pid}-x1y2z3.tmp"  # what a kill -9 during an export leaves
+    stale.mkdir()
+    (stale / "b.pt").write_bytes(b"\0" * 4096)
+    export_model(stock.ckpt, tmp_path / "b.pt", "torchscript")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.pt"]
