@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -126,3 +128,36 @@ class Interrupt(SilentReporter):
     def epoch_end(self, record: dict) -> None:
         if record["epoch"] == self.at:
             raise KeyboardInterrupt
+
+
+def rewrite_metadata(source: Path, target: Path, change: Callable[[dict[str, Any]], None]) -> Path:
+    """``target``: ``source`` with its safetensors header's metadata passed through ``change`` (JSON values decoded,
+    edited in place), the tensors' bytes untouched (their hash still holds): a hand-edited or crafted file."""
+    data = Path(source).read_bytes()
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + size])
+    meta: dict[str, Any] = {}
+    for key, value in header.get("__metadata__", {}).items():
+        try:
+            meta[key] = json.loads(value)
+        except json.JSONDecodeError:
+            meta[key] = value
+    change(meta)
+    header["__metadata__"] = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    Path(target).write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + size :])
+    return Path(target)
+
+
+def set_key(dotted: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    """A ``rewrite_metadata`` change: the metadata key at ``dotted`` (``recipe.recipe.name``) becomes ``value``."""
+
+    def change(meta: dict[str, Any]) -> None:
+        *path, last = dotted.split(".")
+        node = meta
+        for part in path:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        node[int(last) if isinstance(node, list) else last] = value
+
+    return change

@@ -14,28 +14,33 @@ from pydantic import ValidationError
 from torch import nn
 
 from ssl_cli.artifacts.checkpoint import EXPORT_FORMAT, FORMAT
+from ssl_cli.artifacts.metadata import check_metadata
 from ssl_cli.artifacts.safetensors_io import read_safetensors
+from ssl_cli.artifacts.state import load_state
 from ssl_cli.backbones import build_backbone
 from ssl_cli.config.schema import IMAGENET_MEAN, IMAGENET_STD, BackboneConfig
-from ssl_cli.errors import CheckpointError
+from ssl_cli.errors import CheckpointError, RecipeError
 from ssl_cli.heads import ScaleBatchNorm1d
 
 
-def backbone_config(meta: dict[str, Any]) -> BackboneConfig:
+def backbone_config(meta: dict[str, Any], path: str | Path | None = None) -> BackboneConfig:
     """The ``[backbone]`` section a checkpoint or export was made with, validated like a recipe's (so its timm
     keyword arguments are architecture only: a crafted file cannot make timm load a path it names)."""
+    where = f"{path}: " if path is not None else ""
+    from_recipe = isinstance(meta.get("recipe"), dict) and "backbone" in meta["recipe"]
+    key = "recipe.backbone" if from_recipe else "backbone"
     try:
-        return _backbone_config(meta)
+        return _backbone_config(meta, from_recipe)
     except ValidationError as e:
         err = e.errors(include_url=False)[0]
-        where = ".".join(str(p) for p in err["loc"])
-        raise CheckpointError(f"metadata backbone.{where}: {err['msg'].removeprefix('Value error, ')}") from None
+        loc = ".".join(str(p) for p in (key, *err["loc"]))
+        raise CheckpointError(f"{where}metadata {loc}: {err['msg'].removeprefix('Value error, ')}") from None
     except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise CheckpointError(f"metadata 'backbone' is malformed ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{where}metadata '{key}' is malformed ({type(e).__name__}: {e})") from None
 
 
-def _backbone_config(meta: dict[str, Any]) -> BackboneConfig:
-    if "recipe" in meta and isinstance(meta["recipe"], dict) and "backbone" in meta["recipe"]:
+def _backbone_config(meta: dict[str, Any], from_recipe: bool) -> BackboneConfig:
+    if from_recipe:
         return BackboneConfig.model_validate(meta["recipe"]["backbone"])
     b = meta["backbone"]
     kwargs = dict(b.get("kwargs", {}))
@@ -48,6 +53,16 @@ def _backbone_config(meta: dict[str, Any]) -> BackboneConfig:
         drop_path_rate=float(kwargs.pop("drop_path_rate", 0.0)),
         kwargs=kwargs,
     )
+
+
+def build_from_meta(meta: dict[str, Any], path: str | Path, **update: Any) -> nn.Module:
+    """The backbone (random weights) a file's metadata describes; what timm refuses to build is the file's fault:
+    ``FILE: metadata backbone.small_stem: ...``."""
+    config = backbone_config(meta, path)
+    try:
+        return build_backbone(config.model_copy(update=update))
+    except RecipeError as e:  # the recipe's words for the same keys
+        raise CheckpointError(f"{path}: metadata {e}") from None
 
 
 def backbone_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
@@ -113,7 +128,7 @@ def load_backbone(path: str | Path, device: str = "cpu", with_meta: bool = False
     model = rebuild(tensors, meta, path)
     if random_init:
         torch.manual_seed(0)
-        model = build_backbone(backbone_config(meta))
+        model = build_from_meta(meta, path)
     model = model.to(device).eval()
     return (model, meta) if with_meta else model
 
@@ -126,21 +141,16 @@ def preprocessing_stats(meta: dict[str, Any]) -> tuple[list[float], list[float]]
 
 def rebuild(tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: Path) -> nn.Module:
     state = backbone_state(tensors, meta, path)
-    if "backbone" not in meta:
-        raise CheckpointError(f"{path}: metadata lacks 'backbone'; cannot rebuild the model")
+    check_metadata(meta, path)
     projected = meta.get("format") == EXPORT_FORMAT and bool(meta.get("projector"))
     head_state = {k[len(PROJECTOR_PREFIX) :]: v for k, v in state.items() if k.startswith(PROJECTOR_PREFIX)}
     if projected:
         state = {k: v for k, v in state.items() if not k.startswith(PROJECTOR_PREFIX)}
     torch.manual_seed(0)
-    model = build_backbone(backbone_config(meta).model_copy(update={"freeze_patch_embed": False}))
-    try:
-        model.load_state_dict(state, strict=True)
-        if projected:
-            head = head_from_spec(meta["projector"]["layers"])
-            head.load_state_dict(head_state, strict=True)
-            model = ProjectedBackbone(model, head, int(meta["projector"]["num_features"]))
-    except RuntimeError as e:
-        first = str(e).splitlines()[0]
-        raise CheckpointError(f"{path}: weights do not fit {meta['backbone'].get('name')}: {first}") from None
+    model = build_from_meta(meta, path, freeze_patch_embed=False)
+    load_state(model, state, f"{path}: the weights do not fit {backbone_config(meta, path).name}")
+    if projected:
+        head = head_from_spec(meta["projector"]["layers"])
+        load_state(head, head_state, f"{path}: the projector weights do not fit its layers in the metadata")
+        model = ProjectedBackbone(model, head, int(meta["projector"]["num_features"]))
     return model.eval()

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from ssl_cli.artifacts.metadata import check_metadata
 from ssl_cli.artifacts.safetensors_io import read_safetensors
 from ssl_cli.errors import CheckpointError
 
@@ -58,4 +59,5 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     for key in ("recipe", "backbone", "preprocessing", "epoch", "step"):
         if key not in meta:
             raise CheckpointError(f"{path}: checkpoint metadata lacks '{key}'")
+    check_metadata(meta, path)
     return Checkpoint(Path(path), tensors, meta)

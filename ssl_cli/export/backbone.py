@@ -32,6 +32,7 @@ from ssl_cli.artifacts.atomic import atomic_write_text
 from ssl_cli.artifacts.backbone import PROJECTOR_PREFIX, ProjectedBackbone, rebuild
 from ssl_cli.artifacts.checkpoint import EXPORT_FORMAT, FORMAT
 from ssl_cli.artifacts.safetensors_io import atomic_save, read_safetensors
+from ssl_cli.artifacts.state import load_state
 from ssl_cli.errors import CheckpointError
 
 
@@ -79,11 +80,7 @@ def _checkpoint_head(tensors: dict[str, torch.Tensor], meta: dict[str, Any], lay
     cfg = recipe_from_dict(meta["recipe"], source=f"{path} (recipe)").method
     head, _ = projector(cfg, in_dim)
     state = {k[len("model.projector.") :]: v for k, v in tensors.items() if k.startswith("model.projector.")}
-    try:
-        head.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        first = str(e).splitlines()[0]
-        raise CheckpointError(f"{path}: the projector weights do not fit method '{name}': {first}") from None
+    load_state(head, state, f"{path}: the projector weights do not fit method '{name}'")
     return projector_prefix(head, layers).eval()
 
 

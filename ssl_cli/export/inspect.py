@@ -27,6 +27,7 @@ import torch
 from ssl_cli.artifacts.backbone import HF_WEIGHTS, PROJECTOR_PREFIX
 from ssl_cli.artifacts.checkpoint import EXPORT_FORMAT, FORMAT
 from ssl_cli.artifacts.integrity import verify_file
+from ssl_cli.artifacts.metadata import check_metadata
 from ssl_cli.errors import CheckpointError
 from ssl_cli.export.formats import ONNX_INSTALL, TORCHSCRIPT_META
 
@@ -84,7 +85,11 @@ def _onnx_meta(path: Path) -> tuple[dict[str, Any] | None, dict[str, Any]]:
         "outputs": [o.name for o in proto.graph.output],
         "producer": f"{proto.producer_name} {proto.producer_version}".strip(),
     }
-    return (json.loads(props["ssl"]) if "ssl" in props else None), graph
+    try:
+        meta = json.loads(props["ssl"]) if "ssl" in props else None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: its 'ssl' metadata is not JSON ({e})") from None
+    return meta, graph
 
 
 def _size(path: Path) -> int:
@@ -165,7 +170,8 @@ def _backbone(meta: dict[str, Any], num_features: int | None) -> dict[str, Any]:
     }
 
 
-def _export_info(meta: dict[str, Any], kind: str, info: dict[str, Any], shapes: dict | None = None) -> None:
+def _export_info(meta: dict[str, Any], kind: str, info: dict[str, Any], path: Path, shapes: dict | None = None) -> None:
+    check_metadata(meta, path, required=())
     config = meta.get("config") or {}
     info["kind"] = "export"
     info["format"] = kind
@@ -207,7 +213,7 @@ def describe(checkpoint: str | Path) -> dict[str, Any]:
             raise CheckpointError(f"{config_path} is not readable JSON ({e})") from None
         if meta.get("format") != EXPORT_FORMAT:
             raise CheckpointError(f"{path}: {HF_WEIGHTS} was not written by ssl export (format: {meta.get('format')})")
-        _export_info(meta, "hf", info, shapes)
+        _export_info(meta, "hf", info, weights, shapes)
         info["tensors_sha256"] = _integrity(weights)
         info["preprocessing"] = meta.get("preprocessing")
         return _finish(info)
@@ -217,14 +223,14 @@ def describe(checkpoint: str | Path) -> dict[str, Any]:
         meta = _torchscript_meta(path)
         if meta is None:
             raise CheckpointError(f"{path} is a zip archive but not a TorchScript export written by ssl")
-        _export_info(meta, "torchscript", info)
+        _export_info(meta, "torchscript", info, path)
         info["preprocessing"] = meta.get("preprocessing")
         return _finish(info)
     if path.suffix.lower() == ".onnx":
         meta, graph = _onnx_meta(path)
         if meta is None:
             raise CheckpointError(f"{path} is an ONNX model but not one written by ssl export (no 'ssl' metadata)")
-        _export_info(meta, "onnx", info)
+        _export_info(meta, "onnx", info, path)
         info["onnx"] = graph
         info["preprocessing"] = meta.get("preprocessing")
         return _finish(info)
@@ -238,6 +244,7 @@ def describe(checkpoint: str | Path) -> dict[str, Any]:
         ) from None
     fmt = meta.get("format")
     if fmt == FORMAT:
+        check_metadata(meta, path, required=())
         info["kind"] = "training checkpoint"
         info["format"] = "safetensors"
         info["format_version"] = FORMAT
@@ -249,7 +256,7 @@ def describe(checkpoint: str | Path) -> dict[str, Any]:
         info["model_tensors"] = sum(1 for k in shapes if k.startswith("model."))
         info["optimizer_state"] = any(k.startswith("optim.") for k in shapes)
     elif fmt == EXPORT_FORMAT:
-        _export_info(meta, "safetensors", info, shapes)
+        _export_info(meta, "safetensors", info, path, shapes)
     else:
         raise CheckpointError(
             f"{path} is a safetensors file but not an ssl checkpoint or export "

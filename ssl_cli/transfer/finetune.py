@@ -45,7 +45,7 @@ import ssl_cli
 from ssl_cli.artifacts.atomic import atomic_write_text
 from ssl_cli.artifacts.safetensors_io import atomic_save, read_safetensors
 from ssl_cli.data import ImageSet
-from ssl_cli.errors import CheckpointError, RecipeError, TrainingError
+from ssl_cli.errors import CheckpointError, DataError, RecipeError, TrainingError
 from ssl_cli.eval.features import extract_features, image_loader
 from ssl_cli.runtime import SilentReporter, autocast
 from ssl_cli.schedules import cosine_schedule
@@ -300,7 +300,7 @@ def finetune(
     schedule = lr_schedule(cfg, len(train))
     spe = steps_per_epoch(len(train), cfg.batch_size)
     if spe == 0:
-        raise TrainingError(f"fine-tuning needs at least 2 labeled images; the train set has {len(train)}")
+        raise DataError(f"fine-tuning needs at least 2 labeled images; the train set has {len(train)}")
     total = spe * cfg.epochs
     reporter.start(total, 0)
     started = time.monotonic()
@@ -420,23 +420,22 @@ def load_finetuned(path: str | Path, device: str = "cpu", with_meta: bool = Fals
 
     ``meta["classes"]`` names the outputs; ``meta["preprocessing"]`` holds the mean / std / input size.
     """
-    from ssl_cli.artifacts.backbone import backbone_config, head_from_spec
-    from ssl_cli.backbones import build_backbone
+    from ssl_cli.artifacts.backbone import backbone_config, build_from_meta, head_from_spec
+    from ssl_cli.artifacts.metadata import Finetuned, check_metadata
+    from ssl_cli.artifacts.state import load_state
 
     path = Path(path).expanduser()
     tensors, meta = read_safetensors(path)
     if meta.get("format") != FINETUNED_FORMAT:
         found = meta.get("format", "missing")
         raise CheckpointError(f"{path} is not a model written by ssl transfer (format: {found})")
+    check_metadata(meta, path, required=("backbone", "num_classes"), schema=Finetuned)
     torch.manual_seed(0)
-    backbone = build_backbone(backbone_config(meta).model_copy(update={"freeze_patch_embed": False}))
+    backbone = build_from_meta(meta, path, freeze_patch_embed=False)
     projector = meta.get("projector")
     head = head_from_spec(projector["layers"]) if projector else None
     model = attach_classifier(backbone, int(meta["num_classes"]), head, (projector or {}).get("num_features"))
-    try:
-        model.load_state_dict(tensors, strict=True)
-    except RuntimeError as e:
-        first = str(e).splitlines()[0]
-        raise CheckpointError(f"{path}: weights do not fit {meta['backbone'].get('name')}: {first}") from None
+    name = backbone_config(meta, path).name
+    load_state(model, tensors, f"{path}: the weights do not fit {name} with {meta['num_classes']} classes")
     model = model.to(device).eval()
     return (model, meta) if with_meta else model
