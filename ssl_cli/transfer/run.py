@@ -42,6 +42,7 @@ from ssl_cli.transfer.finetune import (
     finetuned_meta,
     peak_lr,
     save_finetuned,
+    steps_per_epoch,
 )
 from ssl_cli.transfer.label_subset import (
     SUBSET_FILE,
@@ -187,6 +188,19 @@ def _labeled(plan: _Plan, s: Any, train: str | None, fraction: float | None, see
     return subset, s.train.subset(indices)
 
 
+def _check_enough(labeled: ImageSet, cfg: FinetuneConfig, is_subset: bool) -> None:
+    """At least one training batch of 2 images (BatchNorm trains on no fewer), before anything is written."""
+    if steps_per_epoch(len(labeled), cfg.batch_size) > 0:
+        return
+    n = len(labeled)
+    which = f"the label subset of --train {labeled.name}" if is_subset else f"--train {labeled.name}"
+    more = "add images, or take a larger --label-fraction" if is_subset else "add images"
+    raise DataError(
+        f"{which} has {n} labeled image{'' if n == 1 else 's'}; fine-tuning needs at least 2 (a batch of 2: "
+        f"BatchNorm trains on no fewer); {more}"
+    )
+
+
 def _start_out(plan: _Plan, subset: LabelSubset | None, log: Callable[[str], None]) -> Callable[[dict], None]:
     """Write ``run.json`` (and the new subset) into ``--out``, start ``epochs.jsonl``; the per-epoch writer."""
     out = plan.out
@@ -253,6 +267,7 @@ def run_transfer(
     plan = _plan(checkpoint, train, val, out, cfg, label_fraction, label_subset, random_init)
     s = setup(checkpoint, train, val, device, random_init)
     subset, labeled = _labeled(plan, s, train, label_fraction, cfg.seed, label_subset)
+    _check_enough(labeled, cfg, subset is not None)
     on_epoch = _start_out(plan, subset, log or (lambda _message: None))
     model, projector = _classifier(s, cfg.seed)
     result = finetune(

@@ -346,6 +346,18 @@ def test_unlabeled_train_folder(world, tmp_path: Path) -> None:
     user_error(result, "--train", "labels")
 
 
+def test_a_train_folder_of_one_image_is_one_line_and_nothing_is_written(world, tmp_path: Path) -> None:
+    """It failed in the first epoch with exit 1, after --out was started (run.json, an empty epochs file)."""
+    one = tmp_path / "one"
+    for i, name in enumerate(COLOURS):
+        (one / name).mkdir(parents=True)
+        if i == 0:
+            (one / name / "000.png").write_bytes(next(iter(sorted((world.train / name).glob("*.png")))).read_bytes())
+    result = invoke("transfer", world.ckpt, "--train", one, "--val", world.val, "--out", tmp_path / "o", *FAST)
+    user_error(result, "--train one has 1 labeled image; fine-tuning needs at least 2")
+    assert not (tmp_path / "o").exists()
+
+
 def test_out_holding_another_result_or_files_is_refused(world, tmp_path: Path) -> None:
     before = {p.name: p.read_bytes() for p in world.out.iterdir()}
     user_error(transfer(world, world.out, *RUN[:-3], "--seed", "4"), "other settings", "seed")
