@@ -9,7 +9,9 @@ the run as ``ssl pretrain``'s warning advises); lightly runs ``benchmarks/lightl
         --lightly-python ~/lightly-venv/bin/python
 
 Results go to ``OUT/results.jsonl`` (one record per run, kept across restarts: finished runs are skipped) and a
-Markdown table on stdout: kNN top-1 (k=200), wall time of the training run and its images/s.
+Markdown table on stdout: kNN top-1 (k=200), wall time of the training run and its images/s. ``--seed`` seeds both
+libraries' runs (another seed: another run); ``--ssl-set KEY=VALUE`` adds a ``--set`` to ours (e.g. lightly's
+learning rate, ``optim.lr=0.12``), recorded as the run's ``variant``.
 """
 
 from __future__ import annotations
@@ -31,27 +33,35 @@ from ssl_cli.export.backbone import export_backbone
 BUDGET = "--backbone resnet18 --set backbone.small_stem=false --set views.*.size=32 --set train.checkpoint_every=0"
 
 
+def _name(a: argparse.Namespace, library: str, method: str) -> str:
+    """The run's folder name: ``ssl-mocov2``, ``ssl-mocov2-seed1-optim.lr=0.12``, ``lightly-mocov2-seed1``."""
+    parts = [library, method] + ([f"seed{a.seed}"] if a.seed else []) + (a.ssl_set if library == "ssl" else [])
+    return "-".join(parts)
+
+
 def ours(a: argparse.Namespace, method: str) -> dict:
     warmup = f"schedule.warmup_epochs={0.1 * a.epochs:g}"
+    extra = [x for kv in a.ssl_set for x in ("--set", kv)]
     start = time.perf_counter()
     run = ssl(
-        "pretrain", "--recipe", f"{method}-cifar", "--data", a.train, *BUDGET.split(), "--set", warmup,
-        "--epochs", str(a.epochs), "--batch-size", str(a.batch_size), "--out", str(a.out / f"ssl-{method}"),
+        "pretrain", "--recipe", f"{method}-cifar", "--data", a.train, *BUDGET.split(), "--set", warmup, *extra,
+        "--epochs", str(a.epochs), "--batch-size", str(a.batch_size), "--seed", str(a.seed),
+        "--out", str(a.out / _name(a, "ssl", method)),
     )  # fmt: skip
     return {**run, "wall_s": time.perf_counter() - start}
 
 
 def peer(a: argparse.Namespace, method: str, reference_checkpoint: str) -> dict:
     """lightly's run in its venv, then its backbone saved as an ``ssl`` export (so ``ssl knn`` scores it alike)."""
-    out = a.out / f"lightly-{method}"
+    out = a.out / _name(a, "lightly", method)
     cmd = [a.lightly_python, str(Path(__file__).with_name("lightly_peer.py")), "--method", method, "--train", a.train]
-    cmd += ["--out", str(out), "--epochs", str(a.epochs), "--batch-size", str(a.batch_size)]
+    cmd += ["--out", str(out), "--epochs", str(a.epochs), "--batch-size", str(a.batch_size), "--seed", str(a.seed)]
     print("+", " ".join(cmd), file=sys.stderr, flush=True)
     start = time.perf_counter()
     done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
     result = {**json.loads(done.stdout.strip().splitlines()[-1]), "wall_s": time.perf_counter() - start}
     # the export metadata of our own run of the same architecture, with lightly's preprocessing (ImageNet statistics)
-    export = a.out / f"ssl-{method}" / "export.safetensors"
+    export = out / "reference-export.safetensors"
     export_backbone(reference_checkpoint, export)
     _, meta = read_safetensors(export)
     meta["preprocessing"] = {**meta["preprocessing"], "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
@@ -76,32 +86,36 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=["simclr", "mocov2"])
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0, help="seeds both libraries' runs")
+    p.add_argument("--ssl-set", action="append", default=[], help="KEY=VALUE: a --set for our runs (repeatable)")
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     results = a.out / "results.jsonl"
-    done = (
-        {(r["library"], r["method"]): r for r in map(json.loads, results.read_text().splitlines())}
-        if results.exists()
-        else {}
-    )
+    done = {r["run"]: r for r in map(json.loads, results.read_text().splitlines())} if results.exists() else {}
 
     def save(record: dict) -> None:
-        done[(record["library"], record["method"])] = record
+        done[record["run"]] = record
         with results.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
     for method in a.methods:
-        if ("ssl", method) not in done:
+        mine, theirs = _name(a, "ssl", method), _name(a, "lightly", method)
+        common = {"method": method, "seed": a.seed}
+        if mine not in done:
             run = ours(a, method)
-            save({"library": "ssl", "method": method, **run, "knn_top1": knn(a, run["checkpoint"])})
-        if ("lightly", method) not in done:
-            run = peer(a, method, done[("ssl", method)]["checkpoint"])
-            save({**run, "knn_top1": knn(a, run["checkpoint"])})
+            variant = {"variant": " ".join(a.ssl_set)} if a.ssl_set else {}
+            save({"run": mine, "library": "ssl", **common, **variant, **run, "knn_top1": knn(a, run["checkpoint"])})
+        if theirs not in done:
+            run = peer(a, method, done[mine]["checkpoint"])
+            save({"run": theirs, "library": "lightly", **common, **run, "knn_top1": knn(a, run["checkpoint"])})
 
-    print("| method | library | kNN top-1 (k=200) | wall time | images/s (training steps) |")
-    print("|---|---|---|---|---|")
-    for (library, method), r in sorted(done.items(), key=lambda kv: (kv[0][1], kv[0][0] != "ssl")):
-        print(f"| {method} | {library} | {r['knn_top1']:.4f} | {r['wall_s']:.0f} s | {r['images_per_second']:.0f} |")
+    print("| method | library | seed | variant | kNN top-1 (k=200) | wall time | images/s (training steps) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in sorted(done.values(), key=lambda r: (r["method"], r["library"] != "ssl", r.get("seed", 0))):
+        print(
+            f"| {r['method']} | {r['library']} | {r.get('seed', 0)} | {r.get('variant', '')} | {r['knn_top1']:.4f} "
+            f"| {r['wall_s']:.0f} s | {r['images_per_second']:.0f} |"
+        )
 
 
 if __name__ == "__main__":
