@@ -18,6 +18,22 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 MEMORY_LIMIT_BYTES = 4 * 2**30  # cache = "auto" keeps decoded images in memory below this
 
 
+class ImageError(DataError):
+    """An image file that cannot be read or decoded: which file, and what is wrong with it.
+
+    Raised in a DataLoader worker (``data.cache = "none"``, or a set too large to keep in memory), it comes back to
+    the main process as torch re-raises it: ``ImageError("Caught ImageError in DataLoader worker process 0.\n
+    Original Traceback (most recent call last): ... ssl_cli.data.images.ImageError: <message>")``. The constructor
+    keeps only ``<message>``, so the user sees the one line of what is wrong with which file, not the worker's
+    traceback folded into it."""
+
+    def __init__(self, message: str = "") -> None:
+        marker = f"{type(self).__module__}.{type(self).__qualname__}: "
+        if message.startswith("Caught ") and marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message)
+
+
 def _grey_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
     """Single-channel high-range pixels scaled to 0..255 by their type's range (PIL's convert clips instead).
 
@@ -48,7 +64,7 @@ def decode_image(path: Path) -> torch.Tensor:
                 im = im.convert("RGBA").convert("RGB") if im.mode in ("P", "PA", "LA") else im.convert("RGB")
                 array = np.asarray(im, dtype=np.uint8).copy()
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"cannot decode image {path}: {e}") from None
+        raise ImageError(f"cannot decode image {path}: {e}") from None
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
@@ -100,7 +116,7 @@ class ImageSet:
                 with Image.open(p) as im:
                     sizes.append(im.width * im.height * 3)
             except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
-                raise DataError(f"cannot read image {p}: {e}") from None
+                raise ImageError(f"cannot read image {p}: {e}") from None
         return int(sum(sizes) / len(sizes) * len(self.paths))
 
     def cached(self, policy: str) -> ImageSet:

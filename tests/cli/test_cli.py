@@ -276,6 +276,10 @@ def test_unknown_recipe_lists_valid_ones(world, tmp_path: Path) -> None:
         ("optim.lr=abc", ["optim.lr", "abc"]),
         ("train.epochs=0", ["train.epochs", "greater than or equal to 1"]),
         ("optim.lr", ["KEY=VALUE"]),
+        # blamed on the built-in recipe file before (simclr.toml: unknown key '' / views.0.size)
+        (".lr=1", ["--set .lr: an empty name between dots"]),
+        ("optim..lr=1", ["--set optim..lr: an empty name between dots"]),
+        ("views.*.size=abc", ["--set views.*.size: views.0.size: Input should be a valid integer"]),
     ],
 )
 def test_bad_set_override(world, tmp_path: Path, assignment: str, fragments: list[str]) -> None:
@@ -304,6 +308,25 @@ def test_recipe_file_not_found_and_invalid_toml(world, tmp_path: Path) -> None:
     broken.write_text("[method\nname = \n")
     user_error(invoke("pretrain", "--recipe", broken, "--data", world.train), "invalid TOML")
     user_error(invoke("recipes", "show", "nope"), "unknown recipe 'nope'")
+
+
+def test_a_missing_extends_target_is_blamed_on_the_file_that_extends_it(world, tmp_path: Path) -> None:
+    mine = tmp_path / "mine.toml"
+    mine.write_text('extends = "simclr-cifr"\n')
+    result = invoke("pretrain", "--recipe", mine, "--data", world.train, "--out", tmp_path / "r")
+    user_error(result, f"{mine}: extends = 'simclr-cifr': unknown recipe 'simclr-cifr'; valid: ", "simclr-cifar")
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_bad_image_decoded_in_a_loader_worker_is_one_line(tmp_path: Path) -> None:
+    """data.cache = "none": images are decoded in DataLoader workers, whose traceback was the error line."""
+    data = write_image_folder(tmp_path / "data", per_class=16, classes=2)
+    bad = sorted(data.rglob("*.png"))[5]
+    bad.write_bytes(bad.read_bytes()[:100])
+    workers = ["--set", "data.cache=none", "--set", "data.num_workers=1", "--quiet"]
+    result = invoke("pretrain", "--recipe", "simclr", "--data", data, "--out", tmp_path / "r", *TINY_SET, *workers)
+    line = user_error(result, f"error: cannot decode image {bad}: image file is truncated")
+    assert line.endswith("truncated") and "Traceback" not in line
 
 
 def test_missing_data_folder(tmp_path: Path) -> None:

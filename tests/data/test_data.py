@@ -287,6 +287,20 @@ def test_corrupt_files_are_data_errors(tmp_path: Path):
         assert str(path) in str(e.value), path.name
 
 
+def test_a_bad_image_decoded_in_a_loader_worker_is_its_own_one_line(image_folder: Path) -> None:
+    """torch re-raises a worker's error with the worker's whole traceback as its message (the user saw it folded into
+    one long line): only what is wrong with which file is left."""
+    bad = image_folder / CLASSES[0] / "zz_broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    ds = scan_folder(image_folder)
+    loader = train_loader(ViewDataset(ds, lambda image: [image.float()], seed=0), len(ds), num_workers=1, seed=0)
+    with pytest.raises(DataError) as info:
+        next(iter(loader))
+    message = str(info.value)
+    assert message.startswith(f"cannot decode image {bad}: ") and "\n" not in message, message
+    assert "Traceback" not in message and "worker" not in message, message
+
+
 def test_corrupt_file_in_folder_named_on_load_and_cache(image_folder: Path):
     bad = image_folder / CLASSES[0] / "zz_broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
