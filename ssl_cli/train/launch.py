@@ -102,7 +102,9 @@ def plan_pretraining(
             resolved = recipe_from_dict(ckpt.meta["recipe"], f"{run.last} (recipe)", overrides)
         else:
             resolved = load_recipe(recipe or str(run.recipe_file), overrides)
-        saved = ckpt.meta["data"]
+        if not isinstance(ckpt.meta.get("data"), dict) and data is None:
+            raise RecipeError(f"--resume: {run.last} does not say what data it was trained on; pass --data with it")
+        saved = ckpt.meta.get("data") or {}
         note = None
         if data is not None and saved.get("spec") not in (None, data):
             note = f"note: --resume with --data {data}; the run was trained on {saved['spec']} until now"

@@ -23,6 +23,7 @@ import torch
 
 from ssl_cli.artifacts.atomic import DiskFull, disk_full_message
 from ssl_cli.artifacts.checkpoint import read_checkpoint
+from ssl_cli.artifacts.state import mismatch
 from ssl_cli.augment import MultiView
 from ssl_cli.backbones import build_backbone, check_view_sizes, timm_kwargs
 from ssl_cli.config import recipe_from_dict
@@ -403,7 +404,7 @@ def _resume(t: _Training, ckpt: Any, extend_to: int | None) -> _Start:
     try:
         t.method.load_state_dict(ckpt.section("model"))
     except RuntimeError as e:  # e.g. a memory bank sized for another dataset
-        first = str(e).strip().splitlines()[-1].strip()
+        first = mismatch(t.method, ckpt.section("model")) or str(e).strip().splitlines()[-1].strip()
         raise CheckpointError(
             f"--resume: {t.run.last} does not fit this run's model ({first}); was it trained on other data? "
             "resume with the same --data, or start a new run with another --out"

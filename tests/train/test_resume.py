@@ -270,3 +270,22 @@ def test_extend_to_errors_are_one_line_and_keep_the_run(tmp_path: Path) -> None:
     )
     user_error(invoke("pretrain", "--out", out, "--resume", "--extend-to", "3", "--epochs", "5"), "drop the --epochs")
     assert (out / "checkpoints/last.safetensors").read_bytes() == before
+
+
+def test_a_checkpoint_that_does_not_say_its_data_needs_data_to_resume(tmp_path: Path) -> None:
+    """A checkpoint without its ``data`` metadata (crafted, or edited by hand): ``--resume`` alone asks for ``--data``
+    (it was a KeyError, and taking the demo data silently would be worse); with ``--data`` it resumes."""
+    from helpers import invoke, rewrite_metadata, user_error
+
+    data = write_image_folder(tmp_path / "data", per_class=8, classes=2)
+    out = tmp_path / "run"
+    sets = [f"--set={k}={v}" for k, v in TINY if k != "train.batch_size"]
+    assert (
+        invoke("pretrain", "--recipe", "simclr", "--data", data, "--out", out, "--batch-size", "8", *sets).exit_code
+        == 0
+    )
+    last = out / "checkpoints/last.safetensors"
+    rewrite_metadata(last, last, lambda meta: meta.pop("data"))
+    user_error(invoke("pretrain", "--out", out, "--resume"), "does not say what data it was trained on", "--data")
+    result = invoke("pretrain", "--out", out, "--resume", "--data", data, "--extend-to", "2")
+    assert result.exit_code == 0, result.stderr
