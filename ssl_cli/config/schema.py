@@ -12,7 +12,7 @@ import math
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationInfo, field_validator, model_validator
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -121,6 +121,29 @@ class ViewConfig(Section):
     blur_prob: Probability = 0.5
     blur_sigma: Pair = [0.1, 2.0]
     solarize_prob: Probability = 0.0
+    randaugment: Literal["none", "infomin"] = "none"
+    """``infomin``: InfoMin's RandAugment after the blur, and the grey after it (the order of InfoMin's code, PyContrast
+    aug ``D``): ``randaugment_n`` ops per image, drawn with replacement from 15 (autocontrast, equalize, invert,
+    rotate, posterize, solarize, solarize-add, colour, contrast, brightness, sharpness, shear x / y, translate x /
+    y), each applied with ``randaugment_prob``, at a level drawn per op from N(``randaugment_m``,
+    ``randaugment_mstd``) clipped to [0, 10] (PyContrast's ``rand-n2-m10-mstd0.5``; ``ssl_cli.augment.randaugment``).
+    ``none``: no RandAugment."""
+    randaugment_n: Annotated[int, Field(ge=1, le=16)] = 2
+    """RandAugment: ops drawn per image (RandAugment's N)."""
+    randaugment_m: Annotated[float, Field(ge=0.0, le=10.0)] = 10.0
+    """RandAugment: the magnitude level out of 10 (RandAugment's M; 10: rotations of 30 degrees, shears of 0.3,
+    translations of 0.45 of the side, enhancement factors of 1.9)."""
+    randaugment_mstd: Annotated[float, Field(ge=0.0, le=10.0)] = 0.5
+    """RandAugment: the standard deviation of the Gaussian noise on the level, drawn per op (timm's ``mstd``)."""
+    randaugment_prob: Probability = 0.5
+    """RandAugment: each drawn op is applied with this probability (0.5 in PyContrast and timm)."""
+
+    @field_validator("randaugment_n", "randaugment_m", "randaugment_mstd", "randaugment_prob")
+    @classmethod
+    def _randaugment_on(cls, v: float, info: ValidationInfo) -> float:
+        if info.data.get("randaugment") == "none" and v != cls.model_fields[str(info.field_name)].default:
+            raise ValueError("does nothing while randaugment = 'none'; set randaugment = 'infomin' to turn it on")
+        return v
 
     def jitter(self) -> dict[str, float]:
         """The colour-jitter strengths: per-channel fields where set, else derived from ``jitter_strength``."""
