@@ -2,7 +2,9 @@
 
 The same chain as :func:`ssl_cli.augment.views.view_transform` (SimCLR, Chen et al. 2020, arXiv:2002.05709,
 Appendix A): random resized crop -> horizontal flip -> colour jitter with probability p (brightness, contrast,
-saturation, hue in a random order) -> grayscale -> Gaussian blur -> solarize -> normalise. Every random parameter
+saturation, hue in a random order) -> grayscale -> Gaussian blur -> solarize -> normalise; with
+``randaugment = "infomin"``, InfoMin's: ... jitter -> blur -> RandAugment (``ssl_cli.augment.randaugment_batched``)
+-> grayscale -> solarize -> normalise. Every random parameter
 is drawn per image, on the CPU from the given ``torch.Generator`` (so a seed reproduces the views on any device),
 following torchvision's ``transforms.v2`` sampling; the image ops then run as whole-batch tensor ops on the input's
 device (no Python loop over images).
@@ -30,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
+from ssl_cli.augment.randaugment import RandAugmentParams, fill_colour, sample_randaugment
+from ssl_cli.augment.randaugment_batched import randaugment_batch
 from ssl_cli.augment.views import blur_kernel_size
 from ssl_cli.config.schema import ViewConfig
 
@@ -55,6 +59,7 @@ class ViewParams:
     blur: torch.Tensor  # N bool
     sigma: torch.Tensor  # N float: blur sigma
     solarize: torch.Tensor  # N bool
+    randaugment: RandAugmentParams  # N x L: InfoMin's RandAugment (L = 0 without it)
 
     def rows(self, start: int, stop: int) -> ViewParams:
         """The parameters of images ``start .. stop - 1`` (one rank's share of a global batch)."""
@@ -73,6 +78,7 @@ class ColourParams:
     blur: torch.Tensor
     sigma: torch.Tensor
     solarize: torch.Tensor
+    randaugment: RandAugmentParams
 
     def rows(self, start: int, stop: int) -> ColourParams:
         return ColourParams(*(getattr(self, f.name)[start:stop] for f in fields(self)))
@@ -205,6 +211,7 @@ class BatchedView:
         self.strengths = view.jitter()
         self.jitter_prob = view.jitter_prob if any(self.strengths.values()) else 0.0
         self.kernel_size = blur_kernel_size(view.size)
+        self.fill = torch.tensor(fill_colour(mean), dtype=torch.float32) / 255  # RandAugment's geometric ops
         self.mean = torch.tensor(list(mean), dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(list(std), dtype=torch.float32).view(1, 3, 1, 1)
 
@@ -213,7 +220,7 @@ class BatchedView:
         boxes = crop_boxes(n, height, width, v.scale, v.ratio, generator)
         flip = torch.rand(n, generator=generator) < v.hflip_prob
         c = self.sample_colour(n, generator)
-        return ViewParams(boxes, flip, c.jitter, c.factors, c.order, c.gray, c.blur, c.sigma, c.solarize)
+        return ViewParams(boxes, flip, *(getattr(c, f.name) for f in fields(c)))
 
     def sample_colour(self, n: int, generator: torch.Generator | None = None) -> ColourParams:
         """The parameters after crop and flip (drawn by ``sample`` right after the boxes and flips)."""
@@ -236,7 +243,8 @@ class BatchedView:
         blur = coin(v.blur_prob)
         sigma = uniform(v.blur_sigma[0], v.blur_sigma[1])
         solarize = coin(v.solarize_prob)
-        return ColourParams(jitter, factors, order, gray, blur, sigma, solarize)
+        randaugment = sample_randaugment(v, n, generator)  # draws nothing without RandAugment
+        return ColourParams(jitter, factors, order, gray, blur, sigma, solarize, randaugment)
 
     def apply(self, images: torch.Tensor, params: ViewParams) -> torch.Tensor:
         """The chain with explicit parameters (tested against torchvision's functional ops image by image)."""
@@ -264,10 +272,15 @@ class BatchedView:
 
         if params.jitter.any():
             x = color_jitter(x, params.factors, params.order, params.jitter, hue=self.strengths["hue"] > 0)
-        if params.gray.any():
+        randaugment = self.view.randaugment != "none"
+        if params.gray.any() and not randaugment:
             x = torch.where(mask(params.gray), grayscale(x).expand_as(x), x)
         if params.blur.any():
             x = gaussian_blur(x, self.kernel_size, params.sigma.to(device), params.blur.to(device))
+        if randaugment:  # InfoMin's order: blur, RandAugment, grey
+            x = randaugment_batch(x, params.randaugment, self.fill)
+            if params.gray.any():
+                x = torch.where(mask(params.gray), grayscale(x).expand_as(x), x)
         if params.solarize.any():
             x = torch.where(mask(params.solarize) & (x >= 128 / 255), 1.0 - x, x)
         return (x - self.mean.to(device)) / self.std.to(device)

@@ -7,8 +7,12 @@ random resized crop (scale, ratio) -> horizontal flip -> colour jitter with prob
 Gaussian blur (kernel 10% of the crop size, sigma uniform in [0.1, 2.0]) -> solarize (threshold 128)
 -> float in [0, 1] -> normalise with the recipe's mean / std.
 
+With ``randaugment = "infomin"`` the chain is InfoMin's [2]: ... -> jitter -> blur -> RandAugment
+(``ssl_cli.augment.randaugment``) -> grayscale -> solarize -> ...
+
 [0] SimCLR, Chen et al. 2020, arXiv:2002.05709, Appendix A.
 [1] BYOL, Grill et al. 2020, arXiv:2006.07733, Table 6 (per-view blur / solarize probabilities).
+[2] InfoMin, Tian et al. 2020, arXiv:2005.10243; github.com/HobbitLong/PyContrast datasets/util.py (aug "D").
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from collections.abc import Sequence
 import torch
 from torchvision.transforms import v2
 
+from ssl_cli.augment.randaugment import RandAugment
 from ssl_cli.config.schema import ViewConfig
 
 
@@ -33,11 +38,15 @@ def view_transform(view: ViewConfig, mean: Sequence[float], std: Sequence[float]
     if view.jitter_prob > 0 and any(strengths.values()):
         jitter = v2.ColorJitter(**strengths)
         steps.append(v2.RandomApply([jitter], p=view.jitter_prob))
-    if view.grayscale_prob > 0:
-        steps.append(v2.RandomGrayscale(view.grayscale_prob))
+    grey = [v2.RandomGrayscale(view.grayscale_prob)] if view.grayscale_prob > 0 else []
+    randaugment = view.randaugment != "none"
+    if not randaugment:
+        steps += grey
     if view.blur_prob > 0:
         blur = v2.GaussianBlur(blur_kernel_size(view.size), sigma=tuple(view.blur_sigma))
         steps.append(v2.RandomApply([blur], p=view.blur_prob))
+    if randaugment:  # InfoMin's order: blur, RandAugment, grey
+        steps += [RandAugment(view, mean), *grey]
     if view.solarize_prob > 0:
         steps.append(v2.RandomSolarize(threshold=128, p=view.solarize_prob))
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
