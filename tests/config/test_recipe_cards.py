@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from ssl_cli.config import load_recipe
-from ssl_cli.config.schema import Recipe
+from ssl_cli.config.schema import Recipe, ViewConfig
 from ssl_cli.train.optim import effective_lr
 
 SIMCLR_JITTER = {"brightness": 0.8, "contrast": 0.8, "saturation": 0.8, "hue": 0.2}  # strength s = 1
@@ -23,15 +23,20 @@ INSTDISC_JITTER = {"brightness": 0.4, "contrast": 0.4, "saturation": 0.4, "hue":
 
 
 def view(count: int, size: int, scale: list[float], jitter_prob: float, jitter: dict, grey: float, blur: float,
-         solarize: float = 0.0) -> dict[str, Any]:  # fmt: skip
-    return {"count": count, "size": size, "scale": scale, "jitter_prob": jitter_prob, "jitter": jitter,
+         solarize: float = 0.0, randaugment: dict | None = None) -> dict[str, Any]:  # fmt: skip
+    card = {"count": count, "size": size, "scale": scale, "jitter_prob": jitter_prob, "jitter": jitter,
             "grayscale_prob": grey, "blur_prob": blur, "solarize_prob": solarize, "hflip_prob": 0.5}  # fmt: skip
+    return card if randaugment is None else {**card, "randaugment": randaugment}
 
 
 BYOL_VIEWS = [
     view(1, 224, [0.08, 1.0], 0.8, BYOL_JITTER, 0.2, 1.0, 0.0),
     view(1, 224, [0.08, 1.0], 0.8, BYOL_JITTER, 0.2, 0.1, 0.2),
 ]
+
+# InfoMin's RandAugment: PyContrast datasets/util.py aug "D", rand_augment_transform("rand-n2-m10-mstd0.5") (each op
+# applied with p 0.5: RandAugment.py rand_augment_ops)
+INFOMIN_RANDAUGMENT = {"policy": "infomin", "n": 2, "m": 10.0, "mstd": 0.5, "prob": 0.5}
 
 # SwAV's multi-crop (also DeepCluster v2's): 2 x 224 (0.14-1) + 6 x 96 (0.05-0.14), SimCLR's jitter, blur 0.5
 SWAV_MULTI_CROP = [
@@ -82,6 +87,35 @@ CARDS: dict[str, tuple[str, float, dict[str, Any], list[dict[str, Any]]]] = {
             "schedule.warmup_epochs": 0,
         },
         [view(2, 224, [0.2, 1.0], 0.8, MOCO_JITTER, 0.2, 0.5)],
+    ),
+    "infomin": (
+        "InfoMin, arXiv:2005.10243 and HobbitLong/PyContrast (main_contrast.py --method InfoMin --cosine: MoCo queue "
+        "K 65536, alpha 0.999, MLP head, nce_t 0.15, SGD lr 0.03 at 256, wd 1e-4, 200 epochs, cosine to lr x 1e-3; "
+        "aug D: crop 0.2 with the queue, jitter 0.8/0.8/0.8/0.2 p 0.8, blur p 0.5, RandAugment n2 m10 mstd0.5, grey "
+        "0.2)",
+        0.03,
+        {
+            "method.name": "mocov2",
+            "method.temperature": 0.15,
+            "method.queue_size": 65536,
+            "method.momentum": 0.999,
+            "method.proj_hidden_dim": 2048,
+            "method.proj_output_dim": 128,
+            "method.proj_batchnorm": False,
+            "method.symmetric": False,
+            "backbone.name": "resnet50",
+            "optim.name": "sgd",
+            "optim.weight_decay": 1e-4,
+            "optim.momentum": 0.9,
+            "optim.exclude_bias_norm": False,
+            "train.batch_size": 256,
+            "train.epochs": 200,
+            "schedule.name": "cosine",
+            "schedule.warmup_epochs": 0,
+            "schedule.min_lr": 0.03 * 0.1**3,
+            "data.mean": [0.485, 0.456, 0.406],
+        },
+        [view(2, 224, [0.2, 1.0], 0.8, SIMCLR_JITTER, 0.2, 0.5, randaugment=INFOMIN_RANDAUGMENT)],
     ),
     "mocov1": (
         "MoCo, arXiv:1911.05722, Sec. 4 and main_moco.py defaults (lr 0.03, x0.1 at 120 and 160, 200 epochs, "
@@ -337,7 +371,14 @@ def resolve(recipe: Recipe, key: str) -> Any:
 
 def view_card(recipe: Recipe) -> list[dict[str, Any]]:
     fields = ("count", "size", "scale", "jitter_prob", "grayscale_prob", "blur_prob", "solarize_prob", "hflip_prob")
-    return [{**{f: getattr(v, f) for f in fields}, "jitter": v.jitter()} for v in recipe.views]
+    return [{**{f: getattr(v, f) for f in fields}, "jitter": v.jitter(), **randaugment_card(v)} for v in recipe.views]
+
+
+def randaugment_card(v: ViewConfig) -> dict[str, Any]:
+    if v.randaugment == "none":
+        return {}
+    values = (v.randaugment, v.randaugment_n, v.randaugment_m, v.randaugment_mstd, v.randaugment_prob)
+    return {"randaugment": dict(zip(INFOMIN_RANDAUGMENT, values, strict=True))}
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -381,7 +422,20 @@ def test_a_wrong_value_fails_the_card() -> None:
         "byol": ([("views.1.solarize_prob", 0.0)], "views"),
         "simclr": ([("method.proj_last_batchnorm", "affine")], "method.proj_last_batchnorm"),
         "simsiam": ([("optim.lr_scaling", "sqrt")], "peak lr"),
+        "infomin": ([("views.*.randaugment_m", 9.0)], "views"),
     }
     for name, (overrides, what) in cases.items():
         wrong = card_errors(name, load_recipe(name, overrides))
         assert len(wrong) == 1 and wrong[0].startswith(what), (name, wrong)
+
+
+def test_infomin_cifar_is_mocov2_cifar_with_infomin_views() -> None:
+    """The 32x32 variant keeps every mocov2-cifar setting and takes InfoMin's views (no blur at 32x32)."""
+    infomin, mocov2 = load_recipe("infomin-cifar").to_dict(), load_recipe("mocov2-cifar").to_dict()
+    assert {k for k in infomin if infomin[k] != mocov2[k]} == {"recipe", "views"}
+    assert view_card(load_recipe("infomin-cifar")) == [
+        view(2, 32, [0.2, 1.0], 0.8, SIMCLR_JITTER, 0.2, 0.0, randaugment=INFOMIN_RANDAUGMENT)
+    ]
+    # any recipe takes the preset by name: the same policy on simclr-cifar's own views
+    simclr = load_recipe("simclr-cifar", ["views.*.randaugment=infomin"])
+    assert randaugment_card(simclr.views[0]) == {"randaugment": INFOMIN_RANDAUGMENT}
