@@ -33,6 +33,9 @@ from ssl_cli.augment.randaugment_batched import randaugment_batch
 from ssl_cli.augment.views import CropMultiView, MultiView, view_transform
 from ssl_cli.config import load_recipe
 from ssl_cli.config.schema import ViewConfig
+from ssl_cli.data.batches import BatchedEpochs, CroppedEpochs
+from ssl_cli.data.images import ImageSet
+from ssl_cli.data.loader import ViewDataset
 from ssl_cli.errors import RecipeError
 
 MEAN = [0.485, 0.456, 0.406]
@@ -333,6 +336,33 @@ def test_batch_and_crop_paths_apply_the_preset(monkeypatch):
     assert len(MultiView(views, MEAN, STD).transforms) == 2
 
 
+def test_the_three_data_paths_train_on_the_preset():
+    """``sample`` (loader workers), ``batch`` and ``crop`` (``ssl_cli.data.batches``) all yield other views with the
+    preset than without it, reproducibly."""
+    pixels = textured(8, height=32, width=32, seed=9)
+    images = ImageSet("tiny", torch.arange(8) % 2, ["a", "b"], images=pixels)
+    views = load_recipe("infomin-cifar").views
+    plain = [v.model_copy(update={"randaugment": "none"}) for v in views]
+
+    def first_views(path: str, views: list[ViewConfig]) -> list[torch.Tensor]:
+        if path == "sample":
+            dataset = ViewDataset(images, MultiView(views, MEAN, STD), seed=3)
+            return [torch.stack(v) for v in zip(*(dataset[i][0] for i in range(8)), strict=True)]
+        cpu = torch.device("cpu")
+        source = (
+            BatchedEpochs(images, views, MEAN, STD, 8, 3, cpu)
+            if path == "batch"
+            else CroppedEpochs(images, views, MEAN, STD, 8, 3, cpu, 0)
+        )
+        source.sampler.set_epoch(0)
+        return next(iter(source))[0]
+
+    for path in ("sample", "batch", "crop"):
+        on, again, off = first_views(path, views), first_views(path, views), first_views(path, plain)
+        assert all(torch.equal(a, b) for a, b in zip(on, again, strict=True)), path
+        assert all(not torch.allclose(a, b) for a, b in zip(on, off, strict=True)), path
+
+
 def test_finish_in_cpu_chunks_is_the_whole_batch_finish(monkeypatch):
     import ssl_cli.augment.batched as batched
 
@@ -370,3 +400,15 @@ def test_any_recipe_names_the_preset_and_bad_values_are_one_line():
             load_recipe("infomin-cifar", [(f"views.*.{key}", value)])
     result = invoke("recipes", "show", "simclr-cifar", "--set", "views.*.randaugment=yes")
     user_error(result, "views.0.randaugment", "'none' or 'infomin'")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_the_batch_ops_on_cuda_match_the_cpu():
+    view = infomin(randaugment_prob=1.0)
+    params = sample_randaugment(view, 64, torch.Generator().manual_seed(0))
+    x = textured(64, seed=10).float() / 255
+    fill = torch.tensor(FILL) / 255.0
+    cpu, cuda = randaugment_batch(x, params, fill), randaugment_batch(x.cuda(), params, fill)
+    # equalize / posterize / solarize read uint8 levels: a value at a rounding edge may land one level apart
+    diff = (cuda.cpu() - cpu).abs()
+    assert diff.mean() < 1e-3 and (diff > 2 / 255).float().mean() < 1e-3
