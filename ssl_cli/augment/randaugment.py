@@ -11,8 +11,8 @@ normalise. Its RandAugment (PyContrast ``datasets/RandAugment.py``, Ross Wightma
 * at a level drawn from N(m, mstd) and clipped to [0, 10] (m 10, mstd 0.5: half the draws are exactly 10);
 * with the argument of ``arguments``: rotate 30 t degrees, shear 0.3 t, translate 0.45 t of the side (t = level / 10,
   each negated with probability 1/2); colour / contrast / brightness / sharpness blend factors 0.1 + 1.8 t (never
-  negated: at m 10 they only enhance, 1.63 to 1.9); posterize to int(4 t) bits (3 or 4); solarize above int(256 t)
-  (at level 10 the threshold is 256: nothing is inverted); solarize-add int(110 t) to pixels below 128;
+  negated: at m 10 they only enhance, 1.63 to 1.9); posterize to int(4 t) bits (3 or 4); solarize the values at or above
+  int(256 t) (at level 10 the threshold is 256: nothing is inverted); solarize-add int(110 t) to pixels below 128;
 * the geometric ops resample bilinear or bicubic, each with probability 1/2, and fill what they uncover with the
   normalisation mean in uint8 (``fill_colour``: 124, 116, 104 for ImageNet's mean, PyContrast's ``img_mean``).
 
@@ -79,9 +79,6 @@ class RandAugmentParams:
     def __getitem__(self, rows: slice) -> RandAugmentParams:
         """The parameters of images ``rows`` (a slice, as ``ViewParams.rows`` takes them)."""
         return RandAugmentParams(*(getattr(self, f.name)[rows] for f in fields(self)))
-
-    def __len__(self) -> int:
-        return len(self.ops)
 
     @property
     def layers(self) -> int:
