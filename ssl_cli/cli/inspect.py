@@ -68,7 +68,11 @@ def rows(info: dict[str, Any]) -> list[tuple[str, str]]:
     if info.get("epoch") is not None:
         of = f" of {info['epochs']}" if info.get("epochs") else ""
         step = f", step {info['step']:,}" if info.get("step") is not None else ""
-        r.append(("trained", f"epoch {info['epoch']}{of}{step}"))
+        within = f" + {info['epoch_step']} steps of the next (a mid-epoch checkpoint)" if info.get("epoch_step") else ""
+        r.append(("trained", f"epoch {info['epoch']}{of}{within}{step}"))
+    if info.get("schedule_segments"):
+        parts = [f"from step {first:,}: {epochs} epochs" for first, epochs in info["schedule_segments"]]
+        r.append(("schedule", "; ".join(parts) + " (--extend-to)"))
     data = info.get("data")
     if data:
         spec = f" ({data['spec']})" if data.get("spec") and data["spec"] != data.get("name") else ""
@@ -86,7 +90,7 @@ def rows(info: dict[str, Any]) -> list[tuple[str, str]]:
             parts.append(f"{metrics['images_per_second']:.0f} images/s")
         if "seconds" in metrics:
             parts.append(f"{metrics['seconds']:.1f} s")
-        r.append(("last epoch", ", ".join(parts) or "-"))
+        r.append(("epoch so far" if info.get("epoch_step") else "last epoch", ", ".join(parts) or "-"))
         others = {k: v for k, v in metrics.items() if k not in ("loss", "lr", "images_per_second", "seconds")}
         evals = {k: v for k, v in others.items() if "knn" in k or "online" in k or "top" in k}
         if evals:

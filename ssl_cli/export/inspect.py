@@ -139,7 +139,7 @@ def _trained(info: dict[str, Any], source: dict[str, Any]) -> None:
         info["resolved_recipe"] = recipe
         info["method"] = info.get("method") or recipe.get("method", {}).get("name")
         info["epochs"] = recipe.get("train", {}).get("epochs")
-    for key in ("method", "epoch", "step", "world_size"):
+    for key in ("method", "epoch", "step", "world_size", "epoch_step", "schedule_segments"):
         if source.get(key) is not None:
             info[key] = source[key]
     info["data"] = _data(source.get("data"))

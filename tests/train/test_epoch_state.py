@@ -136,3 +136,20 @@ def test_a_mid_epoch_checkpoint_resumes_only_with_its_number_of_processes(tmp_pa
     with pytest.raises(CheckpointError, match=r"middle of an epoch by 2 process\(es\); resume it with 2") as info:
         pretrain(r, data, tmp_path / "run", resume=True)
     assert "\n" not in str(info.value)
+
+
+def test_inspect_shows_a_mid_epoch_checkpoint_and_the_schedule_segments(tmp_path: Path, monkeypatch) -> None:
+    from helpers import invoke, ok
+
+    from ssl_cli.train.launch import run_pretraining
+
+    data = str(write_image_folder(tmp_path / "data", per_class=16, classes=4))
+    over = [*TINY, ("train.batch_size", 16), ("train.epochs", 2), ("train.checkpoint_every_steps", 1)]
+    run_pretraining("simclr", data, tmp_path / "run", overrides=over)
+    kill_at(monkeypatch, 3)  # the extension's 3rd step: steps 9 and 10 saved, 10 is the 2nd of epoch 3
+    with pytest.raises(Killed):
+        run_pretraining(None, None, tmp_path / "run", resume=True, extend_to=3)
+    monkeypatch.undo()
+    shown = ok(invoke("inspect", tmp_path / "run/checkpoints/last.safetensors", columns=200)).stdout
+    assert "epoch 2 of 3 + 2 steps of the next (a mid-epoch checkpoint), step 10" in shown
+    assert "from step 0: 2 epochs; from step 8: 3 epochs (--extend-to)" in shown and "epoch so far" in shown
