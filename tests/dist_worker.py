@@ -60,6 +60,16 @@ CASES: dict[str, tuple[str, list]] = {
 }
 
 
+# CPC v2: every patch through the encoder alone (GroupNorm, no batch statistics), InfoNCE against the targets of every
+# rank's images, gathered with their gradient. Patch augmentation off (its flips and channel drops are random draws);
+# SGD, not the recipe's AdamW (Adam's first step would turn the ranks' rounding noise into whole updates)
+CASES["cpcv2"] = (
+    "cpcv2",
+    [("method.context_dim", 16), ("method.patch_hflip_prob", 0.0), ("method.patch_color_drop_prob", 0.0)]
+    + [("optim.name", "sgd")],
+)
+
+
 def global_batch(num_views: int, step: int) -> tuple[list[torch.Tensor], torch.Tensor]:
     g = torch.Generator().manual_seed(100 + step)
     views = [torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=g) for _ in range(num_views)]

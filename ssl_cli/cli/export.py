@@ -28,8 +28,10 @@ def _hint(summary: dict) -> str:
         return f"backbone + {summary['projector_layers']} projector layer(s): load with ssl_cli.load_backbone('{path}')"
     if summary["small_stem"]:
         return f"small stem: load with ssl_cli.load_backbone('{path}')"
+    # the recipe's backbone.kwargs (e.g. CPC v2's norm_layer='groupnorm1') build the same architecture in timm
+    kwargs = "".join(f"{k}={v!r}, " for k, v in summary.get("timm_kwargs", {}).items())
     return (
-        f"load with timm.create_model('{summary['architecture']}', num_classes=0, pretrained=True, "
+        f"load with timm.create_model('{summary['architecture']}', num_classes=0, {kwargs}pretrained=True, "
         f"pretrained_cfg_overlay=dict(file='{path}'))"
     )
 

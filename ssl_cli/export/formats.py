@@ -335,6 +335,7 @@ def export_model(
         "architecture": config["architecture"],
         "num_features": config["num_features"],
         "small_stem": config["small_stem"],
+        "timm_kwargs": config.get("timm_kwargs", {}),
         "input_size": prepared.meta["preprocessing"]["input_size"],
         **({"projector_layers": prepared.projector_layers} if prepared.projector_layers else {}),
         **details,

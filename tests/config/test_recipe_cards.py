@@ -362,6 +362,34 @@ CARDS: dict[str, tuple[str, float, dict[str, Any], list[dict[str, Any]]]] = {
 }
 
 
+# CPC v2: the pseudocode of Appendix A.2 (target_dim 64, emb_scale 0.1, steps_to_ignore 2, steps_to_predict 3, 5
+# PixelCNN-style residual blocks 256 wide), layer norm instead of BatchNorm, four directions, colour dropping and flips
+# per patch (Sec. 4.1), a 7x7 grid of half-overlapping patches. The optimiser, its rate, the batch, the epochs and the
+# crop scale are this recipe's own (the card pins them so a change is deliberate), not published values.
+CARDS["cpcv2"] = (
+    "CPC v2, Henaff et al. 2019, arXiv:1905.09272, Sec. 4.1 and Appendix A.2 (pseudocode); lr / batch / epochs / crop: "
+    "ssl's choices",
+    4e-4,
+    {
+        "method.grid": 7,
+        "method.target_dim": 64,
+        "method.emb_scale": 0.1,
+        "method.context_dim": 256,
+        "method.context_blocks": 5,
+        "method.steps_to_ignore": 2,
+        "method.steps_to_predict": 3,
+        "method.directions": ["down", "up", "right", "left"],
+        "method.patch_hflip_prob": 0.5,
+        "method.patch_color_drop_prob": 1.0,
+        "backbone.name": "resnet50",
+        "backbone.kwargs": {"norm_layer": "groupnorm1"},
+        "optim.name": "adamw",
+        "train.batch_size": 512,
+    },
+    [{**view(1, 256, [0.2, 1.0], 0.0, SIMCLR_JITTER, 0.0, 0.0), "hflip_prob": 0.0}],
+)
+
+
 def resolve(recipe: Recipe, key: str) -> Any:
     value: Any = recipe
     for part in key.split("."):
