@@ -32,6 +32,7 @@ import torch
 from timm.layers import StdConv2d
 from torch import nn
 
+import ssl_cli.encoders  # noqa: F401  (registers ssl's own encoders, e.g. AMDIM's, with timm)
 from ssl_cli.config.schema import BackboneConfig
 from ssl_cli.errors import RecipeError
 
@@ -172,7 +173,7 @@ def build_backbone(cfg: BackboneConfig) -> nn.Module:
         raise RecipeError(f"backbone.name: unknown timm model {cfg.name!r}{hint}")
     try:
         model = timm.create_model(cfg.name, pretrained=False, num_classes=0, **timm_kwargs(cfg))
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise RecipeError(f"backbone: timm cannot build {cfg.name!r} with these options: {e}") from None
     if cfg.small_stem:
         _apply_small_stem(model, cfg.name)
