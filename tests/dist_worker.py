@@ -57,6 +57,15 @@ CASES: dict[str, tuple[str, list]] = {
         [("backbone.small_stem", False), ("method.proj_hidden_dim", 32), ("method.num_prototypes", [6, 5, 4])]
         + [("views", [{"count": 2, "size": 32}, {"count": 1, "size": 32}])],
     ),
+    # AMDIM: targets gathered with their gradient, the 5->5 source locations drawn for the global batch, its encoder's
+    # final BatchNorm and the heads' over the global batch. SGD, not the recipe's Adam: the heads' shortcut biases
+    # feed a BatchNorm, so their true gradient is 0 and Adam's first step (g / (|g| + eps)) turns the ranks' 1e-9
+    # rounding noise in it into updates of 1e-2
+    "amdim": (
+        "amdim-cifar",
+        [("backbone.name", "amdim_32"), ("backbone.kwargs.ndf", 8), ("backbone.kwargs.n_rkhs", 32)]
+        + [("optim.name", "sgd")],
+    ),
 }
 
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from conftest import tiny_method
 from ssl_cli.heads import DINOHead
+from ssl_cli.losses.amdim import amdim_loss
 from ssl_cli.losses.byol import normalized_mse
 from ssl_cli.losses.deepclusterv2 import cluster_prediction
 from ssl_cli.losses.dino import dino_loss, teacher_probs, updated_center
@@ -360,6 +361,10 @@ METHODS = {
          ("views", [{"count": 1, "size": 32}, {"count": 1, "size": 32}, {"count": 1, "size": 16}])),
         ("head.mlp", "teacher_head.mlp"),
         (("ssl_cli.heads.DINOHead", "forward", _old_dino_head),),
+    ),
+    # AMDIM: r1 (the backbone's output through rkhs_1, an identity here) and the 5x5 / 7x7 embeddings
+    "amdim": MethodCase(
+        (), ("rkhs_1", "rkhs_5", "rkhs_7"), (("ssl_cli.methods.amdim", "amdim_loss", raw(amdim_loss)),)
     ),
 }  # fmt: skip
 

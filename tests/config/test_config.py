@@ -88,7 +88,7 @@ def test_set_overrides_parse_toml_values() -> None:
         ("train.epochs=1.5", r"train.epochs: Input should be a valid integer"),
         ("optim.name=adam", r"optim.name: Input should be 'sgd', 'lars' or 'adamw'"),
         ("method.temperatur=0.1", r"unknown key 'method.temperatur'; valid: name, .*temperature"),
-        ("method.name=nope", r"method.name: unknown method 'nope'; valid: barlowtwins, byol, .*, simsiam"),
+        ("method.name=nope", r"method.name: unknown method 'nope'; valid: amdim, barlowtwins, byol, .*, simsiam"),
         ("views.0.scale=[0.5, 0.1]", r"views.0.scale: must be \[low, high\]"),
         ("train.device=tpu", r"train.device: must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
         ("backbone.small_stem=1", r"backbone.small_stem: Input should be a valid boolean"),

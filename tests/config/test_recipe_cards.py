@@ -44,6 +44,22 @@ SWAV_MULTI_CROP = [
     view(6, 96, [0.05, 0.14], 0.8, SIMCLR_JITTER, 0.2, 0.5),
 ]
 
+# AMDIM (official code): Adam with its betas and L2 decay on every parameter, a step schedule after 500 warm-up updates
+AMDIM_VALUES = {
+    "method.tclip": 20.0,
+    "method.score_reg": 0.05,
+    "method.rkhs_dim": "auto",
+    "backbone.kwargs": {},
+    "optim.name": "adamw",
+    "optim.lr_scaling": "none",
+    "optim.betas": [0.8, 0.999],
+    "optim.weight_decay": 1e-5,
+    "optim.exclude_bias_norm": False,
+    "schedule.name": "step",
+    "schedule.gamma": 0.2,
+    "schedule.warmup_start": 2e-4 / 500,
+}
+
 # recipe -> (source, peak lr at the paper's batch, values by dotted key, views)
 CARDS: dict[str, tuple[str, float, dict[str, Any], list[dict[str, Any]]]] = {
     "simclr": (
@@ -359,6 +375,39 @@ CARDS: dict[str, tuple[str, float, dict[str, Any], list[dict[str, Any]]]] = {
         },
         [{**v, "scale": [0.14, 1.0]} for v in BYOL_VIEWS] + [view(8, 96, [0.05, 0.14], 0.8, BYOL_JITTER, 0.2, 0.5)],
     ),
+    "amdim": (
+        "AMDIM, arXiv:1906.00910 and Philip-Bachman/amdim-public: README ImageNet command (--ndf 192 --n_rkhs 1536 "
+        "--n_depth 8 --batch_size 480 --tclip 20 --dataset IN128), train.py (Adam lr 2e-4), task_self_supervised.py "
+        "(betas 0.8 / 0.999, wd 1e-5 on every parameter, 50 epochs, x0.2 at 30 and 45, warm-up over 500 updates), "
+        "costs.py (score penalty 5e-2), datasets.py TransformsImageNet128 (crop 0.3-1, jitter 0.4/0.4/0.4/0.1 p 0.8, "
+        "grey 0.25)",
+        2e-4,
+        AMDIM_VALUES
+        | {
+            "backbone.name": "amdim_128",
+            "train.batch_size": 480,
+            "train.epochs": 50,
+            "schedule.milestones": [30, 45],
+            "data.mean": [0.485, 0.456, 0.406],
+        },
+        [view(2, 128, [0.3, 1.0], 0.8, {**MOCO_JITTER, "hue": 0.1}, 0.25, 0.0)],
+    ),
+    "amdim-cifar": (
+        "AMDIM, Philip-Bachman/amdim-public train.py defaults (ndf 128, n_rkhs 1024, n_depth 3, batch 200, lr 2e-4, "
+        "tclip 20), task_self_supervised.py for CIFAR (300 epochs, x0.2 at 250 and 280), datasets.py TransformsC10 "
+        "(normalisation, jitter 0.4/0.4/0.4/0.2 p 0.8, grey 0.25; its 4-pixel translation replaced by AMDIM's crop)",
+        2e-4,
+        AMDIM_VALUES
+        | {
+            "backbone.name": "amdim_32",
+            "train.batch_size": 200,
+            "train.epochs": 300,
+            "schedule.milestones": [250, 280],
+            "data.mean": [125.3 / 255, 123.0 / 255, 113.9 / 255],
+            "data.std": [63.0 / 255, 62.1 / 255, 66.7 / 255],
+        },
+        [view(2, 32, [0.3, 1.0], 0.8, {**MOCO_JITTER, "hue": 0.2}, 0.25, 0.0)],
+    ),
 }
 
 
@@ -451,6 +500,7 @@ def test_a_wrong_value_fails_the_card() -> None:
         "simclr": ([("method.proj_last_batchnorm", "affine")], "method.proj_last_batchnorm"),
         "simsiam": ([("optim.lr_scaling", "sqrt")], "peak lr"),
         "infomin": ([("views.*.randaugment_m", 9.0)], "views"),
+        "amdim": ([("method.score_reg", 0.005)], "method.score_reg"),
     }
     for name, (overrides, what) in cases.items():
         wrong = card_errors(name, load_recipe(name, overrides))
