@@ -13,6 +13,9 @@ import typer
 
 from ssl_cli.cli.console import emit_json, err, handles_errors, result_table, stdout
 
+OWN_ENCODER_PREFIXES = ("amdim_",)
+"""timm names of ``ssl_cli.encoders`` (not imported here: the CLI starts without torch and timm)."""
+
 
 def _hint(summary: dict) -> str:
     path, fmt = summary["path"], summary["format"]
@@ -22,8 +25,10 @@ def _hint(summary: dict) -> str:
         )
     if fmt == "onnx":
         return f"run with onnxruntime.InferenceSession('{path}').run(None, {{'images': batch}}) (float32 N x 3 x H x W)"
+    # ssl's own encoders (AMDIM's) are in timm's registry once ssl_cli is imported
+    first = "import ssl_cli, then " if summary["architecture"].startswith(OWN_ENCODER_PREFIXES) else ""
     if fmt == "hf":
-        return f"load with timm.create_model('local-dir:{path}', pretrained=True)"
+        return f"load with {first}timm.create_model('local-dir:{path}', pretrained=True)"
     if summary.get("projector_layers"):
         return f"backbone + {summary['projector_layers']} projector layer(s): load with ssl_cli.load_backbone('{path}')"
     if summary["small_stem"]:
@@ -31,7 +36,7 @@ def _hint(summary: dict) -> str:
     # the recipe's backbone.kwargs (e.g. CPC v2's norm_layer='groupnorm1') build the same architecture in timm
     kwargs = "".join(f"{k}={v!r}, " for k, v in summary.get("timm_kwargs", {}).items())
     return (
-        f"load with timm.create_model('{summary['architecture']}', num_classes=0, {kwargs}pretrained=True, "
+        f"load with {first}timm.create_model('{summary['architecture']}', num_classes=0, {kwargs}pretrained=True, "
         f"pretrained_cfg_overlay=dict(file='{path}'))"
     )
 

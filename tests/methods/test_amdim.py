@@ -358,6 +358,16 @@ def test_torchscript_export_and_inspect(run) -> None:
     assert info["method"] == "amdim" and info["backbone"]["name"] == "amdim_32" and info["num_features"] == 32
 
 
+def test_ssl_export_says_how_to_load_the_encoder(run) -> None:
+    from ssl_cli.cli.export import OWN_ENCODER_PREFIXES
+
+    assert all(name.startswith(OWN_ENCODER_PREFIXES) for name in ENCODERS)
+    result = invoke("export", run.ckpt, "--out", run.root / "cli" / "backbone.safetensors")
+    assert result.exit_code == 0, result.stderr
+    hint = "load with import ssl_cli, then timm.create_model('amdim_32', num_classes=0, ndf=8, n_rkhs=32, pretrained"
+    assert hint in result.stderr
+
+
 def test_bench_replays_both_views(run) -> None:
     result = bench(run.recipe, run.train, steps=1, warmup_steps=1)
     assert result["views"] == [[3, 32, 32], [3, 32, 32]] and result["step_images_per_second"] > 0
