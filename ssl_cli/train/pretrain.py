@@ -570,7 +570,8 @@ def pretrain(
     and SIGUSR1 stop the run after the step in progress and a checkpoint where it stands (:class:`Stopped`)."""
     with RunLock(Path(out)) if env_rank() == 0 else contextlib.nullcontext():
         try:
-            return _pretrain(recipe, data, out, resume, reporter, val, extend_to)
+            t, ckpt = _set_up(recipe, data, out, resume, reporter, val, extend_to)
+            return _train(t, ckpt, extend_to)
         except DiskFull as e:
             if e.path is None:  # before training: nothing to continue
                 raise
@@ -578,16 +579,9 @@ def pretrain(
             raise DiskFull(disk_full_message(e.path, then), e.path) from None
 
 
-def _pretrain(
-    recipe: Recipe,
-    data: str | None,
-    out: Path,
-    resume: bool,
-    reporter: Reporter | None,
-    val: str | None,
-    extend_to: int | None,
-) -> PretrainResult:
-    t, ckpt = _set_up(recipe, data, out, resume, reporter, val, extend_to)
+def _train(t: _Training, ckpt: Any, extend_to: int | None) -> PretrainResult:
+    """The epochs of a set-up run, from ``ckpt`` (None: a new run) where it resumes."""
+    recipe = t.recipe
     epochs = recipe.train.epochs
     start = _resume(t, ckpt, extend_to) if ckpt is not None else _Start()
     if start.epoch >= epochs:
