@@ -173,3 +173,32 @@ def test_random_kill_9s_never_lose_the_run_and_it_ends_bit_identical(tmp_path: P
     assert kills >= 3
     last = "checkpoints/last.safetensors"
     assert_same_weights(tmp_path / "full" / last, tmp_path / "cut" / last)
+
+
+def test_a_signal_that_also_ended_the_loader_workers_still_stops_with_a_checkpoint(tmp_path, monkeypatch) -> None:
+    """A group-wide SIGTERM can end the loader's workers before they hand over the next batch: PyTorch then raises
+    "DataLoader worker ... exited unexpectedly" in the main process. The run stops where it stands, as on any stop
+    signal (it was an internal error, exit 1, with the epoch in progress lost)."""
+    import ssl_cli.train.pretrain as pretrain_module
+
+    data = str(write_image_folder(tmp_path / "data", per_class=24, classes=4))  # 12 steps an epoch
+    r = load_recipe("simclr", [*TINY, ("train.batch_size", 8), ("train.epochs", 2), ("train.checkpoint_every", 0)])
+    full = pretrain(r, data, tmp_path / "full")
+    real, fetched = pretrain_module._device_batches, [0]
+
+    def workers_die(*args, **kwargs):
+        for batch in real(*args, **kwargs):
+            fetched[0] += 1
+            if fetched[0] == 16:  # the 4th batch of epoch 2
+                os.kill(os.getpid(), signal.SIGTERM)
+                raise RuntimeError("DataLoader worker (pid(s) 123) exited unexpectedly")
+            yield batch
+
+    monkeypatch.setattr(pretrain_module, "_device_batches", workers_die)
+    with pytest.raises(Stopped, match=r"stopped by SIGTERM in epoch 2 \(step 15\)"):
+        pretrain(r, data, tmp_path / "cut")
+    monkeypatch.undo()
+    meta = read_checkpoint(tmp_path / "cut/checkpoints/last.safetensors").meta
+    assert (meta["epoch"], meta["epoch_step"], meta["step"]) == (1, 3, 15)
+    resumed = pretrain(r, data, tmp_path / "cut", resume=True)
+    assert_same_weights(Path(full.checkpoint), Path(resumed.checkpoint))

@@ -453,7 +453,8 @@ def _train_epoch(
         t.method.epoch_start(epoch, lambda: _device_batches(loader, device, memory_format))
     step, sums = start.step, start.sums or EpochSums(torch.zeros((), device=device))
     started = time.perf_counter()
-    for views, index in _device_batches(loader, device, memory_format):
+    batches = _until_stranded(t, _device_batches(loader, device, memory_format))
+    for views, index in batches:
         set_lr(t.optimizer, float(t.lrs[step]))
         if t.wds is not None:
             set_weight_decay(t.optimizer, float(t.wds[step]), recipe.optim.weight_decay)
@@ -472,7 +473,28 @@ def _train_epoch(
             policy.saved()
         if stop:
             return step, sums, True
+    if t.stop.requested and sums.steps < t.steps_per_epoch:  # the loader's workers ended with the signal
+        if sums.new_steps:
+            _save_mid_epoch(t, epoch, step, sums)
+        return step, sums, True
     return step, sums, False
+
+
+def _until_stranded(t: _Training, batches: Any) -> Any:
+    """``batches``, ending early when a stop signal also ended the loader's workers before they handed over the next
+    batch (a group-wide SIGTERM: PyTorch then raises "DataLoader worker ... exited unexpectedly"). One process only:
+    several must agree on the step they stop at (they do, at the next step, through ``PausePolicy``)."""
+    iterator = iter(batches)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except RuntimeError:
+            if t.stop.requested and t.env.world_size == 1:
+                return
+            raise
+        yield batch
 
 
 def _save_mid_epoch(t: _Training, epoch: int, step: int, sums: EpochSums) -> None:
