@@ -263,6 +263,11 @@ class TrainConfig(Section):
     """Also save ``last`` in the middle of an epoch after this many minutes of training since the last save (0: off;
     e.g. 30 on preemptible machines). A stop signal (Ctrl-C, SIGTERM, SIGUSR1) always saves where the run stands."""
     channels_last: bool = False
+    """Images and convolution weights in channels-last (NHWC) layout: faster convolutions with bf16 on recent GPUs;
+    the arithmetic is the same (``ssl bench`` measures both)."""
+    compile: bool = False
+    """``torch.compile`` the backbone and its momentum copies (in place: checkpoints and exports are unchanged). The
+    first steps take longer while it compiles; measure it with ``ssl bench --set train.compile=true``."""
     sync_batchnorm: bool = False
     """Under torchrun: BatchNorm statistics over the global batch of all processes (SimCLR, BYOL and Barlow
     Twins at scale)."""

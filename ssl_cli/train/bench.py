@@ -47,6 +47,7 @@ from ssl_cli.distributed import DistEnv
 from ssl_cli.methods import Method
 from ssl_cli.runtime import autocast, resolve_device
 from ssl_cli.train.optim import build_optimizer, effective_lr, set_lr
+from ssl_cli.train.placement import encoders, memory_format, place
 from ssl_cli.train.pretrain import build_method, optimizer_step, training_batches
 
 
@@ -126,12 +127,6 @@ class EncoderCall:
     """The output carries a gradient: the step's backward runs through this call."""
 
 
-def encoders(method: Method) -> dict[str, nn.Module]:
-    """The backbone and every momentum copy of it (the method's children of the backbone's type), by attribute."""
-    kind = type(method.backbone)
-    return {name: m for name, m in method.named_children() if m is method.backbone or type(m) is kind}
-
-
 def record_encoder_calls(method: Method, step: Callable[[], Any]) -> list[EncoderCall]:
     """The encoder calls ``step()`` makes, in order (forward hooks on ``encoders(method)``)."""
     calls: list[EncoderCall] = []
@@ -189,10 +184,8 @@ def bench(recipe: Recipe, data: str | None = None, steps: int = 20, warmup_steps
     train = recipe.train
     batch = train.batch_size
     torch.manual_seed(train.seed)
-    method = build_method(recipe).to(device)
-    memory_format = torch.channels_last if train.channels_last else torch.contiguous_format
-    if train.channels_last:
-        method = method.to(memory_format=memory_format)
+    method = place(build_method(recipe), train, device)
+    layout = memory_format(train)
     method.train()
 
     images = open_dataset(data, role="train").cached(recipe.data.cache)
@@ -202,7 +195,7 @@ def bench(recipe: Recipe, data: str | None = None, steps: int = 20, warmup_steps
 
     def data_step() -> tuple[list[torch.Tensor], torch.Tensor]:
         views, _labels, index = next_batch()
-        return [v.to(device, non_blocking=True, memory_format=memory_format) for v in views], index.to(device)
+        return [v.to(device, non_blocking=True, memory_format=layout) for v in views], index.to(device)
 
     optimizer = build_optimizer(method.param_groups(), recipe.optim, batch)
     set_lr(optimizer, effective_lr(recipe.optim, batch))
@@ -210,7 +203,7 @@ def bench(recipe: Recipe, data: str | None = None, steps: int = 20, warmup_steps
 
     def first_batches() -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
         for views, _labels, index in itertools.islice(loader, 1 + 2 * (steps + warmup_steps)):
-            yield [v.to(device, non_blocking=True, memory_format=memory_format) for v in views], index.to(device)
+            yield [v.to(device, non_blocking=True, memory_format=layout) for v in views], index.to(device)
 
     # untimed, the hook before an epoch (DeepCluster v2 fills its feature memory and runs k-means), over the batches
     # this benchmark draws (a pass's first ones, as ``next_batch`` restarts there) rather than a whole epoch
@@ -228,9 +221,9 @@ def bench(recipe: Recipe, data: str | None = None, steps: int = 20, warmup_steps
     # one real step records the encoder calls (backbone and momentum copies, with or without grad) to replay
     calls = record_encoder_calls(method, train_step)
     with_grad = [c for c in calls if c.grad]
-    runs = [replay_step(method, with_grad, device, train.precision, memory_format), train_step]
+    runs = [replay_step(method, with_grad, device, train.precision, layout), train_step]
     if len(with_grad) < len(calls):
-        runs.append(replay_step(method, calls, device, train.precision, memory_format))
+        runs.append(replay_step(method, calls, device, train.precision, layout))
     step_flops, ceiling_flops = count_flops(train_step), count_flops(runs[2] if len(runs) > 2 else runs[0])
     seconds = _timed_rounds(runs, steps, warmup_steps, device)
     backbone_rate, step_rate = batch / seconds[0], batch / seconds[1]

@@ -49,6 +49,7 @@ from ssl_cli.train.checkpoint import checkpoint_bytes, load_optimizer, restore_r
 from ssl_cli.train.epoch_state import EpochSums, PausePolicy, mid_epoch_position
 from ssl_cli.train.monitors import OnlineMonitors, check_resume_monitors
 from ssl_cli.train.optim import build_optimizer, clip_gradients, effective_lr, set_lr, set_weight_decay
+from ssl_cli.train.placement import memory_format, place
 from ssl_cli.train.run_dir import RunDir, RunLock
 from ssl_cli.train.sync_batchnorm import convert_global_batchnorm
 
@@ -180,14 +181,17 @@ def checkpoint_meta(
     }
 
 
-# how often a run saves, not what it trains: a resumed run may change these
+# how often a run saves and where it runs, not what it trains: a resumed run may change these (a GPU run may go on on
+# the CPU, with or without channels-last or torch.compile)
 CADENCE_KEYS = ("checkpoint_every", "checkpoint_every_steps", "checkpoint_every_minutes")
+PLACEMENT_KEYS = ("device", "channels_last", "compile")
 
 
 def _check_resume(recipe: Recipe, run: RunDir, extend_to: int | None = None) -> tuple[Any, str | None]:
     """The checkpoint to resume and the augmentation path it was trained with (None: unknown, resolve again).
 
-    The recipe must be the saved one, but for the checkpoint cadence (``CADENCE_KEYS``) and, with ``extend_to``,
+    The recipe must be the saved one, but for the checkpoint cadence (``CADENCE_KEYS``), the device and how the
+    networks run there (``PLACEMENT_KEYS``) and, with ``extend_to``,
     ``train.epochs`` (then ``extend_to``, more than the run planned so far)."""
     ckpt = read_checkpoint(run.last)
     raw = copy.deepcopy(ckpt.meta["recipe"])
@@ -196,7 +200,7 @@ def _check_resume(recipe: Recipe, run: RunDir, extend_to: int | None = None) -> 
     # compared as re-validated recipes: a key added since the run was saved takes its default on both sides, and
     # an old key name loads as the new one
     saved, now = recipe_from_dict(raw, source=f"{run.last} (recipe)").to_dict(), recipe.to_dict()
-    saved["train"].update({k: now["train"][k] for k in CADENCE_KEYS})
+    saved["train"].update({k: now["train"][k] for k in CADENCE_KEYS + PLACEMENT_KEYS})
     planned = saved["train"]["epochs"]
     if extend_to is not None:
         if extend_to <= planned:
@@ -318,8 +322,7 @@ def _build_model(recipe: Recipe, env: DistEnv, monitors: OnlineMonitors | None) 
         monitors.attach(method)
     if env.world_size > 1 and recipe.train.sync_batchnorm:
         method = convert_global_batchnorm(method)
-    method = method.to(env.device)
-    return method.to(memory_format=torch.channels_last) if recipe.train.channels_last else method
+    return place(method, recipe.train, env.device)
 
 
 def _set_up(
@@ -442,7 +445,7 @@ def _train_epoch(
     sums); the step after it, the epoch's sums and whether a stop signal came (then, if the epoch is not done, the
     checkpoint where it stands is written)."""
     recipe, train, device = t.recipe, t.recipe.train, t.env.device
-    memory_format = torch.channels_last if train.channels_last else torch.contiguous_format
+    layout = memory_format(train)
     total_steps = t.steps_per_epoch * train.epochs
     loader.sampler.set_epoch(epoch, start.skip)
     if start.skip:  # the epoch's start (its random streams, the method's epoch_start) is in the checkpoint
@@ -450,10 +453,10 @@ def _train_epoch(
     else:
         if t.env.world_size > 1:  # per-rank random streams (shuffle-BN, noise samples), the same after a resume
             torch.manual_seed(mix_seed(train.seed, epoch, t.env.rank))
-        t.method.epoch_start(epoch, lambda: _device_batches(loader, device, memory_format))
+        t.method.epoch_start(epoch, lambda: _device_batches(loader, device, layout))
     step, sums = start.step, start.sums or EpochSums(torch.zeros((), device=device))
     started = time.perf_counter()
-    batches = _until_stranded(t, _device_batches(loader, device, memory_format))
+    batches = _until_stranded(t, _device_batches(loader, device, layout))
     for views, index in batches:
         set_lr(t.optimizer, float(t.lrs[step]))
         if t.wds is not None:
