@@ -32,6 +32,10 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
     return tensors, groups, scalars
 
 
+IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable")
+"""Optimizer settings that say how its step runs on a device, not what it computes."""
+
+
 def load_optimizer(optimizer: torch.optim.Optimizer, ckpt: Checkpoint) -> None:
     state: dict[int, dict[str, Any]] = {}
     for key, value in ckpt.section("optim").items():
@@ -44,6 +48,8 @@ def load_optimizer(optimizer: torch.optim.Optimizer, ckpt: Checkpoint) -> None:
     current = optimizer.state_dict()["param_groups"]
     if [len(g["params"]) for g in groups] != [len(g["params"]) for g in current]:
         raise CheckpointError(f"{ckpt.path}: optimizer state does not match this model's parameters")
+    # how the step runs (fused on CUDA, multi-tensor, ...) follows this machine: a GPU run may continue on the CPU
+    groups = [{**g, **{k: c[k] for k in IMPLEMENTATION_KEYS if k in c}} for g, c in zip(groups, current, strict=True)]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 

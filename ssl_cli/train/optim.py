@@ -53,7 +53,8 @@ def build_optimizer(groups: list[dict], cfg: OptimConfig, batch_size: int) -> to
     (any ``lr`` already in a group is replaced: use ``lr_scale``). A group's own ``weight_decay`` (and, for
     LARS, ``lars_adapt``) wins over ``cfg``; ``cfg.weight_decay`` is the default for groups without one.
     SGD uses ``cfg.momentum``, LARS ``cfg.momentum`` and ``cfg.trust_coefficient``, AdamW ``cfg.betas``
-    (decoupled weight decay).
+    (decoupled weight decay). With every parameter on CUDA, SGD and AdamW run fused (one kernel per step); LARS
+    always runs multi-tensor (``torch._foreach_*``).
     """
     base_lr = effective_lr(cfg, batch_size)
     built: list[dict] = []
@@ -69,8 +70,10 @@ def build_optimizer(groups: list[dict], cfg: OptimConfig, batch_size: int) -> to
     if not any(g["params"] for g in built):
         raise ValueError("build_optimizer: no trainable parameters")
 
+    # on CUDA one fused kernel updates every parameter (PyTorch's own multi-tensor path, bit-for-bit the same rule)
+    fused = {"fused": True} if all(p.is_cuda for g in built for p in g["params"]) else {}
     if cfg.name == "sgd":
-        return torch.optim.SGD(built, lr=base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(built, lr=base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **fused)
     if cfg.name == "lars":
         return LARS(
             built,
@@ -81,7 +84,8 @@ def build_optimizer(groups: list[dict], cfg: OptimConfig, batch_size: int) -> to
             clip_lr=bool(cfg.clip_lr),
         )
     if cfg.name == "adamw":
-        return torch.optim.AdamW(built, lr=base_lr, betas=(cfg.betas[0], cfg.betas[1]), weight_decay=cfg.weight_decay)
+        betas = (cfg.betas[0], cfg.betas[1])
+        return torch.optim.AdamW(built, lr=base_lr, betas=betas, weight_decay=cfg.weight_decay, **fused)
     raise ValueError(f"unknown optimizer {cfg.name!r}")
 
 

@@ -345,3 +345,76 @@ def test_set_lr_fixed_with_scale_and_plain_optimizer():
     plain = torch.optim.SGD([p], lr=1.0)  # not built by build_optimizer: no lr_scale, not fixed
     set_lr(plain, 0.3)
     assert plain.param_groups[0]["lr"] == pytest.approx(0.3)
+
+
+# --------------------------------------------------------------------------------------------- on the GPU
+
+
+def _steps(opt: torch.optim.Optimizer, params: list[nn.Parameter], grads: list[list[torch.Tensor]]) -> None:
+    for step in grads:
+        for p, g in zip(params, step, strict=True):
+            p.grad = g.to(p.device, p.dtype)
+        opt.step()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["sgd", "adamw", "lars"])
+def test_on_the_gpu_the_optimizers_run_fused_or_multi_tensor_and_step_as_written(name, gpu):
+    """SGD and AdamW run fused on CUDA (one kernel for every parameter) and LARS multi-tensor; three steps with
+    fixed gradients land where PyTorch's plain per-parameter loop (SGD, AdamW) or the LARS formula written out in
+    numpy puts them, on the CPU in float64."""
+    cfg = OptimConfig(name=name, lr=0.1, lr_scaling="none", weight_decay=0.01, momentum=0.9)
+    model = _model().to(gpu)
+    groups = param_groups(model.named_parameters(), cfg.weight_decay, cfg.exclude_bias_norm)
+    opt = build_optimizer(groups, cfg, batch_size=256)
+    if name != "lars":
+        assert opt.param_groups[0]["fused"] is (True if gpu.type == "cuda" else None)
+    g = torch.Generator().manual_seed(1)
+    params = [p for group in opt.param_groups for p in group["params"]]
+    start = [p.detach().double().cpu().clone() for p in params]
+    grads = [[torch.randn(p.shape, generator=g, dtype=torch.float64) for p in params] for _ in range(3)]
+    _steps(opt, params, grads)
+    if name == "lars":
+        owners = [group for group in opt.param_groups for _ in group["params"]]
+        for i, (p, group) in enumerate(zip(params, owners, strict=True)):
+            w, v = start[i].numpy(), None
+            for step in grads:
+                w, v = _lars_reference_step(
+                    w, step[i].numpy(), v, 0.1, 0.9, group["weight_decay"], cfg.trust_coefficient,
+                    adapt=group.get("lars_adapt", True),
+                )  # fmt: skip
+            np.testing.assert_allclose(p.detach().cpu().double().numpy(), w, rtol=1e-5, atol=1e-6)
+        return
+    reference = [nn.Parameter(w.clone()) for w in start]
+    wd = [group["weight_decay"] for group in opt.param_groups for _ in group["params"]]
+    kind = torch.optim.SGD if name == "sgd" else torch.optim.AdamW
+    extra = {"momentum": 0.9} if name == "sgd" else {}
+    ref = kind([{"params": [p], "weight_decay": d} for p, d in zip(reference, wd, strict=True)], lr=0.1,
+               foreach=False, **extra)  # fmt: skip
+    _steps(ref, reference, grads)
+    for p, r in zip(params, reference, strict=True):
+        torch.testing.assert_close(p.detach().cpu().double(), r.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_checkpoints_fused_optimizer_loads_into_the_cpus_plain_one(tmp_path):
+    """A GPU run's optimizer (fused) continues on the CPU: how the step runs follows this machine, not the file."""
+    from ssl_cli.train.checkpoint import IMPLEMENTATION_KEYS, load_optimizer
+
+    cfg = OptimConfig(name="adamw", lr=0.1)
+    groups = param_groups(_model().named_parameters(), cfg.weight_decay, cfg.exclude_bias_norm)
+    opt = build_optimizer(groups, cfg, batch_size=256)
+
+    class Saved:  # what read_checkpoint gives of a GPU run's file: fused groups, no state yet
+        path = tmp_path / "last.safetensors"
+        meta = {"optim_groups": [{**g, "params": list(range(len(g["params"]))), "fused": True}
+                                 for g in opt.state_dict()["param_groups"]]}  # fmt: skip
+
+        def section(self, name):
+            return {}
+
+    load_optimizer(opt, Saved())
+    assert all(g["fused"] is None for g in opt.param_groups)
+    assert "fused" in IMPLEMENTATION_KEYS
+    for p in opt.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    opt.step()  # fused=True on CPU tensors would take another kernel path (or fail on older PyTorch)
