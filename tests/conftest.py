@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,27 @@ def assert_one_line_error(pattern: str, build, *args, error: type[Exception] | N
     with pytest.raises(error or RecipeError, match=pattern) as info:
         build(*args)
     assert "\n" not in str(info.value)
+
+
+CUDA_TESTS_DEVICE = "SSL_CUDA_TESTS_DEVICE"
+"""Set to ``cpu`` by ``benchmarks/gpu_check.py --dry-run``: the ``cuda`` tests then run on the CPU (tiny shapes), so the
+GPU check cannot rot between the runs on a GPU."""
+
+
+def cuda_test_device() -> torch.device:
+    """The device of a test marked ``cuda`` (``pytest -m cuda``): CUDA; without it the test is skipped, except under
+    ``SSL_CUDA_TESTS_DEVICE=cpu`` (the GPU check's dry run), where it runs on the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if os.environ.get(CUDA_TESTS_DEVICE) == "cpu":
+        return torch.device("cpu")
+    pytest.skip("no CUDA device (pytest -m cuda runs these on a GPU; benchmarks/gpu_check.py --dry-run on the CPU)")
+
+
+@pytest.fixture
+def gpu() -> torch.device:
+    """``cuda_test_device()`` for a test."""
+    return cuda_test_device()
 
 
 @pytest.fixture(autouse=True)

@@ -40,9 +40,9 @@ BF16_EPS = 2.0**-8
 precision of a bf16 tensor, such as the backbone's output under autocast."""
 
 
-def bf16_autocast():
-    """What ``train.precision = "bf16"`` runs the step in, on the CPU."""
-    return autocast(torch.device("cpu"), "bf16")
+def bf16_autocast(device: torch.device = torch.device("cpu")):
+    """What ``train.precision = "bf16"`` runs the step in (on the CPU unless told)."""
+    return autocast(device, "bf16")
 
 
 def raw(fn: Callable) -> Callable:
@@ -369,7 +369,9 @@ METHODS = {
 }  # fmt: skip
 
 
-def step_with_fixed_outputs(method, views, modules: tuple[str, ...], amp: bool, fixed: dict | None = None):
+def step_with_fixed_outputs(
+    method, views, modules: tuple[str, ...], amp: bool, fixed: dict | None = None, device=torch.device("cpu")
+):
     """One ``training_step``; returns its loss, the outputs of ``modules`` (one per call, in call order) and the
     loss's gradients on those of them that need one. Under ``amp`` the step runs in bf16 autocast; otherwise in
     fp32, with each module's outputs replaced by ``fixed``'s (the bf16 step's, cast to fp32): the same values."""
@@ -388,7 +390,7 @@ def step_with_fixed_outputs(method, views, modules: tuple[str, ...], amp: bool, 
     handles = [method.get_submodule(m).register_forward_hook(hook(m)) for m in modules]
     torch.manual_seed(0)  # the same random choices (MoCo's shuffle-BN permutation) in both steps
     try:
-        with bf16_autocast() if amp else full_precision("cpu"):
+        with bf16_autocast(device) if amp else full_precision(device):
             loss = method.training_step(views, 0).loss
     finally:
         for h in handles:
@@ -397,19 +399,21 @@ def step_with_fixed_outputs(method, views, modules: tuple[str, ...], amp: bool, 
     return loss, outputs, torch.autograd.grad(loss, leaves)
 
 
-def method_grads(name: str) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+def method_grads(
+    name: str, device: torch.device = torch.device("cpu")
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """The loss and its gradients on the bf16 outputs of ``METHODS[name]``'s modules, in the bf16 autocast step
-    and in the fp32 step from the same outputs: ``(loss, ref_loss, grads, ref_grads)``."""
+    and in the fp32 step from the same outputs, on ``device``: ``(loss, ref_loss, grads, ref_grads)``."""
     overrides, modules = METHODS[name].overrides, METHODS[name].modules
-    method = tiny_method(name, ("train.batch_size", 16), *overrides)
+    method = tiny_method(name, ("train.batch_size", 16), *overrides).to(device)
     g = torch.Generator().manual_seed(0)
-    images = {s: torch.randn(16, 3, s, s, generator=g) for s in {v.size for v in method.recipe.views}}
+    images = {s: torch.randn(16, 3, s, s, generator=g).to(device) for s in {v.size for v in method.recipe.views}}
     # every crop a slightly perturbed copy of its image: positives agree, as they come to in training
-    views = [images[v.size] + 0.1 * torch.randn(images[v.size].shape, generator=g) for v in method.recipe.views
-             for _ in range(v.count)]  # fmt: skip
-    loss, outputs, grads = step_with_fixed_outputs(method, views, modules, amp=True)
+    views = [images[v.size] + 0.1 * torch.randn(images[v.size].shape, generator=g).to(device)
+             for v in method.recipe.views for _ in range(v.count)]  # fmt: skip
+    loss, outputs, grads = step_with_fixed_outputs(method, views, modules, amp=True, device=device)
     assert all(o.dtype == torch.bfloat16 for m in modules for o in outputs[m])  # the network did run in bf16
-    ref_loss, _, ref_grads = step_with_fixed_outputs(method, views, modules, amp=False, fixed=outputs)
+    ref_loss, _, ref_grads = step_with_fixed_outputs(method, views, modules, amp=False, fixed=outputs, device=device)
     return loss.detach(), ref_loss.detach(), list(grads), list(ref_grads)
 
 
@@ -439,3 +443,15 @@ def test_training_step_without_its_guard_misses_that_precision(name: str, monkey
     with pytest.raises(AssertionError):
         for g, ref in zip(grads, ref_grads, strict=True):
             assert_rounded_from(g, ref)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", list(METHODS))
+def test_on_the_gpu_the_bf16_step_is_fp32_from_the_network_outputs_on(name: str, gpu: torch.device) -> None:
+    """The same check under CUDA's bf16 autocast (what ``train.precision = "auto"`` runs on a GPU): each family's loss
+    in fp32, its gradient on the network's bf16 outputs the fp32 one to the precision of those outputs."""
+    loss, ref_loss, grads, ref_grads = method_grads(name, gpu)
+    assert loss.dtype == torch.float32 and loss.device.type == gpu.type
+    assert_fp32_close(loss, ref_loss)
+    for g, ref in zip(grads, ref_grads, strict=True):
+        assert_rounded_from(g, ref)

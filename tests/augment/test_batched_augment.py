@@ -313,3 +313,61 @@ def test_shapes_and_order(views, image_size, sizes):
     assert len(mv) == len(MultiView(views, MEAN, STD)) == len(out) == len(sizes)
     for y, size in zip(out, sizes, strict=True):
         assert y.shape == (3, 3, size, size) and y.dtype == torch.float32 and torch.isfinite(y).all()
+
+
+# -- 4. on the GPU (pytest -m cuda)
+
+
+def mostly_close(got: torch.Tensor, ref: torch.Tensor) -> None:
+    """Within float rounding of each other but for rare pixels at an op's threshold (solarize's 128, a hue sector's
+    edge) that land on the other side on another device's arithmetic."""
+    diff = (got.cpu() - ref).abs()
+    assert diff.mean() < 1e-4 and (diff > 1e-3).float().mean() < 1e-3
+
+
+@pytest.mark.cuda
+def test_on_the_gpu_the_chain_matches_torchvision_per_sample(gpu):
+    view = ViewConfig(size=48, jitter_prob=0.7, grayscale_prob=0.3, blur_prob=0.5, solarize_prob=0.3)
+    bv = BatchedView(view, MEAN, STD)
+    n = 32
+    x = smooth(n, 48, seed=1)
+    p = bv.sample(n, 48, 48, torch.Generator().manual_seed(0))
+    ref = torch.stack([reference(x, p, i, view) for i in range(n)])
+    assert (bv.apply(x.to(gpu), p).cpu() - ref).abs().mean() < 0.01  # the sampled crops: close, as on the CPU
+    p.boxes = torch.tensor([[0, 0, 48, 48]]).expand(n, 4)  # the identity crop: the rest of the chain, tightly
+    ref = torch.stack([reference(x, p, i, view) for i in range(n)])
+    out = bv.apply(x.to(gpu), p)
+    assert out.device.type == gpu.type
+    mostly_close(out, ref)
+
+
+@pytest.mark.cuda
+def test_on_the_gpu_outputs_match_view_transform_statistics(gpu):
+    view = load_recipe("byol").views[1].model_copy(update={"size": 32})
+    x = (smooth(800, 32, seed=4) * 255).round().to(torch.uint8)
+    torch.manual_seed(0)
+    t = view_transform(view, MEAN, STD)
+    theirs = torch.stack([t(img) for img in x])
+    ours = BatchedView(view, MEAN, STD)(x.to(gpu), torch.Generator().manual_seed(0)).cpu()
+    for stat in (lambda y: y.mean((2, 3)), lambda y: y.std((2, 3))):
+        assert ks(stat(ours).flatten(), stat(theirs).flatten()) < 0.06
+
+
+@pytest.mark.cuda
+def test_on_the_gpu_the_training_batches_are_the_cpu_paths(gpu):
+    """``data.augment = "batch"`` on the GPU: the cached images move to the device once (no batch crosses the bus
+    after that), and each step's views are the CPU path's views for the same seed."""
+    from ssl_cli.data import open_dataset
+    from ssl_cli.data.batches import BatchedEpochs
+
+    images = open_dataset(None, role="train")
+    views = load_recipe("simclr-cifar").views
+    runs = [BatchedEpochs(images, views, MEAN, STD, 16, 0, device) for device in (torch.device("cpu"), gpu)]
+    assert runs[1].pixels.device.type == gpu.type
+    for run in runs:
+        run.sampler.set_epoch(1)
+    (cpu_views, _, cpu_index), (gpu_views, _, gpu_index) = (next(iter(r)) for r in runs)
+    torch.testing.assert_close(gpu_index, cpu_index)
+    for a, b in zip(gpu_views, cpu_views, strict=True):
+        assert a.device.type == gpu.type
+        mostly_close(a, b)

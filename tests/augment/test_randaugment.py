@@ -402,13 +402,13 @@ def test_any_recipe_names_the_preset_and_bad_values_are_one_line():
     user_error(result, "views.0.randaugment", "'none' or 'infomin'")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_the_batch_ops_on_cuda_match_the_cpu():
+@pytest.mark.cuda
+def test_the_batch_ops_on_cuda_match_the_cpu(gpu):
     view = infomin(randaugment_prob=1.0)
     params = sample_randaugment(view, 64, torch.Generator().manual_seed(0))
     x = textured(64, seed=10).float() / 255
     fill = torch.tensor(FILL) / 255.0
-    cpu, cuda = randaugment_batch(x, params, fill), randaugment_batch(x.cuda(), params, fill)
+    cpu, cuda = randaugment_batch(x, params, fill), randaugment_batch(x.to(gpu), params, fill)
     # equalize / posterize / solarize read uint8 levels: a value at a rounding edge may land one level apart
     diff = (cuda.cpu() - cpu).abs()
     assert diff.mean() < 1e-3 and (diff > 2 / 255).float().mean() < 1e-3
