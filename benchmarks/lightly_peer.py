@@ -21,6 +21,10 @@ the sizes of the ``ssl`` recipes they are compared with: BYOL 512 -> 4096 -> 256
 DINO ``DINOProjectionHead`` 512 -> 2048 -> 256 -> 4096 with an EMA teacher on ``DINOTransform`` crops of 2 x 32 +
 8 x 16 px.
 
+``--device cuda`` runs the step on the GPU under bf16 autocast (what ``ssl`` runs there by default), the loader in
+pinned memory; ``--small-stem`` swaps in the CIFAR stem of ``ssl``'s ``-cifar`` recipes (3x3 stride-1 convolution, no
+max-pool); ``--backbone`` another timm model (``benchmarks/gpu_check.py --dry-run`` uses timm's test ResNet).
+
 Writes ``OUT/backbone.safetensors`` (timm's keys) and ``OUT/result.json`` (wall time, images/s over the training
 steps, final loss); ``--steps N`` stops after N steps (a throughput measurement, like ``ssl bench``).
 """
@@ -62,32 +66,37 @@ from torch import nn
 
 
 class Peer(nn.Module):
-    def __init__(self, method: str) -> None:
+    def __init__(self, method: str, backbone: str = "resnet18", small_stem: bool = False) -> None:
         super().__init__()
         self.method = method
-        self.backbone = timm.create_model("resnet18", pretrained=False, num_classes=0)
+        self.backbone = timm.create_model(backbone, pretrained=False, num_classes=0)
+        if small_stem:  # the CIFAR stem of ssl's -cifar recipes: a 3x3 stride-1 first convolution, no max-pool
+            width = self.backbone.conv1.out_channels
+            self.backbone.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+            self.backbone.maxpool = nn.Identity()
+        dim = self.backbone.num_features
         if method == "simclr":
-            self.head = SimCLRProjectionHead(512, 512, 128)
+            self.head = SimCLRProjectionHead(dim, 512, 128)
             self.criterion = NTXentLoss()
             return
         if method == "mocov2":
-            self.head = MoCoProjectionHead(512, 512, 128)
+            self.head = MoCoProjectionHead(dim, 512, 128)
             self.criterion = NTXentLoss(temperature=0.1, memory_bank_size=(4096, 128))
         elif method == "byol":
-            self.head = BYOLProjectionHead(512, 4096, 256)
+            self.head = BYOLProjectionHead(dim, 4096, 256)
             self.predictor = BYOLPredictionHead(256, 4096, 256)
             self.criterion = NegativeCosineSimilarity()
         elif method == "swav":
-            self.head = SwaVProjectionHead(512, 2048, 128)
+            self.head = SwaVProjectionHead(dim, 2048, 128)
             self.prototypes = SwaVPrototypes(128, 3000, n_steps_frozen_prototypes=0)
             self.criterion = SwaVLoss()
             return
         else:  # dino
-            self.head = DINOProjectionHead(512, 2048, 256, 4096, freeze_last_layer=1)
+            self.head = DINOProjectionHead(dim, 2048, 256, 4096, freeze_last_layer=1)
             self.criterion = DINOLoss(output_dim=4096, warmup_teacher_temp_epochs=5)
         self.key_backbone = copy.deepcopy(self.backbone)
         # lightly's DINO example builds the teacher head anew (its weight-normalised layer cannot be deep-copied)
-        self.key_head = DINOProjectionHead(512, 2048, 256, 4096) if method == "dino" else copy.deepcopy(self.head)
+        self.key_head = DINOProjectionHead(dim, 2048, 256, 4096) if method == "dino" else copy.deepcopy(self.head)
         deactivate_requires_grad(self.key_backbone)
         deactivate_requires_grad(self.key_head)
 
@@ -113,6 +122,11 @@ class Peer(nn.Module):
         return 0.5 * (self.criterion(q0, k1) + self.criterion(q1, k0))
 
 
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def transform(method: str):
     if method == "simclr":
         return SimCLRTransform(input_size=32, cj_strength=0.5, gaussian_blur=0.0)
@@ -136,7 +150,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=0, help="stop after this many steps (0: all epochs)")
     p.add_argument("--warmup-steps", type=int, default=3, help="steps not timed for --steps")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backbone", default="resnet18", help="timm model name")
+    p.add_argument("--small-stem", action="store_true", help="the CIFAR stem (3x3 stride-1 conv, no max-pool)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (on CUDA: bf16 autocast, as ssl's default there)")
     a = p.parse_args()
+    device = torch.device(a.device)
     torch.manual_seed(a.seed)
     data = torchvision.datasets.ImageFolder(a.train, transform=transform(a.method))
     loader = torch.utils.data.DataLoader(
@@ -146,8 +164,9 @@ def main() -> None:
         drop_last=True,
         num_workers=a.workers,
         persistent_workers=a.workers > 0,
+        pin_memory=device.type == "cuda",
     )
-    model = Peer(a.method)
+    model = Peer(a.method, a.backbone, a.small_stem).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.06 * a.batch_size / 128, momentum=0.9, weight_decay=5e-4)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, a.epochs)
     steps, timed_images, loss = 0, 0, torch.tensor(0.0)
@@ -156,12 +175,15 @@ def main() -> None:
     for epoch in range(a.epochs):
         model.train()
         for views, _ in loader:
-            loss = model.loss(views, epoch)
+            views = [v.to(device, non_blocking=True) for v in views]
+            with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+                loss = model.loss(views, epoch)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             steps += 1
             if steps == a.warmup_steps:
+                sync(device)
                 timed_start, timed_images = time.perf_counter(), 0
             else:
                 timed_images += views[0].shape[0]
@@ -170,10 +192,11 @@ def main() -> None:
         scheduler.step()
         if a.steps and steps >= a.steps + a.warmup_steps:
             break
-    wall = time.perf_counter() - start
+    sync(device)
+    wall, timed_seconds = time.perf_counter() - start, time.perf_counter() - timed_start
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous() for k, v in model.backbone.state_dict().items()}
+    state = {k: v.contiguous().cpu() for k, v in model.backbone.state_dict().items()}
     save_file(state, str(out / "backbone.safetensors"))
     result = {
         "library": "lightly",
@@ -183,9 +206,11 @@ def main() -> None:
         "workers": a.workers,
         "steps": steps,
         "wall_s": wall,
-        "images_per_second": timed_images / (time.perf_counter() - timed_start),
+        "images_per_second": timed_images / timed_seconds,
         "loss": float(loss.detach()),
         "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "small_stem": a.small_stem,
     }
     (out / "result.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result))
