@@ -1,7 +1,7 @@
 """A run on the GPU end to end (``pytest -m cuda``): pretraining with channels-last and ``torch.compile``, export, kNN
 and the linear probe on the GPU against the CPU, and the run resumed on the CPU. Skipped without CUDA; the GPU
-check's dry run (``benchmarks/gpu_check.py --dry-run``) runs them on the CPU, with ``torch.compile``'s eager backend
-there (the wiring, not the compiler's minutes)."""
+check's dry run (``benchmarks/gpu_check.py --dry-run``) runs them on the CPU, without ``torch.compile`` there
+(``tests/train/test_placement.py`` covers its wiring)."""
 
 from __future__ import annotations
 
@@ -18,26 +18,28 @@ from ssl_cli.train.pretrain import build_method
 
 pytestmark = pytest.mark.cuda
 
-ON_THE_GPU = ["--set", "train.channels_last=true", "--set", "train.compile=true"]
+
+def on_the(device) -> list[str]:
+    """Channels-last, and on CUDA torch.compile (on the CPU the dry run leaves the compiler out: tracing the network
+    costs it 20 s; ``tests/train/test_placement.py`` and the check's ``compile`` row cover the wiring there)."""
+    compiled = "true" if device.type == "cuda" else "false"
+    return ["--set", "train.channels_last=true", "--set", f"train.compile={compiled}"]
 
 
 @pytest.fixture(scope="module")
 def gpu_run(tmp_path_factory) -> dict:
-    """Two epochs of tiny SimCLR on the test device, channels-last and compiled, exported: the run's paths."""
+    """Two epochs of tiny SimCLR on the test device, channels-last (and compiled on CUDA), exported: its paths."""
     device = cuda_test_device()
     root = tmp_path_factory.mktemp("gpu-run")
     data = write_image_folder(root / "train", per_class=16, classes=4)
     val = write_image_folder(root / "val", per_class=8, classes=4, split="test")
     sets = [a for k, v in TINY if k not in ("train.epochs", "train.device") for a in ("--set", f"{k}={v}")]
     sets += ["--set", "method.proj_hidden_dim=64", "--set", "method.proj_output_dim=32"]
-    with pytest.MonkeyPatch.context() as mp:
-        if device.type == "cpu":
-            mp.setattr("ssl_cli.train.placement.COMPILE_BACKEND", "eager")
-        out = root / "run"
-        result = one_json(ok(invoke(
-            "pretrain", "--recipe", "simclr", "--data", data, "--out", out, "--epochs", "2", "--batch-size", "16",
-            *sets, *ON_THE_GPU, "--device", device.type, "--json",
-        )))  # fmt: skip
+    out = root / "run"
+    result = one_json(ok(invoke(
+        "pretrain", "--recipe", "simclr", "--data", data, "--out", out, "--epochs", "2", "--batch-size", "16",
+        *sets, *on_the(device), "--device", device.type, "--json",
+    )))  # fmt: skip
     exported = root / "backbone.safetensors"
     ok(invoke("export", out / "checkpoints/last.safetensors", "--out", exported))
     return {"device": device, "data": data, "val": val, "out": out, "result": result, "exported": exported}
@@ -47,7 +49,7 @@ def test_a_gpu_run_with_channels_last_and_compile_trains_and_keeps_its_weights_n
     assert math.isfinite(gpu_run["result"]["loss"]) and gpu_run["result"]["epochs"] == 2
     ckpt = read_checkpoint(gpu_run["out"] / "checkpoints/last.safetensors")
     recipe = recipe_from_dict(ckpt.meta["recipe"], "checkpoint")
-    assert recipe.train.compile and recipe.train.channels_last
+    assert recipe.train.compile == (gpu_run["device"].type == "cuda") and recipe.train.channels_last
     assert recipe.train.device == gpu_run["device"].type
     # compiled in place: the same parameter names as the plain network (no "_orig_mod." prefixes)
     assert set(ckpt.section("model")) == set(build_method(recipe).state_dict())
