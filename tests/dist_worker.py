@@ -68,6 +68,13 @@ CASES: dict[str, tuple[str, list]] = {
         [("backbone.name", "amdim_32"), ("backbone.kwargs.ndf", 8), ("backbone.kwargs.n_rkhs", 32)]
         + [("optim.name", "sgd")],
     ),
+    # YADIM: the other view's last maps gathered with their gradient (the negatives are the global batch's other
+    # images), AMDIM's encoder's final BatchNorm over the global batch; SGD for the reason given for AMDIM
+    "yadim": (
+        "yadim-cifar",
+        [("backbone.name", "amdim_32"), ("backbone.kwargs.ndf", 8), ("backbone.kwargs.n_rkhs", 32)]
+        + [("backbone.kwargs.n_depth", 1), ("optim.name", "sgd")],
+    ),
 }
 
 

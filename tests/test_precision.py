@@ -30,6 +30,7 @@ from ssl_cli.losses.mocov3 import mocov3_contrastive
 from ssl_cli.losses.ntxent import NTXentLoss
 from ssl_cli.losses.simsiam import negative_cosine, simsiam_loss
 from ssl_cli.losses.swav import prototype_scores, sinkhorn, swapped_prediction
+from ssl_cli.losses.yadim import yadim_loss
 from ssl_cli.precision import fp32, full_precision
 from ssl_cli.runtime import autocast
 
@@ -366,6 +367,8 @@ METHODS = {
     "amdim": MethodCase(
         (), ("rkhs_1", "rkhs_5", "rkhs_7"), (("ssl_cli.methods.amdim", "amdim_loss", raw(amdim_loss)),)
     ),
+    # YADIM: no head, the loss reads the backbone's last feature map (test_resnet: layer4)
+    "yadim": MethodCase((), ("backbone.layer4",), (("ssl_cli.methods.yadim", "yadim_loss", raw(yadim_loss)),)),
 }  # fmt: skip
 
 

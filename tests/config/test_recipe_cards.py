@@ -60,6 +60,22 @@ AMDIM_VALUES = {
     "schedule.warmup_start": 2e-4 / 500,
 }
 
+# YADIM (Falcon & Cho 2020; the authors' lightning-bolts AMDIM module): NCE with the sum over positives between the
+# last maps, Adam as AMDIM's, a constant rate
+YADIM_VALUES = {
+    "method.denominator": "all",
+    "method.score_scale": "sqrt_dim",
+    "method.tclip": 20.0,
+    "backbone.kwargs": {},
+    "optim.name": "adamw",
+    "optim.lr_scaling": "none",
+    "optim.betas": [0.8, 0.999],
+    "optim.weight_decay": 1e-5,
+    "optim.exclude_bias_norm": False,
+    "schedule.name": "constant",
+    "train.batch_size": 200,
+}
+
 # recipe -> (source, peak lr at the paper's batch, values by dotted key, views)
 CARDS: dict[str, tuple[str, float, dict[str, Any], list[dict[str, Any]]]] = {
     "simclr": (
@@ -408,6 +424,21 @@ CARDS: dict[str, tuple[str, float, dict[str, Any], list[dict[str, Any]]]] = {
         },
         [view(2, 32, [0.3, 1.0], 0.8, {**MOCO_JITTER, "hue": 0.2}, 0.25, 0.0)],
     ),
+    "yadim": (
+        "YADIM, Falcon & Cho 2020 (arXiv:2009.00104, Sec. 5) with the authors' lightning-bolts amdim_module.py "
+        "(batch 200, Adam lr 2e-4, betas 0.8 / 0.999, wd 1e-5, no schedule, tclip 20); AMDIM's encoder and "
+        "TransformsImageNet128 (crop 0.3-1, jitter 0.4/0.4/0.4/0.1 p 0.8, grey 0.25)",
+        2e-4,
+        YADIM_VALUES | {"backbone.name": "amdim_128", "data.mean": [0.485, 0.456, 0.406]},
+        [view(2, 128, [0.3, 1.0], 0.8, {**MOCO_JITTER, "hue": 0.1}, 0.25, 0.0)],
+    ),
+    "yadim-cifar": (
+        "YADIM, lightning-bolts amdim_module.py DATASET_CIFAR10 (batch 200, lr 2e-4), AMDIM's 32x32 encoder and "
+        "TransformsC10 (jitter 0.4/0.4/0.4/0.2 p 0.8, grey 0.25; its translation replaced by AMDIM's crop)",
+        2e-4,
+        YADIM_VALUES | {"backbone.name": "amdim_32", "data.mean": [125.3 / 255, 123.0 / 255, 113.9 / 255]},
+        [view(2, 32, [0.3, 1.0], 0.8, {**MOCO_JITTER, "hue": 0.2}, 0.25, 0.0)],
+    ),
 }
 
 
@@ -501,6 +532,7 @@ def test_a_wrong_value_fails_the_card() -> None:
         "simsiam": ([("optim.lr_scaling", "sqrt")], "peak lr"),
         "infomin": ([("views.*.randaugment_m", 9.0)], "views"),
         "amdim": ([("method.score_reg", 0.005)], "method.score_reg"),
+        "yadim": ([("method.denominator", "negatives")], "method.denominator"),
     }
     for name, (overrides, what) in cases.items():
         wrong = card_errors(name, load_recipe(name, overrides))
