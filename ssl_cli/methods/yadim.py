@@ -39,6 +39,7 @@ from ssl_cli.config.schema import MethodConfig
 from ssl_cli.encoders.taps import Tap, capture_maps, feature_modules, measure_maps
 from ssl_cli.errors import RecipeError
 from ssl_cli.losses.yadim import yadim_loss
+from ssl_cli.methods.amdim import AMDIM
 from ssl_cli.methods.base import Method, StepOutput
 from ssl_cli.methods.registry import register
 
@@ -59,14 +60,8 @@ class YADIMConfig(MethodConfig):
 class YADIM(Method):
     Config = YADIMConfig
     description = "YADIM (2020): NCE, sum over positives, between the last feature maps of 2 views, AMDIM's encoder"
-    # The demo's 80 steps on CPU: AMDIM's 32x32 encoder at a quarter of the width of AMDIM's own demo, Adam at 1e-3
-    demo_overrides = {
-        "backbone.name": "amdim_32",
-        "backbone.kwargs.ndf": 32,
-        "backbone.kwargs.n_rkhs": 256,
-        "backbone.kwargs.n_depth": 3,
-        "optim.lr": 1e-3,
-    }
+    # The demo's 80 steps on CPU: AMDIM's demo encoder (amdim_32 at a quarter of its width) and Adam at 1e-3
+    demo_overrides = AMDIM.demo_overrides
 
     def __init__(self, config: YADIMConfig, backbone: nn.Module, recipe) -> None:
         super().__init__(config, backbone, recipe)
