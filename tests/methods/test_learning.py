@@ -97,11 +97,13 @@ METHODS["amdim-cifar"] = (
 )
 
 # YADIM with AMDIM's 32x32 encoder at an eighth of its width (ndf 16, n_rkhs 128) and Adam at lr 1e-3, as AMDIM's
-# entry: +0.083 / +0.010 / +0.083 over random (0.207) on seeds 0 / 1 / 2 (seed 1 is below the margin; the test runs
-# seed 0). The epoch-mean loss falls 5.05 -> 4.08 over the 5 epochs (chance with 1 positive + 63 negatives: 4.16)
+# entry, 8 epochs: +0.117 / +0.060 / +0.153 over random (0.207) on seeds 0 / 1 / 2 (5 epochs: +0.083 / +0.010 /
+# +0.083, seed 1 below the margin). Over 5 epochs the epoch-mean loss falls 5.05 -> 4.08 (chance with 1 positive + 63
+# negatives: 4.16)
 METHODS["yadim-cifar"] = (
-    [("backbone.name", "amdim_32"), ("backbone.kwargs.ndf", 16), ("backbone.kwargs.n_rkhs", 128), ("optim.lr", 1e-3)],
-    0.015,
+    [("backbone.name", "amdim_32"), ("backbone.kwargs.ndf", 16), ("backbone.kwargs.n_rkhs", 128), ("optim.lr", 1e-3)]
+    + [("train.epochs", 8)],
+    0.03,
 )
 
 # SwAV (2 x 32 crops, 50 prototypes, no queue, prototypes frozen for the first epoch): +0.047 / +0.017 / +0.040
