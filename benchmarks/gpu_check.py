@@ -334,6 +334,8 @@ def main() -> int:
             import ssl_cli.train.placement as placement
 
             placement.COMPILE_BACKEND = "eager"  # the wiring, not the compiler's minutes on 2 CPU cores
+            # one thread: tiny ops on a busy small machine slow down many times over with spinning thread pools
+            torch.set_num_threads(1)
         tarball = dry_tarball(work) if a.dry_run else a.data_tarball
         run_plan(check, tarball, work, a.long, a.long_budget)
     print(table(check.rows))
