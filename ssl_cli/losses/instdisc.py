@@ -19,6 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssl_cli.distributed import all_reduce_mean
+from ssl_cli.precision import full_precision
+
 
 class MemoryBank(nn.Module):
     """n x D features, one per training image; a persistent buffer, so checkpoints carry it.
@@ -41,11 +44,26 @@ class MemoryBank(nn.Module):
         """batch_size x k indices drawn uniformly, with replacement (the reference's alias sampler, uniform)."""
         return torch.randint(self.size, (batch_size, k), device=self.features.device)
 
+    def logits(self, idx: torch.Tensor, f: torch.Tensor, temperature: float) -> torch.Tensor:
+        """v_j . f / tau for each row's entries ``idx`` (B x (1 + m)) and features ``f`` (B x D): B x (1 + m), in
+        fp32 even under bf16 autocast; no gradient reaches the bank."""
+        with full_precision(f):
+            weights = self.features[idx]  # B x (1 + m) x D
+            return torch.bmm(weights, f.float()[:, :, None]).squeeze(2) / temperature
+
     @torch.no_grad()
     def update(self, index: torch.Tensor, features: torch.Tensor, momentum: float) -> None:
         """v_i <- normalise(momentum * v_i + (1 - momentum) * f_i) for the batch's rows only."""
         mixed = self.features[index] * momentum + features.detach().to(self.features.dtype) * (1.0 - momentum)
         self.features[index] = F.normalize(mixed, dim=1)
+
+
+@torch.no_grad()
+def estimate_z(logits: torch.Tensor, num_samples: int) -> torch.Tensor:
+    """The NCE normaliser Z = n * mean of exp(logits) over a batch's B x (1 + m) scores, the mean taken over every
+    rank's batch under torchrun (float64 scalar). The reference sets it from the first batch and keeps it fixed."""
+    log_mean = torch.logsumexp(logits.double().flatten(), 0) - math.log(logits.numel())
+    return all_reduce_mean(log_mean.exp()) * num_samples
 
 
 def nce_loss(log_p: torch.Tensor, num_samples: int) -> torch.Tensor:

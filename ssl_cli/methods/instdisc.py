@@ -17,7 +17,6 @@ bank entries against the remaining entries, a free monitor (no forward pass).
 
 from __future__ import annotations
 
-import math
 from typing import Annotated, Literal
 
 import torch
@@ -25,11 +24,11 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from ssl_cli.config.schema import PositiveInt, Probability
-from ssl_cli.distributed import all_reduce_mean, gather
+from ssl_cli.distributed import gather
 from ssl_cli.errors import RecipeError
 from ssl_cli.eval.knn import knn_classify
 from ssl_cli.heads import ProjectorConfig, ProjectorKind, projector
-from ssl_cli.losses.instdisc import MemoryBank, nce_loss
+from ssl_cli.losses.instdisc import MemoryBank, estimate_z, nce_loss
 from ssl_cli.methods.base import Method, StepOutput
 from ssl_cli.methods.registry import register
 from ssl_cli.precision import full_precision
@@ -85,13 +84,9 @@ class InstDisc(Method):
         Sets Z on first use (the reference: Z = n * mean of exp(v . f / tau) over that batch's B x (1 + m) pairs).
         """
         idx = torch.cat([index[:, None], noise], dim=1)  # B x (1 + m)
-        with full_precision(f):  # similarities in fp32 under bf16 autocast
-            weights = self.bank.features[idx]  # B x (1 + m) x D, no gradient into the bank
-            logits = torch.bmm(weights, f.float()[:, :, None]).squeeze(2) / self.config.temperature
+        logits = self.bank.logits(idx, f, self.config.temperature)  # fp32 under bf16 autocast
         if not self._z_known and self.nce_z.item() == 0.0:
-            with torch.no_grad():  # the mean over every rank's first batch under torchrun
-                log_mean = torch.logsumexp(logits.double().flatten(), 0) - math.log(logits.numel())
-                self.nce_z.copy_(all_reduce_mean(log_mean.exp()) * self.bank.size)
+            self.nce_z.copy_(estimate_z(logits, self.bank.size))  # the mean over every rank's first batch
         self._z_known = True
         return logits - self.nce_z.log().float()
 
