@@ -21,8 +21,9 @@ def load_backbone(path: str, device: str = "cpu"):
 
 
 def _register_encoders_with_timm() -> None:
-    """ssl's own encoders (``ssl_cli.encoders``: AMDIM's) join timm's model registry as soon as timm is imported, so
-    after ``import ssl_cli``, ``timm.create_model("amdim_32")`` works whichever of the two was imported first.
+    """ssl's own encoders (``ssl_cli.encoders``: AMDIM's, CMC's) join timm's model registry as soon as timm is
+    imported, so after ``import ssl_cli``, ``timm.create_model("amdim_32")`` works whichever of the two was imported
+    first.
 
     Importing timm here would cost every ``ssl`` command the start-up of torch and timm, so when timm is not loaded
     yet, a finder waits for its import and registers the encoders right after timm's own module has run.

@@ -5,8 +5,8 @@ Every backbone is ``timm.create_model(name, num_classes=0, ...)``: it returns po
 timm. Two changes are supported on top of a stock model:
 
 - ``small_stem`` (ResNets on 32x32 images): the first convolution becomes 3x3 stride 1 and the max-pool is
-  removed, as in SimCLR's CIFAR-10 experiments [0]. State-dict keys stay the same; ``conv1.weight`` changes
-  shape, so such weights are rebuilt with ``ssl_cli.load_backbone``.
+  removed, as in SimCLR's CIFAR-10 experiments [0] (in each network of an encoder made of several: CMC's). State-dict
+  keys stay the same; ``conv1.weight`` changes shape, so such weights are rebuilt with ``ssl_cli.load_backbone``.
 - ``freeze_patch_embed`` (ViTs): the random patch projection is kept frozen, the stabiliser of MoCo v3 [1];
   ``pos_embed = "sincos"`` and ``weight_init = "mocov3"`` give the rest of MoCo v3's ViT (a fixed 2-D sin-cos
   position embedding, xavier-uniform init with the patch projection's own fan rule) through timm's model, so
@@ -54,6 +54,12 @@ def timm_kwargs(cfg: BackboneConfig) -> dict[str, Any]:
 
 
 def _apply_small_stem(model: nn.Module, name: str) -> None:
+    # an encoder made of several networks (CMC's, one per view: ``ssl_cli.encoders.cmc``) changes each one's stem
+    for network in getattr(model, "branches", None) or [model]:
+        _small_stem(network, name)
+
+
+def _small_stem(model: nn.Module, name: str) -> None:
     conv1 = getattr(model, "conv1", None)
     if not isinstance(conv1, nn.Conv2d) or not hasattr(model, "maxpool"):
         raise RecipeError(

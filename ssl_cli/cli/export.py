@@ -13,7 +13,7 @@ import typer
 
 from ssl_cli.cli.console import emit_json, err, handles_errors, result_table, stdout
 
-OWN_ENCODER_PREFIXES = ("amdim_",)
+OWN_ENCODER_PREFIXES = ("amdim_", "cmc_")
 """timm names of ``ssl_cli.encoders`` (not imported here: the CLI starts without torch and timm)."""
 
 
@@ -25,7 +25,7 @@ def _hint(summary: dict) -> str:
         )
     if fmt == "onnx":
         return f"run with onnxruntime.InferenceSession('{path}').run(None, {{'images': batch}}) (float32 N x 3 x H x W)"
-    # ssl's own encoders (AMDIM's) are in timm's registry once ssl_cli is imported
+    # ssl's own encoders (AMDIM's, CMC's) are in timm's registry once ssl_cli is imported
     first = "import ssl_cli, then " if summary["architecture"].startswith(OWN_ENCODER_PREFIXES) else ""
     if fmt == "hf":
         return f"load with {first}timm.create_model('local-dir:{path}', pretrained=True)"

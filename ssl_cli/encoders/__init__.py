@@ -5,8 +5,15 @@ Importing this package registers them, so ``timm.create_model(name)`` builds the
 ``import ssl_cli`` registers them too, as soon as timm is imported (``ssl_cli.__init__``).
 
 - ``amdim_32`` / ``amdim_64`` / ``amdim_128``: AMDIM's encoder (``ssl_cli.encoders.amdim``).
+- ``cmc_resnet18`` / ``cmc_resnet50`` / ``cmc_resnet101`` / ``cmc_test_resnet``: CMC's one network per colour view
+  (``ssl_cli.encoders.cmc``).
 """
 
-from ssl_cli.encoders.amdim import ENCODERS, AMDIMEncoder, RKHSHead
+from ssl_cli.encoders.amdim import ENCODERS as AMDIM_ENCODERS
+from ssl_cli.encoders.amdim import AMDIMEncoder, RKHSHead
+from ssl_cli.encoders.cmc import ENCODERS as CMC_ENCODERS
+from ssl_cli.encoders.cmc import CMCEncoder
 
-__all__ = ["ENCODERS", "AMDIMEncoder", "RKHSHead"]
+ENCODERS = (*AMDIM_ENCODERS, *CMC_ENCODERS)
+
+__all__ = ["AMDIM_ENCODERS", "CMC_ENCODERS", "ENCODERS", "AMDIMEncoder", "CMCEncoder", "RKHSHead"]

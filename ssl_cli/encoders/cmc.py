@@ -1,0 +1,224 @@
+"""CMC's encoder as a timm model: ``timm.create_model("cmc_resnet50")`` (also ``cmc_resnet18``, ``cmc_resnet101``).
+
+An RGB image becomes its feature in three steps [0, Sec. 3-4; 1, models/resnet.py ``ResNetV1``]:
+
+1. the N x 3 x H x W batch, RGB in [0, 1] (``data.mean = [0, 0, 0]``, ``data.std = [1, 1, 1]``: the encoder does its
+   own normalisation), is converted to a colour space (``space``: ``lab`` by default, ``ydbdr``, ``ycbcr``) and each
+   channel normalised with that space's fixed mean / std (``ssl_cli.encoders.colour``);
+2. the channels are split into views (``split``: ``L,ab`` by default; ``L,a,b`` gives three views), and each view
+   goes through its own network, a timm model built with ``in_chans`` = the view's channel count: a ResNet at
+   ``width`` times its stage widths (0.5 by default, the official ``resnet50v1``: "half-width" ResNets, the stem kept
+   at 64 channels as there), BatchNorm in the last layer of each block starting at 1 as in the official init;
+3. each network's map is average-pooled and the views' vectors are concatenated in ``split`` order: the feature kNN,
+   the linear probe and ``ssl export`` read (``num_features`` = the sum of the widths). ``output_view`` = one view's
+   name (e.g. ``"L"``) returns that network's vector alone (the paper evaluates both ways).
+
+The 128-d embeddings of the loss belong to the method (``ssl_cli.methods.cmc``), so an export holds the encoder
+alone. ``forward(x, all_views=True)`` returns every view's pooled vector, for training; ``x`` may also stack one crop
+per view (V x N x 3 x H x W: view v's channels from crop v).
+
+Variants: ``cmc_resnet18`` / ``cmc_resnet50`` / ``cmc_resnet101`` (timm's ResNets per view; the official
+``resnet{18,50,101}v1``; ``width = 1`` is its v2, ``width = 2`` its v3) and ``cmc_test_resnet`` (timm's tiny
+``test_resnet`` per view, for tests). ``space``, ``split``, ``output_view`` and ``width`` are keyword arguments
+(``backbone.kwargs`` in a recipe); further ones go to every view's timm model.
+
+[0] Contrastive Multiview Coding (CMC), Tian, Krishnan, Isola 2019, arXiv:1906.05849.
+[1] Official code github.com/HobbitLong/CMC (models/resnet.py, dataset.py, train_CMC.py).
+"""
+
+from __future__ import annotations
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.layers import SelectAdaptivePool2d
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.resnet import ResNet
+from torch import nn
+
+from ssl_cli.encoders.colour import SPACES, parse_split
+
+ENCODERS = ("cmc_resnet18", "cmc_resnet50", "cmc_resnet101", "cmc_test_resnet")
+"""The timm names this module registers."""
+
+
+def _stage_widths(branch: str, in_chans: int, kwargs: dict) -> tuple[int, ...] | None:
+    """The stage widths (``channels``) of timm ResNet ``branch``, read from a copy built on the meta device (no
+    memory, no init); None when ``branch`` is not a timm ResNet."""
+    with torch.device("meta"):
+        model = timm.create_model(branch, num_classes=0, in_chans=in_chans, **kwargs)
+    if not isinstance(model, ResNet):
+        return None
+    stages = [getattr(model, f"layer{i}") for i in range(1, 5)]
+    return tuple(_planes(s[0]) for s in stages)
+
+
+def _planes(block: nn.Module) -> int:
+    """A timm ResNet block's ``planes`` (its output width over its expansion)."""
+    last = block.conv3 if hasattr(block, "conv3") else block.conv2
+    return last.out_channels // type(block).expansion
+
+
+def _branch(branch: str, in_chans: int, width: float, kwargs: dict) -> nn.Module:
+    """One view's network: timm model ``branch`` with ``in_chans`` inputs and no classifier, a ResNet's stage widths
+    scaled by ``width``."""
+    widths = _stage_widths(branch, in_chans, kwargs)
+    if widths is None:
+        if width != 1.0:
+            raise ValueError(f"width = {width} scales timm ResNets' stages; {branch!r} is not one (use width = 1)")
+        return timm.create_model(branch, num_classes=0, in_chans=in_chans, **kwargs)
+    scaled = tuple(max(1, int(w * width)) for w in widths)
+    # the official ResNets start every BatchNorm at weight 1; timm zeroes each block's last one unless told
+    kwargs = {"zero_init_last": False, **kwargs}
+    return timm.create_model(branch, num_classes=0, in_chans=in_chans, channels=scaled, **kwargs)
+
+
+class CMCEncoder(nn.Module):
+    """One network per colour view, timm's model interface (``num_features``, ``forward_features``, ``forward_head``,
+    ``reset_classifier``); see the module doc."""
+
+    def __init__(
+        self,
+        branch: str = "resnet50",
+        width: float = 0.5,
+        space: str = "lab",
+        split: str = "auto",
+        output_view: str = "all",
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "avg",
+        drop_rate: float = 0.0,
+        **kwargs,
+    ) -> None:
+        super().__init__()
+        if in_chans != 3:
+            raise ValueError(
+                f"in_chans = {in_chans}: CMC's encoder takes RGB images (3 channels) and splits them itself"
+            )
+        if not width > 0:
+            raise ValueError(f"width = {width} must be positive")
+        views = parse_split(space, split)
+        self.space = SPACES[space]
+        self.view_names = [name for name, _ in views]
+        if output_view != "all" and output_view not in self.view_names:
+            raise ValueError(f"output_view {output_view!r}: valid are all, {', '.join(self.view_names)}")
+        self.view_channels = [channels for _, channels in views]
+        self.branches = nn.ModuleList(_branch(branch, len(c), width, kwargs) for c in self.view_channels)
+        self.view_widths = [int(b.num_features) for b in self.branches]
+        self.output_index = list(range(len(views))) if output_view == "all" else [self.view_names.index(output_view)]
+        self.num_features = self.head_hidden_size = sum(self.view_widths[i] for i in self.output_index)
+        self.num_classes, self.drop_rate = num_classes, drop_rate
+        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def split_views(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """RGB in [0, 1] -> each view's normalised channels (N x C_v x H x W), in ``split`` order. ``x``: one batch
+        (N x 3 x H x W), every view from it; or one batch per view stacked (V x N x 3 x H x W), view v from ``x[v]``."""
+        if x.dim() == 4:
+            converted = self.space.normalised(x)
+            return [converted[:, channels] for channels in self.view_channels]
+        if x.dim() != 5 or x.shape[0] != len(self.view_channels):
+            raise ValueError(f"input {tuple(x.shape)}: N x 3 x H x W, or {len(self.view_channels)} x N x 3 x H x W")
+        return [self.space.normalised(crop)[:, channels] for crop, channels in zip(x, self.view_channels, strict=True)]
+
+    def forward_views(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every view's pooled vector (N x D_v), each from its own network: what CMC contrasts (input as
+        ``split_views``'s)."""
+        return [
+            self.global_pool(b.forward_features(v)) for b, v in zip(self.branches, self.split_views(x), strict=True)
+        ]
+
+    def select(self, every_view: torch.Tensor) -> torch.Tensor:
+        """The output views' columns of ``forward(x, all_views=True)``: what ``forward`` returns (without a head)."""
+        if len(self.output_index) == len(self.view_widths):
+            return every_view
+        parts = every_view.split(self.view_widths, dim=1)
+        return torch.cat([parts[i] for i in self.output_index], dim=1)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        # the views' networks side by side: the same depth in each is one layer (timm's layer decay)
+        blocks = r"^branches\.\d+\.layer(\d+)" if coarse else r"^branches\.\d+\.layer(\d+)\.(\d+)"
+        return {"stem": r"^branches\.\d+\.(?:conv1|bn1)", "blocks": blocks}
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The output views' maps concatenated along channels (N x num_features x h x w); only their networks run."""
+        views = self.split_views(x)
+        return torch.cat([self.branches[i].forward_features(views[i]) for i in self.output_index], dim=1)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.global_pool(x)
+        if self.drop_rate > 0.0:
+            x = F.dropout(x, p=self.drop_rate, training=self.training)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor, all_views: bool = False) -> torch.Tensor:
+        """The output views' pooled vectors (through the head, if any). ``all_views``: every view's pooled vector
+        concatenated in ``split`` order (N x sum of ``view_widths``, no head), what training contrasts; a call of the
+        module, so hooks (the online classifier, ``ssl bench``) and ``train.compile`` see it."""
+        if all_views:
+            return torch.cat(self.forward_views(x), dim=1)
+        return self.forward_head(self.forward_features(x))
+
+
+def _cfg(paper: bool = True) -> dict:
+    return {
+        "url": "",
+        "num_classes": 0,
+        "input_size": (3, 224, 224),
+        "pool_size": (7, 7),
+        "crop_pct": 0.875,
+        "interpolation": "bilinear",
+        "mean": (0.0, 0.0, 0.0),  # RGB in [0, 1]: the encoder normalises in its own colour space
+        "std": (1.0, 1.0, 1.0),
+        "first_conv": "branches.0.conv1",
+        "classifier": "head",
+        "license": "bsd-2-clause",
+        "paper_ids": "arXiv:1906.05849" if paper else "",
+        "origin_url": "https://github.com/HobbitLong/CMC",
+    }
+
+
+default_cfgs = generate_default_cfgs({name: _cfg(name != "cmc_test_resnet") for name in ENCODERS})
+
+
+def _create(variant: str, pretrained: bool, branch: str, kwargs: dict) -> CMCEncoder:
+    if "branch" in kwargs:
+        raise TypeError(
+            f"{variant} has {branch} per view; for another network per view use one of {', '.join(ENCODERS)}"
+        )
+    return build_model_with_cfg(CMCEncoder, variant, pretrained, branch=branch, **kwargs)
+
+
+@register_model
+def cmc_resnet18(pretrained: bool = False, **kwargs) -> CMCEncoder:
+    """CMC: a ResNet-18 per view at half width (L and ab of Lab by default)."""
+    return _create("cmc_resnet18", pretrained, "resnet18", kwargs)
+
+
+@register_model
+def cmc_resnet50(pretrained: bool = False, **kwargs) -> CMCEncoder:
+    """CMC: a ResNet-50 per view at half width (the official resnet50v1)."""
+    return _create("cmc_resnet50", pretrained, "resnet50", kwargs)
+
+
+@register_model
+def cmc_resnet101(pretrained: bool = False, **kwargs) -> CMCEncoder:
+    """CMC: a ResNet-101 per view at half width (the official resnet101v1)."""
+    return _create("cmc_resnet101", pretrained, "resnet101", kwargs)
+
+
+@register_model
+def cmc_test_resnet(pretrained: bool = False, **kwargs) -> CMCEncoder:
+    """CMC with timm's tiny ``test_resnet`` per view at half width: for tests."""
+    return _create("cmc_test_resnet", pretrained, "test_resnet", kwargs)
