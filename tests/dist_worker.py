@@ -19,6 +19,8 @@ from ssl_cli.train.sync_batchnorm import convert_global_batchnorm
 GLOBAL_BATCH = 16
 STEPS = 2
 
+CMC_TINY = [("backbone.name", "cmc_test_resnet"), ("backbone.small_stem", False)]
+
 # name: (recipe, overrides) -- settings whose step is deterministic (no random noise samples)
 CASES: dict[str, tuple[str, list]] = {
     "simclr": ("simclr", []),
@@ -75,6 +77,14 @@ CASES: dict[str, tuple[str, list]] = {
         [("backbone.name", "amdim_32"), ("backbone.kwargs.ndf", 8), ("backbone.kwargs.n_rkhs", 32)]
         + [("backbone.kwargs.n_depth", 1), ("optim.name", "sgd")],
     ),
+    # CMC: the noise indices drawn for the global batch, each direction's Z from every rank's first batch, both
+    # banks written with every rank's rows after the step; the per-view networks' BatchNorm over the global batch. Tau
+    # 0.2, not the recipe's 0.07: at 0.07 the two runs agree after one step, but the second moves the L network's stem
+    # by up to 2e-4 from the ranks' 1e-7 rounding differences (as MoCo v1's case above)
+    "cmc": ("cmc-cifar", [*CMC_TINY, ("method.temperature", 0.2), ("method.nce_k", 16)]),
+    # CMC with in-batch negatives: the other view's embeddings of every rank gathered with their gradient. Tau 0.5: at
+    # 0.07 and 0.2 the second step moves a stem by 1e-3 and 6e-4 (the first step agrees to 2e-6)
+    "cmc-infonce": ("cmc-cifar", [*CMC_TINY, ("method.temperature", 0.5), ("method.loss", "infonce")]),
 }
 
 

@@ -22,6 +22,7 @@ from conftest import tiny_method
 from ssl_cli.heads import DINOHead
 from ssl_cli.losses.amdim import amdim_loss
 from ssl_cli.losses.byol import normalized_mse
+from ssl_cli.losses.cmc import cross_view_infonce
 from ssl_cli.losses.deepclusterv2 import cluster_prediction
 from ssl_cli.losses.dino import dino_loss, teacher_probs, updated_center
 from ssl_cli.losses.invaspread import invaspread_loss
@@ -369,6 +370,11 @@ METHODS = {
     ),
     # YADIM: no head, the loss reads the backbone's last feature map (test_resnet: layer4)
     "yadim": MethodCase((), ("backbone.layer4",), (("ssl_cli.methods.yadim", "yadim_loss", raw(yadim_loss)),)),
+    # CMC with in-batch negatives: each view's embedding head on its own network
+    "cmc": MethodCase(
+        (("backbone.name", "cmc_test_resnet"), ("method.loss", "infonce")), ("projectors.0", "projectors.1"),
+        (("ssl_cli.methods.cmc", "cross_view_infonce", raw(cross_view_infonce)),),
+    ),
 }  # fmt: skip
 
 

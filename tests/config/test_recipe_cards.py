@@ -60,6 +60,33 @@ AMDIM_VALUES = {
     "schedule.warmup_start": 2e-4 / 500,
 }
 
+# CMC (official code, train_CMC.py): memory banks and NCE, SGD on every parameter, x0.1 at 120 / 160 / 200 of 240
+CMC_VALUES = {
+    "method.projector": "linear",
+    "method.proj_output_dim": 128,
+    "method.loss": "nce",
+    "method.temperature": 0.07,
+    "method.nce_k": 16384,
+    "method.bank_momentum": 0.5,
+    "backbone.kwargs": {},  # the encoder's defaults: Lab, L vs ab, both views' vectors out
+    "data.mean": [0.0, 0.0, 0.0],
+    "data.std": [1.0, 1.0, 1.0],
+    "optim.name": "sgd",
+    "optim.momentum": 0.9,
+    "optim.weight_decay": 1e-4,
+    "optim.exclude_bias_norm": False,
+    "schedule.name": "step",
+    "schedule.milestones": [120, 160, 200],
+    "schedule.gamma": 0.1,
+    "train.epochs": 240,
+    "train.batch_size": 128,
+}
+CMC_SOURCE = (
+    "CMC, arXiv:1906.05849 and HobbitLong/CMC train_CMC.py defaults (lr 0.03, momentum 0.9, wd 1e-4, 240 epochs, "
+    "x0.1 at 120 / 160 / 200, feat_dim 128, nce_k 16384, nce_t 0.07, nce_m 0.5, --view Lab, crop_low 0.08 for "
+    "ResNets), README ResNet command (--model resnet50v1 --batch_size 128)"
+)
+
 # YADIM (Falcon & Cho 2020; the authors' lightning-bolts AMDIM module): NCE with the sum over positives between the
 # last maps, Adam as AMDIM's, a constant rate
 YADIM_VALUES = {
@@ -470,6 +497,21 @@ CARDS["cpcv2"] = (
 )
 
 
+CARDS["cmc"] = (
+    CMC_SOURCE,
+    0.03,
+    CMC_VALUES | {"backbone.name": "cmc_resnet50", "backbone.small_stem": False},
+    [view(1, 224, [0.08, 1.0], 0.0, SIMCLR_JITTER, 0.0, 0.0)],
+)
+# no published CIFAR settings: the ImageNet recipe with a half-width ResNet-18 per view, its CIFAR stem, 0.2-1 crops
+CARDS["cmc-cifar"] = (
+    CMC_SOURCE + "; 32x32: ssl's cmc_resnet18 with the small stem and crops of 0.2-1",
+    0.03,
+    CMC_VALUES | {"backbone.name": "cmc_resnet18", "backbone.small_stem": True},
+    [view(1, 32, [0.2, 1.0], 0.0, SIMCLR_JITTER, 0.0, 0.0)],
+)
+
+
 def resolve(recipe: Recipe, key: str) -> Any:
     value: Any = recipe
     for part in key.split("."):
@@ -533,6 +575,7 @@ def test_a_wrong_value_fails_the_card() -> None:
         "infomin": ([("views.*.randaugment_m", 9.0)], "views"),
         "amdim": ([("method.score_reg", 0.005)], "method.score_reg"),
         "yadim": ([("method.denominator", "negatives")], "method.denominator"),
+        "cmc": ([("method.nce_k", 4096)], "method.nce_k"),
     }
     for name, (overrides, what) in cases.items():
         wrong = card_errors(name, load_recipe(name, overrides))
