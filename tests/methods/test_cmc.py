@@ -403,8 +403,9 @@ def test_a_bank_term_trains_only_its_anchors_network_an_infonce_term_both() -> N
     assert branch_grads(method, cross_view_infonce(z[0], z[1], 0.07)) == [True, True]
 
 
-def test_bank_update_step_by_step() -> None:
-    method = tiny(("method.nce_k", 6), ("method.bank_momentum", 0.5))
+@pytest.mark.parametrize("momentum", [0.5, 0.25])
+def test_bank_update_step_by_step(momentum: float) -> None:
+    method = tiny(("method.nce_k", 6), ("method.bank_momentum", momentum))
     method.bind_data(20, None)
     x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(7))
     index = torch.tensor([3, 11, 0, 17])
@@ -420,7 +421,7 @@ def test_bank_update_step_by_step() -> None:
     method.after_optimizer_step(0, 10)
     others = torch.tensor([i for i in range(20) if i not in index.tolist()])
     for bank, old, view in zip(method.banks, before, z, strict=True):  # the L bank takes the L embeddings
-        want = F.normalize(0.5 * old[index] + 0.5 * view, dim=1)
+        want = F.normalize(momentum * old[index] + (1 - momentum) * view, dim=1)
         torch.testing.assert_close(bank.features[index], want)
         assert torch.equal(bank.features[others], old[others])  # only the batch's rows
         torch.testing.assert_close(bank.features[index].norm(dim=1), torch.ones(4))
