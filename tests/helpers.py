@@ -130,6 +130,52 @@ class Interrupt(SilentReporter):
             raise KeyboardInterrupt
 
 
+def assert_resume_is_bit_identical(recipe, train: str, root: Path, at: int = 2) -> None:
+    """A run of ``recipe`` on ``train`` interrupted after epoch ``at`` and resumed ends with the model and optimizer
+    state of the uninterrupted run, bit for bit (memory banks, queues, random draws and all)."""
+    from ssl_cli.artifacts.checkpoint import read_checkpoint
+    from ssl_cli.train.pretrain import pretrain
+
+    full = pretrain(recipe, train, root / "full")
+    try:
+        pretrain(recipe, train, root / "cut", reporter=Interrupt(at=at))
+        raise AssertionError("the run was not interrupted")
+    except KeyboardInterrupt:
+        pass
+    resumed = pretrain(recipe, train, root / "cut", resume=True)
+    a, b = read_checkpoint(full.checkpoint), read_checkpoint(resumed.checkpoint)
+    assert a.meta["step"] == b.meta["step"]
+    for section in ("model", "optim"):
+        sa, sb = a.section(section), b.section(section)
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), section
+
+
+def assert_torchscript_export_and_inspect(checkpoint: Path, method: str, backbone: str, num_features: int) -> None:
+    """A checkpoint's TorchScript export matches the model, and ``ssl inspect --json`` names its method, backbone and
+    feature width."""
+    from ssl_cli.export.formats import export_model
+
+    ts = export_model(checkpoint, Path(checkpoint).parent / "backbone.pt")
+    assert ts["max_abs_diff"] <= ts["tolerance"]
+    info = one_json(invoke("inspect", checkpoint, "--json"))
+    assert (info["method"], info["backbone"]["name"], info["num_features"]) == (method, backbone, num_features)
+
+
+def assert_drawn_for_the_global_batch(monkeypatch, module, draw: Callable[[int, int], torch.Tensor], dim: int = 0):
+    """``draw(step, n)``, a method's random draw for its process's ``n`` rows, is a function of the step, and 2
+    processes x 4 rows draw what 1 process x 8 draws (``module``'s ``world_size`` / ``rank`` patched). Returns the
+    1-process draw of step 7."""
+    one = draw(7, 8)
+    assert torch.equal(one, draw(7, 8)) and not torch.equal(one, draw(8, 8))
+    monkeypatch.setattr(module, "world_size", lambda: 2)
+    halves = []
+    for r in (0, 1):
+        monkeypatch.setattr(module, "rank", lambda r=r: r)
+        halves.append(draw(7, 4))
+    assert torch.equal(torch.cat(halves, dim=dim), one)
+    return one
+
+
 def rewrite_metadata(source: Path, target: Path, change: Callable[[dict[str, Any]], None]) -> Path:
     """``target``: ``source`` with its safetensors header's metadata passed through ``change`` (JSON values decoded,
     edited in place), the tensors' bytes untouched (their hash still holds): a hand-edited or crafted file."""

@@ -41,9 +41,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.layers import SelectAdaptivePool2d
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
+
+from ssl_cli.encoders.head import PooledHead
 
 ENCODER_SIZES = (32, 64, 128)
 ENCODERS = ("amdim_32", "amdim_64", "amdim_128")
@@ -148,7 +149,7 @@ def _layers(encoder_size: int, in_chans: int, ndf: int, n_rkhs: int, depth: int,
     ]
 
 
-class AMDIMEncoder(nn.Module):
+class AMDIMEncoder(PooledHead):
     """AMDIM's encoder with timm's model interface (``num_features``, ``forward_features``, ``forward_head``,
     ``reset_classifier``, ``feature_info``); see the module doc."""
 
@@ -169,12 +170,9 @@ class AMDIMEncoder(nn.Module):
             raise ValueError(f"encoder_size {encoder_size}: valid are {', '.join(map(str, ENCODER_SIZES))}")
         if min(ndf, n_rkhs, n_depth, in_chans) < 1:
             raise ValueError(f"ndf, n_rkhs, n_depth and in_chans must be positive (got {ndf}, {n_rkhs}, {n_depth})")
-        self.encoder_size, self.use_bn, self.drop_rate = encoder_size, bool(use_bn), drop_rate
+        self.encoder_size, self.use_bn = encoder_size, bool(use_bn)
         self.layer_list = nn.Sequential(*_layers(encoder_size, in_chans, ndf, n_rkhs, n_depth, bool(use_bn)))
-        self.num_features = self.head_hidden_size = n_rkhs
-        self.num_classes = num_classes
-        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
-        self.head = nn.Linear(n_rkhs, num_classes) if num_classes > 0 else nn.Identity()
+        self.init_head(n_rkhs, num_classes, global_pool, drop_rate)
         self.feature_info = self._feature_info()
 
     def _feature_info(self) -> list[dict]:
@@ -191,24 +189,8 @@ class AMDIMEncoder(nn.Module):
     def group_matcher(self, coarse: bool = False) -> dict:
         return {"stem": r"^layer_list\.0\.", "blocks": r"^layer_list\.(\d+)"}
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.layer_list(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.global_pool(x)
-        if self.drop_rate > 0.0:
-            x = F.dropout(x, p=self.drop_rate, training=self.training)
-        return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

@@ -30,13 +30,12 @@ from __future__ import annotations
 
 import timm
 import torch
-import torch.nn.functional as F
-from timm.layers import SelectAdaptivePool2d
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.resnet import ResNet
 from torch import nn
 
 from ssl_cli.encoders.colour import SPACES, parse_split
+from ssl_cli.encoders.head import PooledHead
 
 ENCODERS = ("cmc_resnet18", "cmc_resnet50", "cmc_resnet101", "cmc_test_resnet")
 """The timm names this module registers."""
@@ -73,7 +72,7 @@ def _branch(branch: str, in_chans: int, width: float, kwargs: dict) -> nn.Module
     return timm.create_model(branch, num_classes=0, in_chans=in_chans, channels=scaled, **kwargs)
 
 
-class CMCEncoder(nn.Module):
+class CMCEncoder(PooledHead):
     """One network per colour view, timm's model interface (``num_features``, ``forward_features``, ``forward_head``,
     ``reset_classifier``); see the module doc."""
 
@@ -106,10 +105,7 @@ class CMCEncoder(nn.Module):
         self.branches = nn.ModuleList(_branch(branch, len(c), width, kwargs) for c in self.view_channels)
         self.view_widths = [int(b.num_features) for b in self.branches]
         self.output_index = list(range(len(views))) if output_view == "all" else [self.view_names.index(output_view)]
-        self.num_features = self.head_hidden_size = sum(self.view_widths[i] for i in self.output_index)
-        self.num_classes, self.drop_rate = num_classes, drop_rate
-        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.init_head(sum(self.view_widths[i] for i in self.output_index), num_classes, global_pool, drop_rate)
 
     def split_views(self, x: torch.Tensor) -> list[torch.Tensor]:
         """RGB in [0, 1] -> each view's normalised channels (N x C_v x H x W), in ``split`` order. ``x``: one batch
@@ -141,26 +137,10 @@ class CMCEncoder(nn.Module):
         blocks = r"^branches\.\d+\.layer(\d+)" if coarse else r"^branches\.\d+\.layer(\d+)\.(\d+)"
         return {"stem": r"^branches\.\d+\.(?:conv1|bn1)", "blocks": blocks}
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The output views' maps concatenated along channels (N x num_features x h x w); only their networks run."""
         views = self.split_views(x)
         return torch.cat([self.branches[i].forward_features(views[i]) for i in self.output_index], dim=1)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.global_pool(x)
-        if self.drop_rate > 0.0:
-            x = F.dropout(x, p=self.drop_rate, training=self.training)
-        return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor, all_views: bool = False) -> torch.Tensor:
         """The output views' pooled vectors (through the head, if any). ``all_views``: every view's pooled vector
@@ -200,25 +180,18 @@ def _create(variant: str, pretrained: bool, branch: str, kwargs: dict) -> CMCEnc
     return build_model_with_cfg(CMCEncoder, variant, pretrained, branch=branch, **kwargs)
 
 
-@register_model
-def cmc_resnet18(pretrained: bool = False, **kwargs) -> CMCEncoder:
-    """CMC: a ResNet-18 per view at half width (L and ab of Lab by default)."""
-    return _create("cmc_resnet18", pretrained, "resnet18", kwargs)
+def _register(variant: str, branch: str, doc: str) -> None:
+    """The timm entry point ``variant`` (a function of that name in this module, as ``@register_model`` wants)."""
+
+    def entry(pretrained: bool = False, **kwargs) -> CMCEncoder:
+        return _create(variant, pretrained, branch, kwargs)
+
+    entry.__name__ = entry.__qualname__ = variant
+    entry.__doc__ = doc
+    globals()[variant] = register_model(entry)
 
 
-@register_model
-def cmc_resnet50(pretrained: bool = False, **kwargs) -> CMCEncoder:
-    """CMC: a ResNet-50 per view at half width (the official resnet50v1)."""
-    return _create("cmc_resnet50", pretrained, "resnet50", kwargs)
-
-
-@register_model
-def cmc_resnet101(pretrained: bool = False, **kwargs) -> CMCEncoder:
-    """CMC: a ResNet-101 per view at half width (the official resnet101v1)."""
-    return _create("cmc_resnet101", pretrained, "resnet101", kwargs)
-
-
-@register_model
-def cmc_test_resnet(pretrained: bool = False, **kwargs) -> CMCEncoder:
-    """CMC with timm's tiny ``test_resnet`` per view at half width: for tests."""
-    return _create("cmc_test_resnet", pretrained, "test_resnet", kwargs)
+_register("cmc_resnet18", "resnet18", "CMC: a ResNet-18 per view at half width (the official resnet18v1).")
+_register("cmc_resnet50", "resnet50", "CMC: a ResNet-50 per view at half width (the official resnet50v1).")
+_register("cmc_resnet101", "resnet101", "CMC: a ResNet-101 per view at half width (the official resnet101v1).")
+_register("cmc_test_resnet", "test_resnet", "CMC with timm's tiny test_resnet per view at half width: for tests.")

@@ -17,7 +17,12 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from helpers import Interrupt, invoke, one_json
+from helpers import (
+    assert_drawn_for_the_global_batch,
+    assert_resume_is_bit_identical,
+    assert_torchscript_export_and_inspect,
+    invoke,
+)
 
 import ssl_cli
 import ssl_cli.methods.cmc as cmc_method
@@ -350,16 +355,8 @@ def test_infonce_terms_match_the_explicit_loops() -> None:
 def test_noise_is_drawn_for_the_global_batch(monkeypatch) -> None:
     method = tiny(("method.nce_k", 5))
     method.bind_data(30, None)
-    one = method.noise(7, 8, torch.device("cpu"))
+    one = assert_drawn_for_the_global_batch(monkeypatch, cmc_method, lambda step, n: method.noise(step, n, "cpu"))
     assert one.shape == (8, 5) and 0 <= one.min() and one.max() < 30
-    assert torch.equal(one, method.noise(7, 8, torch.device("cpu")))  # a function of (seed, step)
-    assert not torch.equal(one, method.noise(8, 8, torch.device("cpu")))
-    monkeypatch.setattr(cmc_method, "world_size", lambda: 2)
-    halves = []
-    for r in (0, 1):
-        monkeypatch.setattr(cmc_method, "rank", lambda r=r: r)
-        halves.append(method.noise(7, 4, torch.device("cpu")))
-    assert torch.equal(torch.cat(halves), one)  # 2 processes x 4 images draw what 1 process x 8 draws
 
 
 def test_bank_scores_run_in_fp32_under_bf16_autocast() -> None:
@@ -523,10 +520,7 @@ def test_the_export_loads_with_timm_and_load_backbone_with_the_same_features(run
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 def test_torchscript_export_and_inspect(run) -> None:
-    ts = export_model(run.ckpt, run.root / "backbone.pt")
-    assert ts["max_abs_diff"] <= ts["tolerance"]
-    info = one_json(invoke("inspect", run.ckpt, "--json"))
-    assert info["method"] == "cmc" and info["backbone"]["name"] == "cmc_test_resnet" and info["num_features"] == 96
+    assert_torchscript_export_and_inspect(run.ckpt, "cmc", "cmc_test_resnet", 96)
 
 
 def test_ssl_export_says_how_to_load_the_encoder(run) -> None:
@@ -545,14 +539,5 @@ def test_bench_replays_the_crop(run) -> None:
 @pytest.mark.parametrize("augment", ["batch", "sample"])
 def test_an_interrupted_and_resumed_run_ends_bit_identical(run, augment: str, tmp_path: Path) -> None:
     """The banks, Z and the noise draws resume exactly, on the whole-batch and the per-sample augmentation path."""
-    overrides = [*TINY, *SMALL_CIFAR, ("train.batch_size", 8), ("train.epochs", 3), ("method.nce_k", 8)]
-    recipe = load_recipe("cmc-cifar", [*overrides, ("data.augment", augment)])
-    full = pretrain(recipe, run.train, tmp_path / "full")
-    with pytest.raises(KeyboardInterrupt):
-        pretrain(recipe, run.train, tmp_path / "cut", reporter=Interrupt(at=2))
-    resumed = pretrain(recipe, run.train, tmp_path / "cut", resume=True)
-    a, b = read_checkpoint(full.checkpoint), read_checkpoint(resumed.checkpoint)
-    assert a.meta["step"] == b.meta["step"] == 6
-    for section in ("model", "optim"):
-        sa, sb = a.section(section), b.section(section)
-        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), section
+    overrides = [*TINY, *SMALL_CIFAR, ("train.batch_size", 8), ("train.epochs", 3), ("data.augment", augment)]
+    assert_resume_is_bit_identical(load_recipe("cmc-cifar", [*overrides, ("method.nce_k", 8)]), run.train, tmp_path)
