@@ -75,8 +75,10 @@ class CMC(Method):
     description = "CMC (2019): L vs ab of Lab, a half-width ResNet per view, two memory banks, NCE 16384, tau 0.07"
     num_views = 1  # one crop, the encoder splits its colour channels into the views; or one crop per colour view
     multi_crop = True
-    # 2,560 images: fewer noise entries than images, half-width ResNet-18s per view
-    demo_overrides = {"backbone.name": "cmc_resnet18", "method.nce_k": 1024}
+    # 2,560 images: fewer noise entries than images, half-width ResNet-18s per view with GroupNorm + WS. With BatchNorm
+    # the random Lab-split encoder already reaches kNN 0.49 on the demo (k = 20; eval-mode BN with its initial
+    # statistics) and 8 epochs of CMC end at 0.21; with GroupNorm + WS: 0.48 against 0.27 for the random encoder
+    demo_overrides = {"backbone.name": "cmc_resnet18", "backbone.norm": "groupnorm_ws", "method.nce_k": 1024}
 
     def __init__(self, config: CMCConfig, backbone: nn.Module, recipe) -> None:
         super().__init__(config, backbone, recipe)

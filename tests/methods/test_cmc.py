@@ -465,6 +465,15 @@ def test_bad_settings_are_one_line() -> None:
         method.training_step([torch.rand(2, 3, 32, 32)], 0, torch.arange(2))
 
 
+def test_the_demo_settings_build_half_width_resnet18s_without_batch_statistics() -> None:
+    from ssl_cli.train.launch import demo_overrides
+
+    recipe = load_recipe("cmc-cifar", demo_overrides("cmc", load_recipe("cmc-cifar")))
+    method = build_method(recipe)
+    assert recipe.backbone.name == "cmc_resnet18" and recipe.method.nce_k == 1024 and recipe.views[0].size == 32
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in method.backbone.modules())
+
+
 def test_the_cifar_recipe_is_the_main_one_at_32_px() -> None:
     main, cifar = load_recipe("cmc").to_dict(), load_recipe("cmc-cifar").to_dict()
     assert {k for k in main if main[k] != cifar[k]} == {"recipe", "backbone", "views", "train"}
