@@ -18,12 +18,11 @@ from types import SimpleNamespace
 import pytest
 import timm
 import torch
-from helpers import Interrupt, invoke, one_json, user_error
+from helpers import assert_resume_is_bit_identical, invoke, one_json, user_error
 
 import ssl_cli
 import ssl_cli.methods.amdim as amdim_method
 from conftest import TINY, assert_one_line_error, write_image_folder
-from ssl_cli.artifacts.checkpoint import read_checkpoint
 from ssl_cli.backbones import build_backbone
 from ssl_cli.config import load_recipe
 from ssl_cli.config.schema import BackboneConfig
@@ -376,15 +375,7 @@ def test_bench_replays_both_views(run) -> None:
 
 def test_an_interrupted_and_resumed_run_ends_bit_identical(run, tmp_path: Path) -> None:
     recipe = load_recipe("amdim-cifar", [*TINY, *SMALL, ("train.batch_size", 8), ("train.epochs", 3)])
-    full = pretrain(recipe, run.train, tmp_path / "full")
-    with pytest.raises(KeyboardInterrupt):
-        pretrain(recipe, run.train, tmp_path / "cut", reporter=Interrupt(at=2))
-    resumed = pretrain(recipe, run.train, tmp_path / "cut", resume=True)
-    a, b = read_checkpoint(full.checkpoint), read_checkpoint(resumed.checkpoint)
-    assert a.meta["step"] == b.meta["step"] == 6
-    for section in ("model", "optim"):
-        sa, sb = a.section(section), b.section(section)
-        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), section
+    assert_resume_is_bit_identical(recipe, run.train, tmp_path)
 
 
 def test_the_cli_trains_and_a_bad_backbone_is_one_line(run, tmp_path: Path) -> None:
