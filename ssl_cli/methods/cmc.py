@@ -93,10 +93,11 @@ class CMC(Method):
                 f"data.mean: {name} takes RGB in [0, 1] and normalises in its own colour space; set data.mean = "
                 "[0.0, 0.0, 0.0] and data.std = [1.0, 1.0, 1.0]"
             )
-        if recipe.num_views not in (1, len(backbone.view_names)):
+        if recipe.num_views not in (1, len(backbone.view_names)) or len({v.size for v in recipe.views}) > 1:
             raise RecipeError(
                 f"views: CMC takes one crop (every colour view from it) or one crop per colour view "
-                f"({len(backbone.view_names)} here), the recipe's [[views]] give {recipe.num_views}"
+                f"({len(backbone.view_names)} here) of one size, the recipe's [[views]] give {recipe.num_views} of "
+                f"sizes {sorted({v.size for v in recipe.views})}"
             )
         heads = [projector(config, width) for width in backbone.view_widths]
         if len({dim for _, dim in heads}) != 1:

@@ -170,7 +170,10 @@ def test_one_crop_per_view_takes_each_views_channels_from_its_own_crop() -> None
     out = method.training_step(crops[:2], 0, torch.arange(2))
     assert torch.isfinite(out.loss)
     assert_one_line_error(r"views: CMC takes one crop \(every colour view from it\) or one crop per colour view \(2 "
-                          r"here\), the recipe's \[\[views\]\] give 3", tiny, ("views.0.count", 3))  # fmt: skip
+                          r"here\) of one size, the recipe's \[\[views\]\] give 3 of sizes \[32\]", tiny,
+                          ("views.0.count", 3))  # fmt: skip
+    two_sizes = ("views", [{"count": 1, "size": 32}, {"count": 1, "size": 24}])
+    assert_one_line_error(r"give 2 of sizes \[24, 32\]", tiny, two_sizes)
 
 
 def test_training_calls_the_module_and_the_online_classifier_reads_the_output_views() -> None:
