@@ -6,6 +6,7 @@ import json
 import struct
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -207,3 +208,15 @@ def set_key(dotted: str, value: Any) -> Callable[[dict[str, Any]], None]:
         node[int(last) if isinstance(node, list) else last] = value
 
     return change
+
+
+def tiny_toolkit_run(root: Path, recipe) -> SimpleNamespace:
+    """Two labeled folders under ``root`` (2 classes: 16 training, 8 held-out images) and ``recipe`` pretrained on
+    them with the online monitors: ``root``, ``train``, ``val``, ``recipe`` and the last checkpoint ``ckpt``."""
+    from conftest import write_image_folder
+    from ssl_cli.train.pretrain import pretrain
+
+    train = write_image_folder(root / "train", per_class=8, classes=2)
+    val = write_image_folder(root / "val", per_class=4, classes=2, split="test")
+    result = pretrain(recipe, str(train), root / "run", val=str(val))
+    return SimpleNamespace(root=root, train=str(train), val=str(val), recipe=recipe, ckpt=Path(result.checkpoint))

@@ -18,11 +18,11 @@ from types import SimpleNamespace
 import pytest
 import timm
 import torch
-from helpers import assert_resume_is_bit_identical, invoke, one_json, user_error
+from helpers import assert_resume_is_bit_identical, invoke, one_json, tiny_toolkit_run, user_error
 
 import ssl_cli
 import ssl_cli.methods.amdim as amdim_method
-from conftest import TINY, assert_one_line_error, write_image_folder
+from conftest import TINY, assert_one_line_error
 from ssl_cli.backbones import build_backbone
 from ssl_cli.config import load_recipe
 from ssl_cli.config.schema import BackboneConfig
@@ -32,7 +32,7 @@ from ssl_cli.export.backbone import export_backbone
 from ssl_cli.export.formats import export_model
 from ssl_cli.losses.amdim import amdim_loss, nce_g2l, sample_locations
 from ssl_cli.train.bench import bench
-from ssl_cli.train.pretrain import build_method, pretrain
+from ssl_cli.train.pretrain import build_method
 
 # AMDIM's 32x32 encoder at a tiny width: the structure of the real one, fast enough for a few training steps
 SMALL = [("backbone.name", "amdim_32"), ("backbone.kwargs.ndf", 8), ("backbone.kwargs.n_rkhs", 32)]
@@ -313,12 +313,8 @@ def test_the_cifar_recipe_is_the_main_one_at_32_px() -> None:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> SimpleNamespace:
-    root = tmp_path_factory.mktemp("amdim")
-    train = write_image_folder(root / "train", per_class=8, classes=2)
-    val = write_image_folder(root / "val", per_class=4, classes=2, split="test")
     recipe = load_recipe("amdim-cifar", [*TINY, *SMALL, ("train.batch_size", 8), ("train.epochs", 2)])
-    result = pretrain(recipe, str(train), root / "run", val=str(val))
-    return SimpleNamespace(root=root, train=str(train), val=str(val), recipe=recipe, ckpt=Path(result.checkpoint))
+    return tiny_toolkit_run(tmp_path_factory.mktemp("amdim"), recipe)
 
 
 def test_monitors_and_metrics_are_logged(run) -> None:
