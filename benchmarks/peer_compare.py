@@ -42,11 +42,15 @@ def _name(a: argparse.Namespace, library: str, method: str) -> str:
 def ours(a: argparse.Namespace, method: str) -> dict:
     warmup = f"schedule.warmup_epochs={0.1 * a.epochs:g}"
     extra = [x for kv in a.ssl_set for x in ("--set", kv)]
+    out = a.out / _name(a, "ssl", method)
     start = time.perf_counter()
+    if (out / "checkpoints").is_dir():  # an interrupted run (e.g. stopped with SIGTERM): continue it exactly
+        run = ssl("pretrain", "--out", str(out), "--resume")
+        return {**run, "wall_s": time.perf_counter() - start, "resumed": True}
     run = ssl(
         "pretrain", "--recipe", f"{method}-cifar", "--data", a.train, *BUDGET.split(), "--set", warmup, *extra,
         "--epochs", str(a.epochs), "--batch-size", str(a.batch_size), "--seed", str(a.seed),
-        "--out", str(a.out / _name(a, "ssl", method)),
+        "--out", str(out),
     )  # fmt: skip
     return {**run, "wall_s": time.perf_counter() - start}
 
