@@ -21,8 +21,12 @@ import sys
 from pathlib import Path
 
 METHODS = (
-    "simclr mocov2 instdisc invaspread mocov1 simclrv2 byol simsiam barlowtwins swav mocov3 deepclusterv2 dino-resnet"
+    "simclr mocov2 instdisc invaspread mocov1 simclrv2 byol simsiam barlowtwins swav mocov3 deepclusterv2 dino-resnet "
+    "infomin amdim yadim cmc"
 ).split()
+OWN_ENCODER = {"cmc": "cmc_resnet18"}
+"""Methods whose encoder is not one network: the same ResNet-18 budget in the method's own form (CMC: one
+half-width ResNet-18 per colour view)."""
 BUDGET = (
     "--backbone resnet18 --set backbone.small_stem=false --set views.*.size=32 --epochs 3 --batch-size 256 "
     "--set schedule.warmup_epochs=1 --set train.checkpoint_every=0"
@@ -89,6 +93,7 @@ def main() -> None:
                 "--data",
                 args.train,
                 *BUDGET,
+                *(["--backbone", OWN_ENCODER[method]] if method in OWN_ENCODER else []),
                 *extra,
                 "--device",
                 args.device,
@@ -97,12 +102,14 @@ def main() -> None:
                 str(args.out / method),
             )
             save({"method": method, "pretrain": run, "knn": knn(args, run["checkpoint"])})
-        if "random" not in done:  # same architecture as every run, random weights
-            save({"method": "random", "knn": knn(args, done[method]["pretrain"]["checkpoint"], "--random-init")})
+        baseline = f"random {OWN_ENCODER[method]}" if method in OWN_ENCODER else "random"
+        if baseline not in done:  # the same architecture as the run, random weights
+            save({"method": baseline, "knn": knn(args, done[method]["pretrain"]["checkpoint"], "--random-init")})
 
     print("| method (`-cifar` recipe) | kNN top-1 k=200 | kNN top-1 k=20 | top-5 k=200 | final loss | images/s |")
     print("|---|---|---|---|---|---|")
-    for method in ["random", *args.methods]:
+    baselines = ["random"] + [f"random {OWN_ENCODER[m]}" for m in args.methods if m in OWN_ENCODER]
+    for method in [*baselines, *args.methods]:
         r = done[method]
         k = r["knn"]
         run = r.get("pretrain", {})
