@@ -8,7 +8,7 @@ The paper builds YADIM from its five parts [0, Sec. 5]:
 2. encoder: AMDIM's wide encoder (``backbone.name = "amdim_32"`` / ``"amdim_128"``, ``ssl_cli.encoders.amdim``), or
    any timm CNN ("the choice of any other encoder would not have a significant impact");
 3. representation extraction: only the encoder's LAST feature map, (r^a_{-1}, R^+_{-1}, R^-_{-1});
-4. similarity: the dot product;
+4. similarity: the dot product (``method.similarity = "cosine"`` swaps in SimCLR's);
 5. loss: NCE with the sum over the positive set in the numerator (``ssl_cli.losses.yadim``).
 
 The triplets, precisely: each location of view 1's last map of image i is an anchor; its positive set R+ is every
@@ -38,7 +38,7 @@ from torch import nn
 from ssl_cli.config.schema import MethodConfig
 from ssl_cli.encoders.taps import Tap, capture_maps, feature_modules, measure_maps
 from ssl_cli.errors import RecipeError
-from ssl_cli.losses.yadim import yadim_loss
+from ssl_cli.losses.yadim import ScoreScale, Scoring, Similarity, yadim_loss
 from ssl_cli.methods.amdim import AMDIM
 from ssl_cli.methods.base import Method, StepOutput
 from ssl_cli.methods.registry import register
@@ -49,9 +49,14 @@ class YADIMConfig(MethodConfig):
     denominator: Literal["all", "negatives"] = "all"
     """``all``: the denominator sums the positives and the negatives (NCE as usual: a cross-entropy, >= 0);
     ``negatives``: the negatives only, as the paper's formula reads (unbounded below without ``tclip``)."""
-    score_scale: Literal["sqrt_dim", "none"] = "sqrt_dim"
-    """``sqrt_dim``: dot products divided by sqrt(D), as AMDIM's NCE (which the authors' YADIM code reuses);
-    ``none``: the plain dot product."""
+    similarity: Similarity = "dot"
+    """How two feature vectors are compared (the framework's part 4): ``dot``, the dot product [0, Sec. 5 (4)],
+    scaled by ``score_scale``; ``cosine``, their cosine divided by ``temperature`` (SimCLR's)."""
+    score_scale: ScoreScale = "sqrt_dim"
+    """With ``similarity = "dot"``: ``sqrt_dim``, dot products divided by sqrt(D), as AMDIM's NCE (which the
+    authors' YADIM code reuses); ``none``, the plain dot product."""
+    temperature: Annotated[float, Field(gt=0.0)] = 0.1
+    """With ``similarity = "cosine"``: the cosine is divided by it."""
     tclip: Annotated[float, Field(ge=0.0)] = 20.0
     """Scores soft-clipped to tclip x tanh(score / tclip), as AMDIM's NCE (``--tclip 20``); 0: no clip."""
 
@@ -81,7 +86,8 @@ class YADIM(Method):
     def training_step(self, views: list[torch.Tensor], step: int, index: torch.Tensor | None = None) -> StepOutput:
         c = self.config
         maps = [self.last_map(x) for x in views]
-        out = yadim_loss(maps, tclip=c.tclip, score_scale=c.score_scale, denominator=c.denominator)
+        scoring = Scoring(c.similarity, c.score_scale, c.temperature, c.tclip)
+        out = yadim_loss(maps, scoring, denominator=c.denominator)
         return StepOutput(out["loss"], {k: out[k].detach() for k in ("nce_12", "nce_21")})
 
 

@@ -25,7 +25,7 @@ from conftest import TINY, assert_one_line_error
 from ssl_cli.config import load_recipe
 from ssl_cli.encoders.taps import feature_modules
 from ssl_cli.export.backbone import export_backbone
-from ssl_cli.losses.yadim import nce_sum_positives, yadim_loss
+from ssl_cli.losses.yadim import Scoring, nce_sum_positives, yadim_loss
 from ssl_cli.train.bench import bench
 from ssl_cli.train.pretrain import build_method
 
@@ -38,19 +38,24 @@ SMALL_KWARGS = {"ndf": 8, "n_rkhs": 32, "n_depth": 1}
 # --- the loss against explicit loops ------------------------------------------------------------------------
 
 
-def score(a: list, b: list, tclip: float, scaled: bool) -> float:
-    s = sum(x * y for x, y in zip(a, b, strict=True)) / (math.sqrt(len(a)) if scaled else 1.0)
+def score(a: list, b: list, tclip: float, scaled: bool, cosine_temperature: float = 0.0) -> float:
+    """The dot product (over sqrt(D) if ``scaled``) or, given a temperature, the cosine over it; then the clip."""
+    s = sum(x * y for x, y in zip(a, b, strict=True))
+    if cosine_temperature:
+        s = s / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b)) / cosine_temperature
+    elif scaled:
+        s = s / math.sqrt(len(a))
     return tclip * math.tanh(s / tclip) if tclip > 0 else s
 
 
-def reference_direction(anchors, targets, tclip: float, scaled: bool, denominator: str) -> float:
+def reference_direction(anchors, targets, tclip: float, scaled: bool, denominator: str, cos_t: float = 0.0) -> float:
     """-log(sum over the positives of exp / denominator), averaged over anchors; ``anchors[i][l]`` and
     ``targets[j][l]`` are vectors (image, location); image i's positives are every location of target image i."""
     total, count = 0.0, 0
     for i, locations in enumerate(anchors):
         for a in locations:
-            positive = sum(math.exp(score(a, t, tclip, scaled)) for t in targets[i])
-            negative = sum(math.exp(score(a, t, tclip, scaled)) for j in range(len(targets)) if j != i
+            positive = sum(math.exp(score(a, t, tclip, scaled, cos_t)) for t in targets[i])
+            negative = sum(math.exp(score(a, t, tclip, scaled, cos_t)) for j in range(len(targets)) if j != i
                            for t in targets[j])  # fmt: skip
             total += -math.log(positive / (negative + (positive if denominator == "all" else 0.0)))
             count += 1
@@ -76,7 +81,7 @@ def maps(n: int = 3, d: int = 4, side: int = 2, scale: float = 1.0, seed: int = 
 )
 def test_the_loss_matches_the_explicit_loops(denominator: str, scale: float, tclip: float, score_scale: str) -> None:
     m = maps(scale=scale)  # 2x2 maps: 4 anchors per image, 4 positives per anchor
-    got = yadim_loss(m, tclip=tclip, score_scale=score_scale, denominator=denominator)
+    got = yadim_loss(m, Scoring(score_scale=score_scale, tclip=tclip), denominator=denominator)
     v = [vectors(t) for t in m]
     want = [reference_direction(v[a], v[b], tclip, score_scale == "sqrt_dim", denominator) for a, b in ((0, 1), (1, 0))]
     assert got["nce_12"].item() == pytest.approx(want[0], rel=1e-10)
@@ -84,11 +89,27 @@ def test_the_loss_matches_the_explicit_loops(denominator: str, scale: float, tcl
     assert got["loss"].item() == pytest.approx(0.5 * (want[0] + want[1]), rel=1e-10)
 
 
+@pytest.mark.parametrize("tclip", [0.0, 5.0])
+def test_the_cosine_similarity_matches_the_explicit_loops(tclip: float) -> None:
+    """``similarity = "cosine"``: cos / temperature, whatever the vectors' lengths (score_scale plays no part)."""
+    m = maps(scale=3.0)
+    v = [vectors(t) for t in m]
+    for score_scale in ("sqrt_dim", "none"):
+        got = yadim_loss(m, Scoring("cosine", score_scale, temperature=0.2, tclip=tclip))
+        want = [reference_direction(v[a], v[b], tclip, False, "all", cos_t=0.2) for a, b in ((0, 1), (1, 0))]
+        assert got["loss"].item() == pytest.approx(0.5 * sum(want), rel=1e-10)
+    # the lengths no longer count: scaling one image's vectors leaves the loss as it was; the dot product's moves
+    longer = [m[0] * torch.tensor([5.0, 1.0, 1.0], dtype=torch.float64).view(3, 1, 1, 1), m[1]]
+    cosine = Scoring("cosine", temperature=0.2, tclip=tclip)
+    assert yadim_loss(longer, cosine)["loss"].item() == pytest.approx(yadim_loss(m, cosine)["loss"].item(), rel=1e-12)
+    assert yadim_loss(longer)["loss"].item() != pytest.approx(yadim_loss(m)["loss"].item(), rel=1e-3)
+
+
 def test_the_sum_over_positives_is_not_a_mean_of_single_positive_terms() -> None:
     """With several positives, sum-in-the-numerator and the mean of one InfoNCE term per positive differ."""
     m = maps(side=3)  # 9 positives per anchor
     v = [vectors(t) for t in m]
-    got = nce_sum_positives(m[0].flatten(2), m[1].flatten(2), 0, tclip=0.0).item()
+    got = nce_sum_positives(m[0].flatten(2), m[1].flatten(2), 0, Scoring(tclip=0.0)).item()
     single = []  # each positive alone in the numerator, the same denominator (every location of every image)
     for i, locations in enumerate(v[0]):
         for a in locations:
@@ -101,7 +122,9 @@ def test_the_sum_over_positives_is_not_a_mean_of_single_positive_terms() -> None
     one = maps(side=1)
     logits = one[0].flatten(1) @ one[1].flatten(1).T / 2.0
     want = F.cross_entropy(logits, torch.arange(3))
-    assert nce_sum_positives(one[0].flatten(2), one[1].flatten(2), 0, tclip=0.0).item() == pytest.approx(want.item())
+    assert nce_sum_positives(one[0].flatten(2), one[1].flatten(2), 0, Scoring(tclip=0.0)).item() == pytest.approx(
+        want.item()
+    )
 
 
 def test_one_direction_against_a_hand_computed_case() -> None:
@@ -116,14 +139,14 @@ def test_one_direction_against_a_hand_computed_case() -> None:
     for denominator, with_pos in (("negatives", 0.0), ("all", 1.0)):
         want = sum(-math.log((e(p[0]) + e(p[1])) / (e(q[0]) + e(q[1]) + with_pos * (e(p[0]) + e(p[1]))))
                    for p, q in cases) / 4  # fmt: skip
-        got = nce_sum_positives(a, t, 0, tclip=0.0, score_scale="none", denominator=denominator)
+        got = nce_sum_positives(a, t, 0, Scoring(score_scale="none", tclip=0.0), denominator=denominator)
         assert got.item() == pytest.approx(want, rel=1e-12), denominator
 
 
 def test_the_denominators_differ_and_only_all_is_bounded_below() -> None:
     m = maps(scale=3.0)
     same = [m[0], m[0].clone()]  # the views agree: positives dominate
-    kw = {"tclip": 0.0, "score_scale": "none"}
+    kw = {"scoring": Scoring(score_scale="none", tclip=0.0)}
     everything, negatives = yadim_loss(same, denominator="all", **kw), yadim_loss(same, denominator="negatives", **kw)
     assert everything["loss"].item() >= 0.0 and negatives["loss"].item() < 0.0
     # log(1 + pos / neg) - log(pos / neg) = log(1 + neg / pos): the two differ by a positive amount
@@ -133,7 +156,7 @@ def test_the_denominators_differ_and_only_all_is_bounded_below() -> None:
 def test_gradients_match_finite_differences_and_reach_anchors_and_targets() -> None:
     m = [t.clone().requires_grad_() for t in maps(n=3, d=3, side=2, scale=2.0)]
     for denominator in ("all", "negatives"):
-        assert torch.autograd.gradcheck(lambda a, b, d=denominator: yadim_loss([a, b], 3.0, denominator=d)["loss"], m)
+        assert torch.autograd.gradcheck(lambda a, b, d=denominator: yadim_loss([a, b], Scoring(tclip=3.0), denominator=d)["loss"], m)
     # one direction alone: view 1 as anchors and view 2 as the positive / negative sets both get a gradient
     out = yadim_loss(m)
     grads = torch.autograd.grad(out["nce_12"], m)
@@ -165,9 +188,9 @@ def test_only_the_last_feature_map_reaches_the_loss(monkeypatch) -> None:
         assert m.tap.module == feature_modules(m.backbone)[-1] and m.tap.size == (side, side)
         seen: list = []
 
-        def spy(maps, seen=seen, **kw):
+        def spy(maps, *args, seen=seen, **kw):
             seen.append(maps)
-            return yadim_loss(maps, **kw)
+            return yadim_loss(maps, *args, **kw)
 
         monkeypatch.setattr(yadim_method, "yadim_loss", spy)
         g = torch.Generator().manual_seed(0)
@@ -177,6 +200,19 @@ def test_only_the_last_feature_map_reaches_the_loss(monkeypatch) -> None:
         with torch.no_grad():
             for got, x in zip(seen[0], views, strict=True):
                 assert torch.equal(got, m.backbone.forward_features(x)), overrides
+
+
+def test_the_recipes_similarity_reaches_the_loss() -> None:
+    """``method.similarity = "cosine"`` and its temperature: the step's loss is the cosine loss of the two views'
+    last maps (and not the dot product's)."""
+    g = torch.Generator().manual_seed(0)
+    views = [torch.randn(6, 3, 64, 64, generator=g) for _ in range(2)]
+    m = tiny(("views.*.size", 64), ("method.similarity", "cosine"), ("method.temperature", 0.3))
+    loss = m.training_step(views, 0).loss
+    with torch.no_grad():
+        maps = [m.backbone.forward_features(x) for x in views]
+    assert loss.item() == pytest.approx(yadim_loss(maps, Scoring("cosine", temperature=0.3))["loss"].item(), rel=1e-5)
+    assert loss.item() != pytest.approx(yadim_loss(maps)["loss"].item(), rel=1e-3)
 
 
 def test_positives_are_the_same_images_other_view() -> None:
@@ -213,14 +249,16 @@ def test_bad_settings_are_one_line() -> None:
     assert_one_line_error(r"views.0.size: 8 px is too small for 'amdim_32'", build, *SMALL, ("views.*.size", 8))
     assert_one_line_error(r"method.denominator: Input should be 'all' or 'negatives'", build,
                           ("method.denominator", "positives"))  # fmt: skip
+    assert_one_line_error(r"method.similarity: Input should be 'dot' or 'cosine'", build, ("method.similarity", "l2"))
+    assert_one_line_error(r"method.temperature: Input should be greater than 0", build, ("method.temperature", 0))
 
 
 def test_the_cifar_recipe_is_the_main_one_at_32_px() -> None:
     main, cifar = load_recipe("yadim").to_dict(), load_recipe("yadim-cifar").to_dict()
     assert {k for k in main if main[k] != cifar[k]} == {"recipe", "backbone", "data", "views", "train"}
     assert cifar["backbone"]["name"] == "amdim_32" and cifar["views"][0]["size"] == 32
-    assert cifar["method"] == main["method"] == {"name": "yadim", "denominator": "all", "score_scale": "sqrt_dim",
-                                                 "tclip": 20.0}  # fmt: skip
+    assert cifar["method"] == main["method"] == {"name": "yadim", "denominator": "all", "similarity": "dot",
+                                                 "score_scale": "sqrt_dim", "temperature": 0.1, "tclip": 20.0}  # fmt: skip
 
 
 # --- a tiny run through the toolkit -------------------------------------------------------------------------------
