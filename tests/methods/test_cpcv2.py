@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import TINY, assert_one_line_error, tiny_method
 from ssl_cli.augment.patches import augment_patches, extract_patches, grid_size
 from ssl_cli.config import load_recipe
-from ssl_cli.losses.cpc import ROTATIONS, ContextNetwork, CPCLoss, info_nce_step
+from ssl_cli.losses.cpc import ROTATIONS, ContextNetwork, CPCLoss, contexts_at_once, info_nce_step
 from ssl_cli.train.pretrain import build_method
 
 
@@ -91,6 +91,44 @@ def test_break_it_an_unmasked_context_sees_the_rows_below() -> None:
     y[:, :, 3] += 1.0
     assert not torch.allclose(unmasked(y)[:, :, 2], unmasked(x)[:, :, 2])
     assert torch.equal(net(y)[:, :, 2], net(x)[:, :, 2])
+
+
+def test_the_directions_contexts_in_one_pass_are_each_networks_own() -> None:
+    """The grouped pass gives each direction's network on its own grid, and the same gradients to each network's
+    parameters and to the grids; with one network's weights swapped for another's it would not."""
+    torch.manual_seed(0)
+    nets = [ContextNetwork(6, hidden=4, blocks=2).double() for _ in range(4)]
+    grids = [torch.randn(3, 6, 5, 5, dtype=torch.float64, requires_grad=True) for _ in range(4)]
+    at_once = contexts_at_once(nets, grids)
+    one_by_one = [net(x) for net, x in zip(nets, grids, strict=True)]
+    for a, b in zip(at_once, one_by_one, strict=True):
+        assert torch.allclose(a, b, atol=1e-12)
+    weights = [torch.randn_like(c) for c in one_by_one]
+    params = [p for net in nets for p in net.parameters()] + grids
+    got = torch.autograd.grad(sum((c * w).sum() for c, w in zip(at_once, weights, strict=True)), params)
+    want = torch.autograd.grad(sum((c * w).sum() for c, w in zip(one_by_one, weights, strict=True)), params)
+    for g, h in zip(got, want, strict=True):
+        assert torch.allclose(g, h, atol=1e-10)
+    swapped = contexts_at_once([nets[1], nets[0], nets[2], nets[3]], grids)
+    assert not torch.allclose(swapped[0], one_by_one[0])
+
+
+def test_the_loss_is_the_same_with_a_grid_of_any_shape() -> None:
+    """A square grid runs the directions in one pass, a non-square one network by network: both the same loss."""
+    torch.manual_seed(0)
+    loss = CPCLoss(8, target_dim=4, hidden=8, blocks=2, steps_to_ignore=0, steps_to_predict=2).double()
+    square = torch.randn(2, 8, 5, 5, dtype=torch.float64)
+    total, parts = loss(square)
+    by_network = 0.0
+    for d in loss.directions:
+        z = torch.rot90(square, ROTATIONS[d], dims=(2, 3))
+        t = torch.rot90(loss.targets(square), ROTATIONS[d], dims=(2, 3))
+        ctx = loss.context[d](z)
+        part = sum(info_nce_step(p(ctx) * loss.emb_scale, t, k) for p, k in zip(loss.predictors[d], loss.steps))
+        assert torch.allclose(parts[f"loss_{d}"], part, atol=1e-10), d
+        by_network = by_network + part
+    assert torch.allclose(total, by_network, atol=1e-10)
+    assert torch.isfinite(loss(torch.randn(2, 8, 5, 4, dtype=torch.float64))[0])  # non-square: network by network
 
 
 def test_every_direction_predicts_from_its_own_side() -> None:
