@@ -182,7 +182,9 @@ class DataConfig(Section):
 
 
 class OptimConfig(Section):
-    name: Literal["sgd", "lars", "adamw"] = "sgd"
+    name: Literal["sgd", "lars", "adamw", "adam"] = "sgd"
+    """``adamw``: Adam with decoupled weight decay; ``adam``: Adam with the decay added to the gradient (L2, as
+    ``torch.optim.Adam``: AMDIM's and YADIM's official optimizer)."""
     lr: Annotated[float, Field(gt=0.0)] = 0.05
     """Base learning rate; the effective rate is lr * batch_size / 256 with ``lr_scaling = "linear"``."""
     lr_scaling: Literal["linear", "sqrt", "none"] = "linear"
@@ -305,11 +307,11 @@ class MonitorConfig(Section):
     without it."""
     online_lr: Annotated[float, Field(gt=0.0)] | Literal["auto"] = "auto"
     """The classifier's learning rate at the schedule's peak, no weight decay (``auto``: 0.1, or 1e-3 under
-    AdamW)."""
+    AdamW or Adam)."""
 
     def resolved_online_lr(self, optimizer: str) -> float:
         if self.online_lr == "auto":
-            return 1e-3 if optimizer == "adamw" else 0.1
+            return 1e-3 if optimizer in ("adamw", "adam") else 0.1
         return float(self.online_lr)
 
 

@@ -87,7 +87,7 @@ def restore_rng(ckpt: Checkpoint, rank: int = 0) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-OPTIMIZER_SLOTS = {"sgd": 1, "lars": 1, "adamw": 2}
+OPTIMIZER_SLOTS = {"sgd": 1, "lars": 1, "adamw": 2, "adam": 2}
 """Tensors of optimizer state per trained parameter (momentum; Adam's two moments)."""
 
 

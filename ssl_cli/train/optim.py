@@ -53,8 +53,8 @@ def build_optimizer(groups: list[dict], cfg: OptimConfig, batch_size: int) -> to
     (any ``lr`` already in a group is replaced: use ``lr_scale``). A group's own ``weight_decay`` (and, for
     LARS, ``lars_adapt``) wins over ``cfg``; ``cfg.weight_decay`` is the default for groups without one.
     SGD uses ``cfg.momentum``, LARS ``cfg.momentum`` and ``cfg.trust_coefficient``, AdamW ``cfg.betas``
-    (decoupled weight decay). With every parameter on CUDA, SGD and AdamW run fused (one kernel per step); LARS
-    always runs multi-tensor (``torch._foreach_*``).
+    (decoupled weight decay), Adam ``cfg.betas`` (weight decay added to the gradient, L2). With every parameter on
+    CUDA, SGD, AdamW and Adam run fused (one kernel per step); LARS always runs multi-tensor (``torch._foreach_*``).
     """
     base_lr = effective_lr(cfg, batch_size)
     built: list[dict] = []
@@ -86,6 +86,9 @@ def build_optimizer(groups: list[dict], cfg: OptimConfig, batch_size: int) -> to
     if cfg.name == "adamw":
         betas = (cfg.betas[0], cfg.betas[1])
         return torch.optim.AdamW(built, lr=base_lr, betas=betas, weight_decay=cfg.weight_decay, **fused)
+    if cfg.name == "adam":
+        betas = (cfg.betas[0], cfg.betas[1])
+        return torch.optim.Adam(built, lr=base_lr, betas=betas, weight_decay=cfg.weight_decay, **fused)
     raise ValueError(f"unknown optimizer {cfg.name!r}")
 
 

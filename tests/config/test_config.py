@@ -86,7 +86,7 @@ def test_set_overrides_parse_toml_values() -> None:
         ("optim.lr=-1", r"optim.lr: Input should be greater than 0"),
         ("train.epochs=0", r"train.epochs: Input should be greater than or equal to 1"),
         ("train.epochs=1.5", r"train.epochs: Input should be a valid integer"),
-        ("optim.name=adam", r"optim.name: Input should be 'sgd', 'lars' or 'adamw'"),
+        ("optim.name=adagrad", r"optim.name: Input should be 'sgd', 'lars', 'adamw' or 'adam'"),
         ("method.temperatur=0.1", r"unknown key 'method.temperatur'; valid: name, .*temperature"),
         ("method.name=nope", r"method.name: unknown method 'nope'; valid: amdim, barlowtwins, byol, .*, simsiam"),
         ("views.0.scale=[0.5, 0.1]", r"views.0.scale: must be \[low, high\]"),

@@ -240,7 +240,9 @@ def test_effective_lr():
     assert effective_lr(OptimConfig(lr=0.1, lr_scaling="none"), 4096) == pytest.approx(0.1)
 
 
-@pytest.mark.parametrize("name,cls", [("sgd", torch.optim.SGD), ("lars", LARS), ("adamw", torch.optim.AdamW)])
+@pytest.mark.parametrize(
+    "name,cls", [("sgd", torch.optim.SGD), ("lars", LARS), ("adamw", torch.optim.AdamW), ("adam", torch.optim.Adam)]
+)
 @pytest.mark.parametrize("scaling,expected", [("linear", 0.2), ("sqrt", 0.1 * math.sqrt(2)), ("none", 0.1)])
 def test_build_optimizer_class_and_lr(name, cls, scaling, expected):
     cfg = OptimConfig(name=name, lr=0.1, lr_scaling=scaling, weight_decay=0.01)
@@ -284,12 +286,38 @@ def test_build_optimizer_specific_settings():
     assert [g["lars_adapt"] for g in opt.param_groups] == [True, False]
 
 
+def test_adam_adds_the_decay_to_the_gradient_and_adamw_decouples_it():
+    """Two steps of each against Adam's formulas in float64 (AMDIM's official optimizer: Adam with L2 decay):
+    ``adam`` feeds g + wd w to the moments, ``adamw`` shrinks w by lr wd w beside the moments of g alone."""
+    lr, wd, (b1, b2), eps = 0.01, 0.1, (0.8, 0.999), 1e-8
+    # gradients against the weights' signs and smaller than wd w: Adam's L2 term turns the first step around
+    g = [torch.tensor([[-0.05, 0.1, -0.02]], dtype=torch.float64), torch.tensor([[0.01, 0.03, -0.2]], dtype=torch.float64)]
+    moved = {}
+    for name in ("adam", "adamw"):
+        w = nn.Parameter(torch.tensor([[1.0, -2.0, 3.0]], dtype=torch.float64))
+        cfg = OptimConfig(name=name, lr=lr, lr_scaling="none", betas=[b1, b2], weight_decay=wd)
+        opt = build_optimizer(param_groups([("fc.weight", w)], wd, True), cfg, 256)
+        assert opt.param_groups[0]["weight_decay"] == wd
+        want, m, v = w.detach().clone(), torch.zeros_like(w.detach()), torch.zeros_like(w.detach())
+        for t, grad in enumerate(g, start=1):
+            w.grad = grad.clone()
+            opt.step()
+            step_grad = grad + wd * want if name == "adam" else grad
+            if name == "adamw":
+                want = want * (1 - lr * wd)
+            m, v = b1 * m + (1 - b1) * step_grad, b2 * v + (1 - b2) * step_grad**2
+            want = want - lr * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
+            torch.testing.assert_close(w.detach(), want, rtol=1e-9, atol=1e-9)
+        moved[name] = w.detach()
+    assert (moved["adam"] - moved["adamw"]).abs().min() > 1e-3  # the two rules are far apart
+
+
 def test_build_optimizer_without_params_fails():
     with pytest.raises(ValueError):
         build_optimizer([], OptimConfig(), 256)
 
 
-@pytest.mark.parametrize("name", ["sgd", "lars", "adamw"])
+@pytest.mark.parametrize("name", ["sgd", "lars", "adamw", "adam"])
 def test_weight_decay_only_on_decayed_group(name):
     weight = nn.Parameter(torch.full((2, 3), 2.0))
     bias = nn.Parameter(torch.full((3,), 2.0))
