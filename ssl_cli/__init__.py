@@ -9,15 +9,16 @@ import sys
 __version__ = "0.1.0"
 
 
-def load_backbone(path: str, device: str = "cpu"):
+def load_backbone(path: str, device: str = "cpu", output_view: str | None = None):
     """Rebuild a backbone from an exported ``backbone.safetensors`` or a training checkpoint.
 
     Works for every backbone ``ssl`` trains, including changed stems that plain ``timm.create_model``
-    cannot rebuild. Returns the timm model (``num_classes=0``) in eval mode.
+    cannot rebuild. Returns the timm model (``num_classes=0``) in eval mode. ``output_view`` (CMC's encoders):
+    ``"all"`` or one colour view's name (e.g. ``"L"``); None keeps the file's own.
     """
     from ssl_cli.artifacts.backbone import load_backbone as _load
 
-    return _load(path, device=device)
+    return _load(path, device=device, output_view=output_view)
 
 
 def _register_encoders_with_timm() -> None:

@@ -19,7 +19,7 @@ from ssl_cli.artifacts.safetensors_io import read_safetensors
 from ssl_cli.artifacts.state import load_state
 from ssl_cli.backbones import build_backbone
 from ssl_cli.config.schema import IMAGENET_MEAN, IMAGENET_STD, BackboneConfig
-from ssl_cli.errors import CheckpointError, RecipeError
+from ssl_cli.errors import CheckpointError, RecipeError, SSLError
 from ssl_cli.heads import ScaleBatchNorm1d
 
 
@@ -112,11 +112,45 @@ def head_from_spec(spec: list[dict[str, Any]]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def load_backbone(path: str | Path, device: str = "cpu", with_meta: bool = False, random_init: bool = False):
+def select_output_view(model: nn.Module, output_view: str | None, meta: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Make a CMC encoder (one network per colour view, ``ssl_cli.encoders.cmc``) return ``output_view``'s features
+    ("all": every view's, concatenated; or one view's name); returns ``meta`` with the choice recorded in its
+    ``backbone`` (kwargs ``output_view``, ``num_features``), so that the metadata rebuilds this model. None: the
+    model and ``meta`` as they are. Another backbone, or a view it does not have, is a one-line error."""
+    if output_view is None:
+        return meta
+    choose = getattr(model, "set_output_view", None)
+    if choose is None:
+        what = str(meta["backbone"].get("name", "a backbone"))
+        what += " with projector layers" if isinstance(model, ProjectedBackbone) else ""
+        raise SSLError(
+            f"--output-view {output_view}: {path} holds {what}, which has no colour views to choose from "
+            "(only CMC's encoders, cmc_*, have them)"
+        )
+    names = ", ".join(model.view_names)
+    if output_view != "all" and output_view not in model.view_names:
+        raise SSLError(f"--output-view {output_view}: {path} has the views {names}; valid are all, {names}")
+    choose(output_view)
+    backbone = {**meta["backbone"], "kwargs": {**meta["backbone"].get("kwargs", {}), "output_view": output_view}}
+    if "num_features" in backbone:
+        backbone["num_features"] = int(model.num_features)
+    return {**meta, "backbone": backbone}
+
+
+def load_backbone(
+    path: str | Path,
+    device: str = "cpu",
+    with_meta: bool = False,
+    random_init: bool = False,
+    output_view: str | None = None,
+):
     """Rebuild the timm backbone saved in a training checkpoint or an exported file (eval mode).
 
     ``random_init``: the same architecture with fresh random weights (torch seed 0), the baseline every
     self-supervised method must beat (``--random-init`` of ``ssl knn`` / ``probe`` / ``plot`` / ``neighbors``).
+
+    ``output_view`` (CMC's encoders): ``"all"`` for every colour view's features concatenated, or one view's name
+    (e.g. ``"L"``) for that network's alone; None keeps the file's own choice (``select_output_view``).
 
     An export made with ``projector_layers > 0`` comes back as a ``ProjectedBackbone`` (backbone + head).
     ``path`` may also be a folder written by ``ssl export --format hf`` (its ``model.safetensors`` is read).
@@ -129,6 +163,7 @@ def load_backbone(path: str | Path, device: str = "cpu", with_meta: bool = False
     if random_init:
         torch.manual_seed(0)
         model = build_from_meta(meta, path)
+    meta = select_output_view(model, output_view, meta, path)
     model = model.to(device).eval()
     return (model, meta) if with_meta else model
 

@@ -28,6 +28,13 @@ CACHE_DIR = typer.Option(
     help="Feature cache folder (default: $XDG_CACHE_HOME/ssl/features, else ~/.cache/ssl/features).",
 )
 NO_CACHE = typer.Option(False, "--no-cache", help="Extract features afresh and do not store them.")
+OUTPUT_VIEW = typer.Option(
+    None,
+    "--output-view",
+    help="CMC: evaluate the features of one colour view's network (e.g. L, ab) or all (every view's, concatenated). "
+    "Default: the checkpoint's own (all for a default run).",
+    show_default=False,
+)
 
 
 def feature_cache(cache_dir: Path | None, no_cache: bool, quiet: bool):
@@ -49,13 +56,15 @@ def _setup(
     quiet: bool,
     cache_dir: Path | None = None,
     no_cache: bool = False,
+    output_view: str | None = None,
 ):
     """Backbone and labeled splits for an evaluation command (demo data when --train / --val are omitted)."""
     from ssl_cli.eval.run import setup
 
     if (train is None or val is None) and not quiet:
         err.print("no --train/--val: evaluating on the built-in demo data", markup=False)
-    return setup(checkpoint, train, val, device, random_init, cache=feature_cache(cache_dir, no_cache, quiet))
+    cache = feature_cache(cache_dir, no_cache, quiet)
+    return setup(checkpoint, train, val, device, random_init, cache=cache, output_view=output_view)
 
 
 @handles_errors
@@ -75,6 +84,7 @@ def knn(
     device: str = DEVICE,
     num_workers: int = WORKERS,
     random_init: bool = RANDOM_INIT,
+    output_view: str = OUTPUT_VIEW,
     cache_dir: Path = CACHE_DIR,
     no_cache: bool = NO_CACHE,
     as_json: bool = JSON,
@@ -87,7 +97,7 @@ def knn(
 
     if dtype not in ("auto", *BANK_DTYPES):
         raise SSLError(f"--dtype {dtype}: valid values are auto, {', '.join(BANK_DTYPES)}")
-    s = _setup(checkpoint, train, val, device, random_init, quiet, cache_dir, no_cache)
+    s = _setup(checkpoint, train, val, device, random_init, quiet, cache_dir, no_cache, output_view)
     with CountProgress("features", len(s.train) + len(s.val)) as bar:
         result = run_knn(
             s,
@@ -99,12 +109,15 @@ def knn(
             dtype=dtype,
         )
     result["random_init"] = random_init
+    if output_view is not None:
+        result["output_view"] = output_view
     if as_json:
         emit_json(result)
         return
     rows = {f"top1 (k={kk})": v["top1"] for kk, v in result["by_k"].items()}
     rows.update({f"top5 (k={kk})": v["top5"] for kk, v in result["by_k"].items()})
-    stdout.print(result_table(f"kNN  {checkpoint}{'  (random init)' if random_init else ''}", rows))
+    view = f"  (output view {output_view})" if output_view is not None else ""
+    stdout.print(result_table(f"kNN  {checkpoint}{view}{'  (random init)' if random_init else ''}", rows))
 
 
 def _sweep_table(result: dict) -> Table:
@@ -158,6 +171,7 @@ def linear_probe(
     device: str = DEVICE,
     num_workers: int = WORKERS,
     random_init: bool = RANDOM_INIT,
+    output_view: str = OUTPUT_VIEW,
     cache_dir: Path = CACHE_DIR,
     no_cache: bool = NO_CACHE,
     as_json: bool = JSON,
@@ -170,7 +184,7 @@ def linear_probe(
     """
     from ssl_cli.eval.run import run_probe
 
-    s = _setup(checkpoint, train, val, device, random_init, quiet, cache_dir, no_cache)
+    s = _setup(checkpoint, train, val, device, random_init, quiet, cache_dir, no_cache, output_view)
     workers = num_workers if num_workers is not None else "auto"
     n_feat = len(s.val) + (0 if augment else len(s.train))
     with CountProgress("features", n_feat) as feats, CountProgress("probe epochs", epochs) as ep:
@@ -188,6 +202,8 @@ def linear_probe(
             holdout_fraction=holdout_fraction,
         )
     result["random_init"] = random_init
+    if output_view is not None:
+        result["output_view"] = output_view
     if as_json:
         emit_json(result)
         return

@@ -68,12 +68,19 @@ def export(
         help="Also keep the first K layers (Linear + norm + ReLU) of the method's MLP projector; the export's "
         "output is then the projector's K-th layer (SimCLR v2: 1). 0: the backbone alone.",
     ),
+    output_view: str = typer.Option(
+        None,
+        "--output-view",
+        help="CMC: export the features of one colour view's network (e.g. L, ab) or all (every view's, "
+        "concatenated); recorded in the export's timm kwargs. Default: the checkpoint's own (all for a default run).",
+        show_default=False,
+    ),
     as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout."),
 ) -> None:
     """Write the backbone in one format, load it back and compare its features with PyTorch's (max abs diff)."""
     from ssl_cli.export.formats import export_model
 
-    summary = export_model(checkpoint, out, fmt, projector_layers=projector_layers)
+    summary = export_model(checkpoint, out, fmt, projector_layers=projector_layers, output_view=output_view)
     if as_json:
         emit_json(summary)
         return

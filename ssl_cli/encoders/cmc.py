@@ -11,7 +11,8 @@ An RGB image becomes its feature in three steps [0, Sec. 3-4; 1, models/resnet.p
    at 64 channels as there), BatchNorm in the last layer of each block starting at 1 as in the official init;
 3. each network's map is average-pooled and the views' vectors are concatenated in ``split`` order: the feature kNN,
    the linear probe and ``ssl export`` read (``num_features`` = the sum of the widths). ``output_view`` = one view's
-   name (e.g. ``"L"``) returns that network's vector alone (the paper evaluates both ways).
+   name (e.g. ``"L"``) returns that network's vector alone (the paper evaluates both ways);
+   ``set_output_view`` re-selects it on a built encoder (``ssl knn`` / ``probe`` / ``export --output-view``).
 
 The 128-d embeddings of the loss belong to the method (``ssl_cli.methods.cmc``), so an export holds the encoder
 alone. ``forward(x, all_views=True)`` returns every view's pooled vector, for training; ``x`` may also stack one crop
@@ -99,13 +100,36 @@ class CMCEncoder(PooledHead):
         views = parse_split(space, split)
         self.space = SPACES[space]
         self.view_names = [name for name, _ in views]
-        if output_view != "all" and output_view not in self.view_names:
-            raise ValueError(f"output_view {output_view!r}: valid are all, {', '.join(self.view_names)}")
+        self.output_index = self._output_index(output_view)
         self.view_channels = [channels for _, channels in views]
         self.branches = nn.ModuleList(_branch(branch, len(c), width, kwargs) for c in self.view_channels)
         self.view_widths = [int(b.num_features) for b in self.branches]
-        self.output_index = list(range(len(views))) if output_view == "all" else [self.view_names.index(output_view)]
         self.init_head(sum(self.view_widths[i] for i in self.output_index), num_classes, global_pool, drop_rate)
+
+    def _output_index(self, output_view: str) -> list[int]:
+        if output_view == "all":
+            return list(range(len(self.view_names)))
+        if output_view not in self.view_names:
+            raise ValueError(f"output_view {output_view!r}: valid are all, {', '.join(self.view_names)}")
+        return [self.view_names.index(output_view)]
+
+    @property
+    def output_view(self) -> str:
+        """What ``forward`` returns: ``"all"`` (every view's vector) or one view's name."""
+        if len(self.output_index) == len(self.view_names):
+            return "all"
+        return self.view_names[self.output_index[0]]
+
+    def set_output_view(self, output_view: str) -> None:
+        """Re-select the views ``forward`` returns after construction (the weights stay): ``"all"`` or one view's
+        name, as the ``output_view`` argument. ``num_features`` follows; a classifier head (``num_classes > 0``) is
+        rebuilt at the new width with fresh weights, as ``reset_classifier`` does (``num_classes = 0``: identity)."""
+        self.output_index = self._output_index(output_view)
+        self.num_features = self.head_hidden_size = sum(self.view_widths[i] for i in self.output_index)
+        self.reset_classifier(self.num_classes)
+        if self.num_classes > 0:  # the new head where the rest of the model is
+            ref = next(self.branches.parameters())
+            self.head.to(ref.device, ref.dtype)
 
     def split_views(self, x: torch.Tensor) -> list[torch.Tensor]:
         """RGB in [0, 1] -> each view's normalised channels (N x C_v x H x W), in ``split`` order. ``x``: one batch

@@ -3,8 +3,8 @@
 A cache entry is one safetensors file ``<dir>/<key>.safetensors`` holding ``features`` (N x D float32) and
 ``labels`` (N int64), written atomically. The key is a SHA-256 over:
 
-- the checkpoint's content (a hash of the file's bytes, not its name) and whether ``--random-init`` replaced
-  its weights;
+- the checkpoint's content (a hash of the file's bytes, not its name), whether ``--random-init`` replaced
+  its weights and, when given, ``--output-view`` (CMC: which colour views' networks the features come from);
 - the preprocessing: input size, mean and std;
 - the image set: for a folder, every image's resolved path, size and modification time, the labels and the
   class names; for images held in memory (demo data, torchvision sets), a hash of the pixels and labels;

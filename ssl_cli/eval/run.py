@@ -42,7 +42,8 @@ class EvalSetup:
     cache: FeatureCache | None = None
     """Where features are looked up and stored; None: always extract (the images are then decoded in setup)."""
     model_id: dict[str, Any] | None = None
-    """What names the weights in the cache key: the checkpoint's SHA-256 and ``random_init``."""
+    """What names the weights in the cache key: the checkpoint's SHA-256, ``random_init`` and, when asked for, CMC's
+    ``output_view``."""
     fingerprints: dict[str, str] = field(default_factory=dict)
     """``train`` / ``val``: the image sets' fingerprints, taken before any decoding."""
     cached: dict[str, bool] = field(default_factory=dict)
@@ -66,12 +67,14 @@ def setup(
     device: str,
     random_init: bool = False,
     cache: FeatureCache | None = None,
+    output_view: str | None = None,
 ) -> EvalSetup:
     """Load the backbone and both labeled splits; classes of --val must be those of --train.
 
     Without ``cache`` the images are decoded here (as ever); with one, only when features must be extracted.
+    ``output_view`` (CMC's encoders): ``"all"`` or one colour view's name; None: the checkpoint's own.
     """
-    model, meta = load_backbone(checkpoint, with_meta=True, random_init=random_init)
+    model, meta = load_backbone(checkpoint, with_meta=True, random_init=random_init, output_view=output_view)
     dev = resolve_device(device)
     train_set = _labeled(open_dataset(train, role="train"), "--train")
     val_set = _labeled(open_dataset(val, role="eval"), "--val")
@@ -85,6 +88,8 @@ def setup(
         train_set, val_set = train_set.cached("auto"), val_set.cached("auto")
     else:
         model_id = {"checkpoint_sha256": file_digest(checkpoint), "random_init": bool(random_init)}
+        if output_view is not None:  # another view's features are other features of the same file
+            model_id["output_view"] = output_view
         fingerprints = {"train": images_fingerprint(train_set), "val": images_fingerprint(val_set)}
     pre = meta["preprocessing"]
     return EvalSetup(

@@ -29,7 +29,7 @@ from torch import nn
 
 import ssl_cli
 from ssl_cli.artifacts.atomic import atomic_write_text
-from ssl_cli.artifacts.backbone import PROJECTOR_PREFIX, ProjectedBackbone, rebuild
+from ssl_cli.artifacts.backbone import PROJECTOR_PREFIX, ProjectedBackbone, rebuild, select_output_view
 from ssl_cli.artifacts.checkpoint import EXPORT_FORMAT, FORMAT
 from ssl_cli.artifacts.safetensors_io import atomic_save, read_safetensors
 from ssl_cli.artifacts.state import load_state
@@ -125,6 +125,8 @@ class PreparedExport:
     config: dict[str, Any]
     """The JSON config written beside a safetensors export (also ``meta["config"]``)."""
     projector_layers: int = 0
+    output_view: str | None = None
+    """CMC: the colour view(s) asked for (recorded in ``meta["backbone"]["kwargs"]``); None: the checkpoint's own."""
 
 
 def _source(meta: dict[str, Any]) -> dict[str, Any]:
@@ -135,8 +137,9 @@ def _source(meta: dict[str, Any]) -> dict[str, Any]:
     return {k: meta[k] for k in keys if k in meta}
 
 
-def prepare_export(checkpoint: str | Path, projector_layers: int = 0) -> PreparedExport:
-    """Rebuild the backbone (plus ``projector_layers`` projector layers) of a checkpoint or export, in eval mode."""
+def prepare_export(checkpoint: str | Path, projector_layers: int = 0, output_view: str | None = None) -> PreparedExport:
+    """Rebuild the backbone (plus ``projector_layers`` projector layers) of a checkpoint or export, in eval mode;
+    ``output_view`` (CMC's encoders): ``"all"`` or one colour view's name, recorded in the export's backbone kwargs."""
     if projector_layers < 0:
         raise CheckpointError(f"--projector-layers {projector_layers}: must be 0 (backbone only) or more")
     path = Path(checkpoint).expanduser()
@@ -144,6 +147,7 @@ def prepare_export(checkpoint: str | Path, projector_layers: int = 0) -> Prepare
     if projector_layers > 0 and meta.get("format") == EXPORT_FORMAT and meta.get("projector"):
         raise CheckpointError(f"{path} is already an export with projector layers; export from the training checkpoint")
     model = rebuild(ckpt_tensors, meta, path)
+    meta = select_output_view(model, output_view, meta, path)
     tensors = model.state_dict()
     head = None
     if projector_layers > 0:
@@ -176,7 +180,7 @@ def prepare_export(checkpoint: str | Path, projector_layers: int = 0) -> Prepare
             "rebuild with ssl_cli.load_backbone(file)"
         )
         export_meta["projector"] = {"layers": spec, "num_layers": projector_layers, "num_features": width}
-    return PreparedExport(path, model.eval(), tensors, export_meta, config, projector_layers)
+    return PreparedExport(path, model.eval(), tensors, export_meta, config, projector_layers, output_view)
 
 
 def write_safetensors_export(prepared: PreparedExport, out: Path) -> dict[str, Any]:
@@ -195,10 +199,14 @@ def write_safetensors_export(prepared: PreparedExport, out: Path) -> dict[str, A
     }
 
 
-def export_backbone(checkpoint: str | Path, out: str | Path, projector_layers: int = 0) -> dict[str, Any]:
+def export_backbone(
+    checkpoint: str | Path, out: str | Path, projector_layers: int = 0, output_view: str | None = None
+) -> dict[str, Any]:
     """Write the backbone weights (timm keys) and a JSON config beside them; returns a summary.
 
     ``projector_layers = k > 0``: also the first k layers of the method's MLP projector (see the module doc).
+    ``output_view`` (CMC's encoders): ``"all"`` or one colour view's name; the export then gives that view's
+    features, and its config's ``timm_kwargs`` say so (None: the checkpoint's own).
     The other formats (TorchScript, ONNX, a Hugging Face-style folder), and the check of what was written,
     are ``ssl_cli.export.formats.export_model``.
     """
@@ -210,7 +218,7 @@ def export_backbone(checkpoint: str | Path, out: str | Path, projector_layers: i
     if projector_layers < 0:
         raise CheckpointError(f"--projector-layers {projector_layers}: must be 0 (backbone only) or more")
     path = Path(checkpoint).expanduser()
-    prepared = prepare_export(path, projector_layers)
+    prepared = prepare_export(path, projector_layers, output_view)
     if projector_layers == 0 and prepared.projector_layers:
         raise CheckpointError(f"{path} is already an export with projector layers; export from the training checkpoint")
     return write_safetensors_export(prepared, out)

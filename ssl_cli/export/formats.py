@@ -212,7 +212,9 @@ def write_onnx(prepared: PreparedExport, path: Path) -> dict[str, Any]:
 
 def write_safetensors(prepared: PreparedExport, path: Path) -> dict[str, Any]:
     # through the module attribute, so that the one safetensors writer stays ``export_backbone``
-    summary = base.export_backbone(prepared.checkpoint, path, projector_layers=prepared.projector_layers)
+    summary = base.export_backbone(
+        prepared.checkpoint, path, projector_layers=prepared.projector_layers, output_view=prepared.output_view
+    )
     loaded = load_backbone(path)
     check = compare(prepared.model, loaded, prepared.meta["preprocessing"]["input_size"], "ssl_cli.load_backbone")
     return {**summary, **check}
@@ -295,17 +297,22 @@ WRITERS: dict[str, Callable[[PreparedExport, Path], dict[str, Any]]] = {
 
 
 def export_model(
-    checkpoint: str | Path, out: str | Path | None = None, fmt: str | None = None, projector_layers: int = 0
+    checkpoint: str | Path,
+    out: str | Path | None = None,
+    fmt: str | None = None,
+    projector_layers: int = 0,
+    output_view: str | None = None,
 ) -> dict[str, Any]:
     """Write the backbone of ``checkpoint`` in format ``fmt`` (default: from ``out``'s suffix), check it, return
-    a summary (``format``, ``path``, ``max_abs_diff``, ``tolerance``, ``verified_with``, ...)."""
+    a summary (``format``, ``path``, ``max_abs_diff``, ``tolerance``, ``verified_with``, ...). ``output_view``
+    (CMC's encoders): ``"all"`` or one colour view's name, written into the export's backbone kwargs."""
 
     fmt, path = resolve_format(fmt, out)
     checkpoint = Path(checkpoint).expanduser()
     check_out(fmt, path, checkpoint)
     if fmt == "onnx":
         require_onnx()  # before the (maybe long) read of the checkpoint
-    prepared = prepare_export(checkpoint, projector_layers)
+    prepared = prepare_export(checkpoint, projector_layers, output_view)
     if fmt == "safetensors" and projector_layers == 0 and prepared.projector_layers:
         raise CheckpointError(
             f"{checkpoint} is already an export with projector layers; export from the training checkpoint"

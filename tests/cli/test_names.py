@@ -59,6 +59,7 @@ SYNONYMS = [
     ("num_prototypes", "n_prototypes", "nmb_prototypes", "prototypes"),
     ("queue_size", "queue_length", "queue_len"),
     ("random_init", "untrained", "random_weights"),
+    ("output_view", "view", "out_view", "eval_view", "feature_view", "encoder_view"),
 ]
 
 

@@ -18,11 +18,16 @@ import timm
 import torch
 import torch.nn.functional as F
 from helpers import (
+    EVAL,
     assert_drawn_for_the_global_batch,
     assert_resume_is_bit_identical,
     assert_torchscript_export_and_inspect,
     invoke,
+    one_json,
+    tiny_checkpoint,
+    user_error,
 )
+from safetensors.torch import load_file
 
 import ssl_cli
 import ssl_cli.methods.cmc as cmc_method
@@ -33,6 +38,9 @@ from ssl_cli.config import load_recipe
 from ssl_cli.config.schema import BackboneConfig
 from ssl_cli.encoders.cmc import ENCODERS, CMCEncoder
 from ssl_cli.encoders.colour import rgb_to_lab, rgb_to_ycbcr, rgb_to_ydbdr
+from ssl_cli.errors import SSLError
+from ssl_cli.eval.cache import FeatureCache
+from ssl_cli.eval.run import features, setup
 from ssl_cli.export.backbone import export_backbone
 from ssl_cli.export.formats import export_model
 from ssl_cli.losses.cmc import cross_view_pairs
@@ -218,6 +226,26 @@ def test_the_output_is_every_views_vector_or_the_one_asked_for() -> None:
         assert torch.equal(both(x), both.forward_head(both.forward_features(x)))
     three = timm.create_model("cmc_test_resnet", num_classes=0, split="L,a,b", output_view="b")
     assert three.view_names == ["L", "a", "b"] and three.num_features == 48
+
+
+def test_set_output_view_reselects_the_views_of_a_built_encoder() -> None:
+    torch.manual_seed(0)
+    model = timm.create_model("cmc_test_resnet", num_classes=0).eval()
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        pooled = model.forward_views(x)
+        assert model.output_view == "all"
+        model.set_output_view("ab")
+        assert model.output_view == "ab" and model.num_features == model.head_hidden_size == 48
+        assert torch.equal(model(x), pooled[1]) and isinstance(model.head, torch.nn.Identity)
+        model.set_output_view("all")
+        assert model.num_features == 96 and torch.equal(model(x), torch.cat(pooled, 1))
+    with pytest.raises(ValueError, match=r"output_view 'Y': valid are all, L, ab"):
+        model.set_output_view("Y")
+    assert model.output_view == "all" and model.num_features == 96  # a refused view changes nothing
+    classifier = timm.create_model("cmc_test_resnet", num_classes=10)
+    classifier.set_output_view("L")
+    assert classifier.head.in_features == 48 and classifier(x).shape == (2, 10)  # the head follows the width
 
 
 def test_timm_registry_builds_the_encoders_with_timms_interface() -> None:
@@ -541,6 +569,91 @@ def test_ssl_export_says_how_to_load_the_encoder(run) -> None:
     assert "load with import ssl_cli, then timm.create_model('cmc_test_resnet', num_classes=0, pretrained" in (
         result.stderr
     )
+
+
+def train_features(checkpoint, run, **kwargs) -> torch.Tensor:
+    """The --train features ``ssl knn`` reads (``setup`` + ``features``, as the command calls them)."""
+    s = setup(str(checkpoint), run.train, run.val, "cpu", **kwargs)
+    return features(s, s.train, batch_size=256, num_workers=0)[0]  # ssl knn's default batch
+
+
+def test_an_output_view_evaluates_that_views_network_alone(run) -> None:
+    every = train_features(run.ckpt, run)
+    only_l = train_features(run.ckpt, run, output_view="L")
+    only_ab = train_features(run.ckpt, run, output_view="ab")
+    assert every.shape == (16, 96) and only_l.shape == only_ab.shape == (16, 48)
+    assert torch.equal(only_l, every[:, :48]) and torch.equal(only_ab, every[:, 48:])  # split order: L, ab
+    assert not torch.allclose(only_l, only_ab)
+    assert torch.equal(train_features(run.ckpt, run, output_view="all"), every)
+    model = ssl_cli.load_backbone(str(run.ckpt), output_view="L")
+    assert model.output_view == "L" and model.num_features == 48
+
+
+def test_knn_and_probe_with_an_output_view_and_the_cache_keyed_by_it(run, tmp_path: Path) -> None:
+    common = [run.ckpt, "--train", run.train, "--val", run.val, "--cache-dir", tmp_path, "--json", *EVAL]
+    args = [*common, "--k", "3"]
+    every = invoke("knn", *args)
+    assert "output_view" not in one_json(every) and "features: extracted" in every.stderr
+    only_l = invoke("knn", *args, "--output-view", "L")
+    assert one_json(only_l)["output_view"] == "L"
+    assert "features: cached" not in only_l.stderr  # never the "all" entry, though the file is the same
+    only_ab = invoke("knn", *args, "--output-view", "ab")
+    assert "features: cached" not in only_ab.stderr
+    entries = [load_file(str(f))["features"] for f in sorted(tmp_path.glob("*.safetensors"))]
+    assert sorted(e.shape[1] for e in entries) == [48, 48, 48, 48, 96, 96]
+    want = train_features(run.ckpt, run, output_view="L")  # what the L run stored is the L network's features
+    assert sum(torch.equal(e, want) for e in entries) == 1
+    again = invoke("knn", *args, "--output-view", "L")
+    assert again.stderr.count("features: cached") == 2 and one_json(again) == one_json(only_l)
+    s = setup(str(run.ckpt), run.train, run.val, "cpu", cache=FeatureCache(tmp_path), output_view="L")
+    assert s.model_id["output_view"] == "L"
+    probe = invoke("probe", *common, "--epochs", "1", "--output-view", "ab")
+    assert probe.stderr.count("features: cached") == 2  # the ab run's entries, not the others
+    probe = one_json(probe)
+    assert probe["output_view"] == "ab" and 0 <= probe["top1"] <= 1
+
+
+def test_an_export_with_an_output_view_gives_knns_features(run) -> None:
+    out = run.root / "view" / "backbone.safetensors"
+    result = invoke("export", run.ckpt, "--out", out, "--output-view", "L")
+    assert result.exit_code == 0, result.stderr
+    assert "timm.create_model('cmc_test_resnet', num_classes=0, output_view='L', pretrained=True" in result.stderr
+    config = json.loads(out.with_suffix(".json").read_text())
+    assert config["timm_kwargs"] == {"output_view": "L"} and config["num_features"] == 48
+    knn_features = train_features(run.ckpt, run, output_view="L")
+    assert torch.equal(train_features(out, run), knn_features)  # the file read back by load_backbone
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(11))
+    from_timm = timm.create_model(
+        "cmc_test_resnet", num_classes=0, pretrained=True, pretrained_cfg_overlay=dict(file=str(out)),
+        **config["timm_kwargs"],
+    ).eval()  # fmt: skip
+    with torch.no_grad():
+        assert torch.equal(from_timm(x), ssl_cli.load_backbone(str(out))(x))
+        assert torch.equal(from_timm(x), ssl_cli.load_backbone(str(run.ckpt), output_view="L")(x))
+        every = ssl_cli.load_backbone(str(out), output_view="all")  # the file still holds every view's network
+        assert every.num_features == 96 and torch.equal(every(x), ssl_cli.load_backbone(str(run.ckpt))(x))
+    args = ["--train", run.train, "--val", run.val, "--k", "3", "--json", "--no-cache", *EVAL]
+    by_view = one_json(invoke("knn", run.ckpt, *args, "--output-view", "L"))
+    from_export = one_json(invoke("knn", out, *args))
+    assert by_view.pop("output_view") == "L" and from_export == by_view  # the same kNN on the same features
+    hf = one_json(invoke("export", run.ckpt, "--out", run.root / "view-hf", "--output-view", "ab", "--json"))
+    assert hf["num_features"] == 48 and hf["max_abs_diff"] == 0.0
+    assert json.loads((run.root / "view-hf" / "config.json").read_text())["model_args"]["output_view"] == "ab"
+
+
+def test_a_bad_output_view_is_one_line(run, tmp_path: Path) -> None:
+    other = tiny_checkpoint(tmp_path / "resnet.safetensors")
+    args = ["--train", run.train, "--val", run.val, "--no-cache", *EVAL]
+    user_error(invoke("knn", other, *args, "--output-view", "L"), "--output-view L", "test_resnet", "cmc_")
+    user_error(invoke("probe", run.ckpt, *args, "--output-view", "Y"), "--output-view Y", "valid are all, L, ab")
+    user_error(invoke("export", run.ckpt, "--out", tmp_path / "x.safetensors", "--output-view", "a"),
+               "--output-view a", "has the views L, ab")  # fmt: skip
+    assert not (tmp_path / "x.safetensors").exists()
+    with pytest.raises(SSLError, match=r"--output-view Y: .* has the views L, ab; valid are all, L, ab$"):
+        ssl_cli.load_backbone(str(run.ckpt), output_view="Y")
+    no_views = r"--output-view all: .*resnet.safetensors holds test_resnet, which has no colour views"
+    with pytest.raises(SSLError, match=no_views):
+        export_model(other, tmp_path / "y.safetensors", output_view="all")
 
 
 def test_bench_replays_the_crop(run) -> None:
