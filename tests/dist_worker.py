@@ -89,13 +89,10 @@ CASES: dict[str, tuple[str, list]] = {
 
 
 # CPC v2: every patch through the encoder alone (GroupNorm, no batch statistics), InfoNCE against the targets of every
-# rank's images, gathered with their gradient. Patch augmentation off (its flips and channel drops are random draws);
-# SGD, not the recipe's AdamW (Adam's first step would turn the ranks' rounding noise into whole updates)
-CASES["cpcv2"] = (
-    "cpcv2",
-    [("method.context_dim", 16), ("method.patch_hflip_prob", 0.0), ("method.patch_color_drop_prob", 0.0)]
-    + [("optim.name", "sgd")],
-)
+# rank's images, gathered with their gradient; each patch's flip and channel drop drawn for the global batch from
+# (seed, step), so each rank augments its images as the single process does. SGD, not the recipe's AdamW (Adam's first
+# step would turn the ranks' rounding noise into whole updates)
+CASES["cpcv2"] = ("cpcv2", [("method.context_dim", 16), ("optim.name", "sgd")])
 
 
 def global_batch(num_views: int, step: int) -> tuple[list[torch.Tensor], torch.Tensor]:

@@ -10,7 +10,19 @@ and sets the other two to 0 (the data mean, after normalisation) [0, Sec. 4.1 "p
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass(frozen=True)
+class PatchDraws:
+    """Per-patch augmentation decisions, each tensor of one shape: ``flip`` (bool), ``drop`` (bool: keep one channel
+    only), ``keep`` (the channel kept when dropping, 0-2)."""
+
+    flip: torch.Tensor
+    drop: torch.Tensor
+    keep: torch.Tensor
 
 
 def grid_size(size: int, patch: int, stride: int) -> int:
@@ -27,20 +39,35 @@ def extract_patches(images: torch.Tensor, patch: int, stride: int) -> torch.Tens
     return x.permute(0, 2, 3, 1, 4, 5)
 
 
-def augment_patches(
-    patches: torch.Tensor, hflip_prob: float, color_drop_prob: float, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """Flip each patch of ``M x C x p x p`` with ``hflip_prob`` and drop two of its three channels with
-    ``color_drop_prob``, each patch drawn on its own (on the patches' device; ``generator``: default RNG if None)."""
+def draw_patch_augmentation(
+    shape: tuple[int, ...], hflip_prob: float, color_drop_prob: float, generator: torch.Generator | None = None
+) -> PatchDraws:
+    """One draw per patch, ``shape`` of them (e.g. images x patches of the global batch): flip with ``hflip_prob``,
+    drop two of three channels with ``color_drop_prob``, keeping a channel drawn uniformly (on the CPU; ``generator``:
+    the default RNG if None)."""
+    flip = torch.rand(shape, generator=generator) < hflip_prob
+    drop = torch.rand(shape, generator=generator) < color_drop_prob
+    keep = torch.randint(0, 3, shape, generator=generator)
+    return PatchDraws(flip, drop, keep)
+
+
+def apply_patch_augmentation(patches: torch.Tensor, draws: PatchDraws) -> torch.Tensor:
+    """``M x C x p x p`` patches with draw ``i`` applied to patch ``i`` (the draws flattened to M, moved to the
+    patches' device); colour dropping only for 3-channel patches."""
     m, c = patches.shape[:2]
-    dev = patches.device
-    if hflip_prob > 0:
-        flip = torch.rand(m, device=dev, generator=generator) < hflip_prob
-        patches = torch.where(flip[:, None, None, None], patches.flip(-1), patches)
-    if color_drop_prob > 0 and c == 3:
-        drop = torch.rand(m, device=dev, generator=generator) < color_drop_prob
-        keep = torch.randint(0, 3, (m,), device=dev, generator=generator)
+    flip, drop, keep = (t.reshape(m).to(patches.device) for t in (draws.flip, draws.drop, draws.keep))
+    patches = torch.where(flip[:, None, None, None], patches.flip(-1), patches)
+    if c == 3:
         channel_mask = torch.nn.functional.one_hot(keep, 3).to(patches.dtype)  # M x 3: the channel kept
         mask = torch.where(drop[:, None], channel_mask, torch.ones_like(channel_mask))
         patches = patches * mask[:, :, None, None]
     return patches
+
+
+def augment_patches(
+    patches: torch.Tensor, hflip_prob: float, color_drop_prob: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Flip each patch of ``M x C x p x p`` with ``hflip_prob`` and drop two of its three channels with
+    ``color_drop_prob``, each patch drawn on its own (``draw_patch_augmentation`` then ``apply_patch_augmentation``)."""
+    draws = draw_patch_augmentation((patches.shape[0],), hflip_prob, color_drop_prob, generator)
+    return apply_patch_augmentation(patches, draws)

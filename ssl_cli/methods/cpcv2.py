@@ -1,7 +1,8 @@
 """CPC v2: contrastive predictive coding over a grid of image patches.
 
 Each image (one view) is cut into an overlapping grid of patches on the training device, each patch augmented on its
-own (a flip, colour dropping: ``ssl_cli.augment.patches``), and every patch goes through the backbone alone: a timm
+own (a flip, colour dropping: ``ssl_cli.augment.patches``; drawn for the global batch from the seed and the step, so
+several processes augment as one does), and every patch goes through the backbone alone: a timm
 CNN whose normalisation is per sample (the recipes pass ``backbone.kwargs.norm_layer = "groupnorm1"`` to timm's
 ResNet: GroupNorm with one group, a layer norm over C x H x W), so no statistics are shared between the patches of one
 image or of one batch [0, Sec. 4.1 "layer normalization"]. The pooled patch features form a grid that a masked
@@ -27,8 +28,16 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from ssl_cli.augment.patches import augment_patches, extract_patches, grid_size
+from ssl_cli.augment.patches import (
+    PatchDraws,
+    apply_patch_augmentation,
+    draw_patch_augmentation,
+    extract_patches,
+    grid_size,
+)
 from ssl_cli.config.schema import MethodConfig
+from ssl_cli.data.loader import mix_seed
+from ssl_cli.distributed import rank, world_size
 from ssl_cli.errors import RecipeError
 from ssl_cli.losses.cpc import CPCLoss
 from ssl_cli.methods.base import Method, StepOutput
@@ -122,6 +131,7 @@ class CPCv2(Method):
 
     def __init__(self, config: CPCv2Config, backbone, recipe) -> None:
         super().__init__(config, backbone, recipe)
+        self.seed = recipe.train.seed
         self.patch, self.stride = patch_geometry(config, recipe.views[0].size)
         self.grid = grid_size(recipe.views[0].size, self.patch, self.stride)
         if self.grid <= config.steps_to_predict:
@@ -140,18 +150,29 @@ class CPCv2(Method):
             config.context_blocks,
         )
 
-    def patch_features(self, images: torch.Tensor) -> torch.Tensor:
-        """B x C x S x S images -> B x F x G x G: the backbone's pooled feature of each patch, patch by patch."""
+    def patch_draws(self, step: int, images: int) -> PatchDraws:
+        """The patch augmentation of this process's ``images`` images at ``step``, patch-major (G G B): its rows of a
+        draw for every patch of the global batch from (train.seed, step), so one process and several augment each
+        image alike, and a resumed run draws what the uninterrupted one would."""
         cfg = self.config
+        generator = torch.Generator().manual_seed(mix_seed(self.seed, step))
+        shape = (images * world_size(), self.grid * self.grid)  # image-major over the global batch
+        draws = draw_patch_augmentation(shape, cfg.patch_hflip_prob, cfg.patch_color_drop_prob, generator)
+        mine = slice(rank() * images, (rank() + 1) * images)
+        return PatchDraws(*(t[mine].T.contiguous() for t in (draws.flip, draws.drop, draws.keep)))
+
+    def patch_features(self, images: torch.Tensor, step: int = 0) -> torch.Tensor:
+        """B x C x S x S images -> B x F x G x G: the backbone's pooled feature of each patch, patch by patch (in
+        training mode each patch augmented as ``patch_draws(step, B)`` says)."""
         b, c = images.shape[:2]
         p, g = self.patch, self.grid
         # patch-major order (patch (i, j) of every image, then the next patch): the online classifier's label order
         patches = extract_patches(images, p, self.stride).permute(1, 2, 0, 3, 4, 5).reshape(-1, c, p, p)
         if self.training:
-            patches = augment_patches(patches, cfg.patch_hflip_prob, cfg.patch_color_drop_prob)
+            patches = apply_patch_augmentation(patches, self.patch_draws(step, b))
         features = self.backbone(patches)  # (G G B) x F
         return features.reshape(g, g, b, -1).permute(2, 3, 0, 1)
 
     def training_step(self, views: list[torch.Tensor], step: int, index: torch.Tensor | None = None) -> StepOutput:
-        loss, parts = self.loss(self.patch_features(views[0]))
+        loss, parts = self.loss(self.patch_features(views[0], step))
         return StepOutput(loss, parts)

@@ -172,6 +172,47 @@ def test_patch_augmentation_flips_and_drops_channels_per_patch() -> None:
     assert torch.equal(augment_patches(patches, 0.0, 0.0), patches)
 
 
+def test_patch_draws_are_the_global_batchs_rows_of_one_draw_per_step(monkeypatch) -> None:
+    """Two processes of 3 images each draw what one process of 6 draws for the same images (rank r: images 3r..3r+2),
+    patch-major; the same step draws again the same, another step not."""
+    import ssl_cli.methods.cpcv2 as cpc_method
+
+    m = tiny_method("cpcv2", ("train.batch_size", 6))
+    g = m.grid * m.grid
+    one = m.patch_draws(5, 6)
+    assert one.flip.shape == (g, 6) and one.flip.float().mean().item() == pytest.approx(0.5, abs=0.25)
+    for r in range(2):
+        monkeypatch.setattr(cpc_method, "rank", lambda r=r: r)
+        monkeypatch.setattr(cpc_method, "world_size", lambda: 2)
+        part = m.patch_draws(5, 3)
+        for name in ("flip", "drop", "keep"):
+            assert torch.equal(getattr(part, name), getattr(one, name)[:, 3 * r : 3 * r + 3]), (r, name)
+    monkeypatch.setattr(cpc_method, "world_size", lambda: 1)
+    monkeypatch.setattr(cpc_method, "rank", lambda: 0)
+    assert torch.equal(m.patch_draws(5, 6).keep, one.keep) and not torch.equal(m.patch_draws(6, 6).keep, one.keep)
+
+
+def test_a_training_step_augments_patch_i_j_of_image_b_with_its_draw() -> None:
+    """The step's patches are the images' grid cells, each flipped / colour-dropped as ``patch_draws`` says."""
+    m = tiny_method("cpcv2", ("train.batch_size", 4))
+    images = torch.randn(4, 3, 32, 32)
+    seen = []
+    m.backbone.register_forward_hook(lambda mod, args, out: seen.append(args[0].detach()))
+    m.patch_features(images, step=3)
+    draws = m.patch_draws(3, 4)
+    cells = extract_patches(images, m.patch, m.stride)  # B x G x G x C x p x p
+    got = seen[0].reshape(m.grid, m.grid, 4, 3, m.patch, m.patch)
+    for b in range(4):
+        for i in range(m.grid):
+            k = i * m.grid + (b % m.grid)
+            want = cells[b, i, b % m.grid]
+            if draws.flip[k, b]:
+                want = want.flip(-1)
+            if draws.drop[k, b]:
+                want = want * torch.nn.functional.one_hot(draws.keep[k, b], 3).float()[:, None, None]
+            assert torch.equal(got[i, b % m.grid, b], want), (b, i)
+
+
 def test_gradients_reach_the_encoder_through_every_patch() -> None:
     m = tiny_method("cpcv2").train()
     images = torch.randn(4, 3, 32, 32, requires_grad=True)
