@@ -125,6 +125,9 @@ class EncoderCall:
     """The input's shape (N x 3 x H x W)."""
     grad: bool
     """The output carries a gradient: the step's backward runs through this call."""
+    options: tuple[tuple[str, Any], ...] = ()
+    """The call's keyword arguments that are not tensors (CMC's ``all_views=True``: every colour view's network,
+    whichever views the encoder outputs), replayed as given."""
 
 
 def record_encoder_calls(method: Method, step: Callable[[], Any]) -> list[EncoderCall]:
@@ -132,13 +135,14 @@ def record_encoder_calls(method: Method, step: Callable[[], Any]) -> list[Encode
     calls: list[EncoderCall] = []
 
     def hook(name: str) -> Callable:
-        def record(module: nn.Module, args: tuple, output: Any) -> None:
+        def record(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             grad = isinstance(output, torch.Tensor) and output.requires_grad
-            calls.append(EncoderCall(name, tuple(args[0].shape), grad))
+            options = tuple(sorted((k, v) for k, v in kwargs.items() if not isinstance(v, torch.Tensor)))
+            calls.append(EncoderCall(name, tuple(args[0].shape), grad, options))
 
         return record
 
-    handles = [m.register_forward_hook(hook(name)) for name, m in encoders(method).items()]
+    handles = [m.register_forward_hook(hook(name), with_kwargs=True) for name, m in encoders(method).items()]
     try:
         step()
     finally:
@@ -164,10 +168,10 @@ def replay_step(
             outputs = []
             for call, x in zip(calls, inputs, strict=True):
                 if call.grad:
-                    outputs.append(modules[call.module](x))
+                    outputs.append(modules[call.module](x, **dict(call.options)))
                 else:
                     with torch.no_grad():
-                        modules[call.module](x)
+                        modules[call.module](x, **dict(call.options))
         for module in modules.values():  # as the step does: the last step's gradients freed just before backward
             module.zero_grad(set_to_none=True)
         if outputs:
@@ -241,7 +245,7 @@ def bench(recipe: Recipe, data: str | None = None, steps: int = 20, warmup_steps
         "augment_reason": choice.reason,
         "data": images.name,
         "backbone_images_per_second": backbone_rate,
-        "encoder_calls": [{**asdict(c), "shape": list(c.shape)} for c in calls],
+        "encoder_calls": [{**asdict(c), "shape": list(c.shape), "options": dict(c.options)} for c in calls],
         "momentum_encoder_forwards": [list(c.shape) for c in calls if c.module != "backbone"],
         "ceiling_images_per_second": ceiling,
         "data_images_per_second": data_rate,

@@ -44,7 +44,7 @@ from ssl_cli.eval.run import features, setup
 from ssl_cli.export.backbone import export_backbone
 from ssl_cli.export.formats import export_model
 from ssl_cli.losses.cmc import cross_view_pairs
-from ssl_cli.train.bench import bench
+from ssl_cli.train.bench import bench, count_flops, record_encoder_calls, replay_step
 from ssl_cli.train.pretrain import build_method, pretrain
 
 SMALL = [("backbone.name", "cmc_test_resnet"), ("views.*.size", 32)]
@@ -659,6 +659,23 @@ def test_a_bad_output_view_is_one_line(run, tmp_path: Path) -> None:
 def test_bench_replays_the_crop(run) -> None:
     result = bench(run.recipe, run.train, steps=1, warmup_steps=1)
     assert result["views"] == [[3, 32, 32]] and result["step_images_per_second"] > 0
+
+
+def test_the_ceiling_runs_every_views_network_whatever_the_encoder_outputs() -> None:
+    """Training runs both colour views' networks (``all_views=True``) even when the encoder outputs one view's
+    features: the ceiling replays the call as made, so its arithmetic is the same as with every view output."""
+    flops = {}
+    for view in ("all", "L"):
+        recipe = load_recipe("cmc-cifar", [*TINY, *SMALL_CIFAR, ("train.batch_size", 8),
+                                           ("backbone.kwargs.output_view", view)])  # fmt: skip
+        torch.manual_seed(0)
+        method = build_method(recipe).train()
+        method.bind_data(16, None)
+        views = [torch.rand(8, 3, 32, 32)]
+        calls = record_encoder_calls(method, lambda m=method: m(views, 0, torch.arange(8)).loss.backward())
+        assert [c.options for c in calls] == [(("all_views", True),)]
+        flops[view] = count_flops(replay_step(method, calls, torch.device("cpu"), "fp32"))
+    assert flops["L"] == flops["all"]
 
 
 @pytest.mark.parametrize("augment", ["batch", "sample"])
