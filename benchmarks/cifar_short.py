@@ -18,6 +18,7 @@ import argparse
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 METHODS = (
@@ -72,16 +73,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="extra recipe override for every run")
     args = parser.parse_args()
     args.loader = [] if args.num_workers is None else ["--num-workers", str(args.num_workers)]
-    args.out.mkdir(parents=True, exist_ok=True)
-    results_file = args.out / "results.jsonl"
-    done = {}
-    if results_file.exists():
-        done = {r["method"]: r for r in map(json.loads, results_file.read_text().splitlines())}
-
-    def save(record: dict) -> None:
-        done[record["method"]] = record
-        with results_file.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+    done, save = results_store(args.out)
 
     extra = [x for s in args.set for x in ("--set", s)]
     for method in args.methods:
@@ -116,6 +108,22 @@ def main() -> None:
         loss = f"{run['loss']:.3f}" if run else "-"
         speed = f"{run['images_per_second']:.0f}" if run else "-"
         print(f"| {method} | {top1(k, 200)} | {top1(k, 20)} | {top5(k, 200)} | {loss} | {speed} |")
+
+
+def results_store(out: Path) -> tuple[dict[str, dict], Callable[[dict], None]]:
+    """The records of ``out/results.jsonl`` by ``method``, and a function that appends one (and adds it to them)."""
+    out.mkdir(parents=True, exist_ok=True)
+    results_file = out / "results.jsonl"
+    done = {}
+    if results_file.exists():
+        done = {r["method"]: r for r in map(json.loads, results_file.read_text().splitlines())}
+
+    def save(record: dict) -> None:
+        done[record["method"]] = record
+        with results_file.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    return done, save
 
 
 def top1(k: dict, n: int) -> str:

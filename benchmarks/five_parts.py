@@ -28,11 +28,10 @@ its ``yadim`` and ``amdim`` runs (and its random baseline).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from cifar_short import BUDGET, knn, ssl, top1, top5
+from cifar_short import BUDGET, knn, results_store, ssl, top1, top5
 
 # AMDIM's CIFAR views are the base; SimCLR's CIFAR views (simclr-cifar): crop 0.08-1, jitter 0.8 x (0.4, 0.4, 0.4,
 # 0.1), grey 0.2; "crop and flip" drops every colour transform
@@ -41,8 +40,11 @@ SIMCLR_VIEWS += ["views.*.grayscale_prob=0.2"]
 VARIANTS: dict[str, tuple[str, str, list[str]]] = {
     # name in results.jsonl: (part, method, --set overrides)
     "yadim": ("base: YADIM (AMDIM's views, ResNet-18, last map, dot / sqrt(D), NCE)", "yadim", []),
-    "yadim views=crop+flip": ("(1) augmentation: crop and flip only", "yadim",
-                              ["views.*.jitter_prob=0", "views.*.grayscale_prob=0"]),  # fmt: skip
+    "yadim views=crop+flip": (
+        "(1) augmentation: crop and flip only",
+        "yadim",
+        ["views.*.jitter_prob=0", "views.*.grayscale_prob=0"],
+    ),  # fmt: skip
     "yadim views=simclr": ("(1) augmentation: SimCLR's CIFAR views", "yadim", SIMCLR_VIEWS),
     "yadim backbone=resnet34": ("(2) encoder: ResNet-34", "yadim", ["backbone.name=resnet34"]),
     "amdim": ("(3) extraction: AMDIM's multiscale (1->5, 1->7, 5->5)", "amdim", []),
@@ -60,16 +62,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     args.loader = []
-    args.out.mkdir(parents=True, exist_ok=True)
-    results_file = args.out / "results.jsonl"
-    done = {}
-    if results_file.exists():
-        done = {r["method"]: r for r in map(json.loads, results_file.read_text().splitlines())}
-
-    def save(record: dict) -> None:
-        done[record["method"]] = record
-        with results_file.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+    done, save = results_store(args.out)
 
     for name in args.variants:
         if name in done:
