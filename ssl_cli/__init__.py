@@ -15,6 +15,10 @@ def load_backbone(path: str, device: str = "cpu", output_view: str | None = None
     Works for every backbone ``ssl`` trains, including changed stems that plain ``timm.create_model``
     cannot rebuild. Returns the timm model (``num_classes=0``) in eval mode. ``output_view`` (CMC's encoders):
     ``"all"`` or one colour view's name (e.g. ``"L"``); None keeps the file's own.
+
+    A CPC v2 checkpoint or export returns the paper's image feature instead: a ``PatchGridFeatures`` that cuts the
+    image into the training grid and averages the timm encoder's pooled patch features (its ``.encoder`` is the
+    timm model).
     """
     from ssl_cli.artifacts.backbone import load_backbone as _load
 

@@ -1,7 +1,9 @@
 """A backbone back from a file: a training checkpoint, a safetensors export or an ``ssl export --format hf`` folder.
 
 ``load_backbone(path)`` rebuilds the timm model (eval mode) from the file's metadata and weights, with nothing of
-the trainer or the exporter; an export that kept projector layers comes back as a ``ProjectedBackbone``.
+the trainer or the exporter; an export that kept projector layers comes back as a ``ProjectedBackbone``, a CPC v2
+file as a ``PatchGridFeatures`` (the mean over its patch grid: ``ssl_cli.artifacts.readout``). ``rebuild`` gives the
+timm model alone.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from torch import nn
 
 from ssl_cli.artifacts.checkpoint import EXPORT_FORMAT, FORMAT
 from ssl_cli.artifacts.metadata import check_metadata
+from ssl_cli.artifacts.readout import readout_of, with_readout
 from ssl_cli.artifacts.safetensors_io import read_safetensors
 from ssl_cli.artifacts.state import load_state
 from ssl_cli.backbones import build_backbone
@@ -154,6 +157,10 @@ def load_backbone(
 
     An export made with ``projector_layers > 0`` comes back as a ``ProjectedBackbone`` (backbone + head).
     ``path`` may also be a folder written by ``ssl export --format hf`` (its ``model.safetensors`` is read).
+
+    A CPC v2 file (its recipe, or an export's ``readout``) comes back as a ``PatchGridFeatures``: the image cut into
+    the training grid, the backbone's pooled patch features averaged (``ssl_cli.artifacts.readout``); its
+    ``encoder`` is the timm model, and the returned metadata's ``readout`` describes the grid.
     """
     path = Path(path).expanduser()
     if path.is_dir() and (path / HF_WEIGHTS).is_file():  # an ``ssl export --format hf`` folder
@@ -164,6 +171,8 @@ def load_backbone(
         torch.manual_seed(0)
         model = build_from_meta(meta, path)
     meta = select_output_view(model, output_view, meta, path)
+    if readout := readout_of(meta, path):  # CPC v2: the mean over the patch grid, random weights or trained
+        model, meta = with_readout(model, readout), {**meta, "readout": readout}
     model = model.to(device).eval()
     return (model, meta) if with_meta else model
 

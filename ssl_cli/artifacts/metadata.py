@@ -135,6 +135,15 @@ class _Projector(_Meta):
     num_features: Size
 
 
+class _Readout(_Meta):
+    """How an image becomes its feature when not the backbone's own output (``ssl_cli.artifacts.readout``)."""
+
+    type: Literal["patch_grid"]
+    patch: Size
+    stride: Size
+    grid: Size | None = None
+
+
 class _Config(_Meta):
     """An export's own summary (``backbone.json``)."""
 
@@ -153,6 +162,7 @@ class Metadata(_Training):
     optim_groups: list[dict[str, Any]] = ABSENT
     optim_scalars: dict[str, Any] = ABSENT
     projector: _Projector = ABSENT
+    readout: _Readout = ABSENT
     config: _Config = ABSENT
     source: _Training = ABSENT
     num_classes: Size | None = None

@@ -4,6 +4,9 @@ Each image becomes an overlapping grid of square patches (``patch`` pixels, ``st
 augmented on its own: a horizontal flip and "colour dropping", which keeps one of the three colour channels at random
 and sets the other two to 0 (the data mean, after normalisation) [0, Sec. 4.1 "patch-based augmentation"].
 
+The grid itself (``grid_size``, ``extract_patches``) lives with the encoders (``ssl_cli.encoders.patch_grid``), which
+read an image's feature from the same grid at evaluation; it is re-exported here.
+
 [0] CPC v2, Henaff et al. 2019, "Data-Efficient Image Recognition with Contrastive Predictive Coding",
     arXiv:1905.09272.
 """
@@ -14,6 +17,17 @@ from dataclasses import dataclass
 
 import torch
 
+from ssl_cli.encoders.patch_grid import extract_patches, grid_size
+
+__all__ = [
+    "PatchDraws",
+    "apply_patch_augmentation",
+    "augment_patches",
+    "draw_patch_augmentation",
+    "extract_patches",
+    "grid_size",
+]
+
 
 @dataclass(frozen=True)
 class PatchDraws:
@@ -23,20 +37,6 @@ class PatchDraws:
     flip: torch.Tensor
     drop: torch.Tensor
     keep: torch.Tensor
-
-
-def grid_size(size: int, patch: int, stride: int) -> int:
-    """Patches per side of a ``size`` x ``size`` image (0 when the patch does not fit or the grid does not tile it)."""
-    if patch > size or (size - patch) % stride:
-        return 0
-    return (size - patch) // stride + 1
-
-
-def extract_patches(images: torch.Tensor, patch: int, stride: int) -> torch.Tensor:
-    """``B x C x S x S`` images -> ``B x G x G x C x patch x patch``: patch ``(i, j)`` is
-    ``images[:, :, i*stride : i*stride + patch, j*stride : j*stride + patch]``."""
-    x = images.unfold(2, patch, stride).unfold(3, patch, stride)  # B x C x G x G x p x p
-    return x.permute(0, 2, 3, 1, 4, 5)
 
 
 def draw_patch_augmentation(

@@ -111,13 +111,24 @@ def knn(
     result["random_init"] = random_init
     if output_view is not None:
         result["output_view"] = output_view
+    if s.meta.get("readout"):
+        result["readout"] = s.meta["readout"]
     if as_json:
         emit_json(result)
         return
     rows = {f"top1 (k={kk})": v["top1"] for kk, v in result["by_k"].items()}
     rows.update({f"top5 (k={kk})": v["top5"] for kk, v in result["by_k"].items()})
     view = f"  (output view {output_view})" if output_view is not None else ""
+    view += _readout_note(s.meta.get("readout"))
     stdout.print(result_table(f"kNN  {checkpoint}{view}{'  (random init)' if random_init else ''}", rows))
+
+
+def _readout_note(readout: dict | None) -> str:
+    """A title's note on CPC v2's readout: the features are the mean over a patch grid."""
+    if not readout:
+        return ""
+    g = readout.get("grid")
+    return f"  (mean over {f'a {g}x{g}' if g else 'the'} grid of {readout['patch']} px patches)"
 
 
 def _sweep_table(result: dict) -> Table:
@@ -204,12 +215,15 @@ def linear_probe(
     result["random_init"] = random_init
     if output_view is not None:
         result["output_view"] = output_view
+    if s.meta.get("readout"):
+        result["readout"] = s.meta["readout"]
     if as_json:
         emit_json(result)
         return
+    readout = result.pop("readout", None)
     if "sweep" in result:
         stdout.print(_sweep_table(result))
         shown = {k: result[k] for k in ("top1", "top5", "train_top1", "lr", "weight_decay", "epochs")}
         stdout.print(result_table("linear probe: the chosen pair on --val", shown))
         return
-    stdout.print(result_table(f"linear probe  {checkpoint}", result))
+    stdout.print(result_table(f"linear probe  {checkpoint}{_readout_note(readout)}", result))

@@ -17,14 +17,40 @@ OWN_ENCODER_PREFIXES = ("amdim_", "cmc_")
 """timm names of ``ssl_cli.encoders`` (not imported here: the CLI starts without torch and timm)."""
 
 
+def _grid(readout: dict) -> str:
+    """CPC v2's readout in words (the CLI starts without torch: not ``ssl_cli.artifacts.readout``)."""
+    g = readout.get("grid")
+    return f"{f'{g}x{g} ' if g else ''}grid of {readout['patch']} px patches {readout['stride']} apart"
+
+
 def _hint(summary: dict) -> str:
     path, fmt = summary["path"], summary["format"]
+    readout = summary.get("readout")
+    if readout and fmt in ("torchscript", "onnx"):
+        size = "x".join(str(v) for v in summary["input_size"][1:])
+        inside = (
+            f"input N x 3 x {size.replace('x', ' x ')} normalised; the {_grid(readout)} is cut inside and the image "
+            f"feature (N x {summary['num_features']}) is the mean of the patch features"
+        )
+        run = f"torch.jit.load('{path}')" if fmt == "torchscript" else f"onnxruntime.InferenceSession('{path}')"
+        return f"load with {run}; {inside}"
     if fmt == "torchscript":
         return (
             f"load with torch.jit.load('{path}'); input N x 3 x H x W normalised, output N x {summary['num_features']}"
         )
     if fmt == "onnx":
         return f"run with onnxruntime.InferenceSession('{path}').run(None, {{'images': batch}}) (float32 N x 3 x H x W)"
+    hint = _timm_hint(summary, path, fmt)
+    if not readout:
+        return hint
+    feature = f"the image feature (what ssl knn reads) is the mean of its features over the {_grid(readout)}"
+    if summary["small_stem"] or summary.get("projector_layers"):
+        return f"{hint}; its .encoder is the encoder of one {readout['patch']} px patch, and {feature}"
+    # CPC v2: timm gives the patch encoder
+    return f"{hint}: the encoder of one {readout['patch']} px patch; {feature}: ssl_cli.load_backbone('{path}')"
+
+
+def _timm_hint(summary: dict, path: str, fmt: str) -> str:
     # ssl's own encoders (AMDIM's, CMC's) are in timm's registry once ssl_cli is imported
     first = "import ssl_cli, then " if summary["architecture"].startswith(OWN_ENCODER_PREFIXES) else ""
     if fmt == "hf":
@@ -85,6 +111,10 @@ def export(
         emit_json(summary)
         return
     shown = {**summary, "max_abs_diff": f"{summary['max_abs_diff']:.3g}", "tolerance": f"{summary['tolerance']:.3g}"}
+    if summary.get("readout"):
+        shown["readout"] = f"mean over the {_grid(summary['readout'])}"
+    if check := summary.get("readout_check"):
+        shown["readout_check"] = f"max abs difference {check['max_abs_diff']:.3g} ({check['verified_with']})"
     stdout.print(result_table("export", shown))
     err.print(
         f"checked with {summary['verified_with']}: max abs difference {summary['max_abs_diff']:.3g} "

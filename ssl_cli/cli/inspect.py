@@ -38,6 +38,18 @@ def _number(v: Any) -> str:
     return f"{v:,}" if isinstance(v, int) else str(v)
 
 
+def _image_feature(readout: dict[str, Any], fmt: str) -> str:
+    """How a CPC v2 file's image becomes its feature (``ssl_cli.artifacts.readout``)."""
+    g, p, s = readout.get("grid"), readout["patch"], readout["stride"]
+    where = (
+        "the file runs the whole readout" if fmt in ("torchscript", "onnx") else "timm loads the encoder of one patch"
+    )
+    return (
+        f"the mean of the encoder's pooled features over a {g}x{g} grid of {p} px patches {s} apart, each patch "
+        f"through the encoder alone (CPC v2's linear evaluation; {where})"
+    )
+
+
 def rows(info: dict[str, Any]) -> list[tuple[str, str]]:
     """The table's rows: only what the file says, in reading order."""
     r: list[tuple[str, str]] = [("file", info["path"])]
@@ -65,6 +77,8 @@ def rows(info: dict[str, Any]) -> list[tuple[str, str]]:
         r.append(("projector layers", f"{info['projector_layers']} (kept on top of the backbone)"))
     if info.get("num_features") is not None:
         r.append(("features", str(info["num_features"])))
+    if info.get("readout"):
+        r.append(("image feature", _image_feature(info["readout"], info["format"])))
     if info.get("epoch") is not None:
         of = f" of {info['epochs']}" if info.get("epochs") else ""
         step = f", step {info['step']:,}" if info.get("step") is not None else ""

@@ -5,6 +5,9 @@ A cache entry is one safetensors file ``<dir>/<key>.safetensors`` holding ``feat
 
 - the checkpoint's content (a hash of the file's bytes, not its name), whether ``--random-init`` replaced
   its weights and, when given, ``--output-view`` (CMC: which colour views' networks the features come from);
+- the readout, when the features are not the backbone's own output (CPC v2: the patch grid whose features are
+  averaged, ``ssl_cli.artifacts.readout``), so they never come from an entry of the same file read another way
+  (the whole image, before ``ssl`` read CPC v2 files by their grid);
 - the preprocessing: input size, mean and std;
 - the image set: for a folder, every image's resolved path, size and modification time, the labels and the
   class names; for images held in memory (demo data, torchvision sets), a hash of the pixels and labels;
@@ -66,6 +69,19 @@ def file_digest(path: str | Path) -> str:
         raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
     _DIGESTS[memo] = h.hexdigest()
     return _DIGESTS[memo]
+
+
+def model_id(
+    checkpoint: str | Path, meta: dict[str, Any], random_init: bool = False, output_view: str | None = None
+) -> dict[str, Any]:
+    """What names the features' model in the cache key: the file's SHA-256, ``random_init``, CMC's ``output_view``
+    when asked for, and the ``readout`` that ``load_backbone`` recorded in ``meta`` (CPC v2's patch grid)."""
+    ident: dict[str, Any] = {"checkpoint_sha256": file_digest(checkpoint), "random_init": bool(random_init)}
+    if output_view is not None:  # another view's features are other features of the same file
+        ident["output_view"] = output_view
+    if meta.get("readout"):  # the same weights read through a patch grid: other features
+        ident["readout"] = dict(meta["readout"])
+    return ident
 
 
 def _tensor_bytes(h: Any, t: Tensor) -> None:

@@ -27,7 +27,8 @@ from ssl_cli.artifacts.backbone import load_backbone
 from ssl_cli.artifacts.safetensors_io import atomic_save
 from ssl_cli.data import scan_folder
 from ssl_cli.errors import DataError, SSLError
-from ssl_cli.eval.cache import FeatureCache, file_digest, images_fingerprint
+from ssl_cli.eval.cache import FeatureCache, images_fingerprint
+from ssl_cli.eval.cache import model_id as cache_model_id
 from ssl_cli.eval.features import features_of
 
 EMBED_FORMAT = "ssl-embeddings/1"
@@ -143,7 +144,7 @@ def embed_folder(
         num_workers=num_workers,
         progress=progress,
         cache=cache,
-        model_id={"checkpoint_sha256": file_digest(checkpoint), "random_init": False} if cache else None,
+        model_id=cache_model_id(checkpoint, meta) if cache else None,
         images_id=images_id,
         name="data",
     )

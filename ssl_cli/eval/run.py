@@ -20,7 +20,8 @@ from ssl_cli.artifacts.backbone import load_backbone
 from ssl_cli.augment import train_eval_transform
 from ssl_cli.data import ImageSet, open_dataset
 from ssl_cli.errors import DataError, SSLError
-from ssl_cli.eval.cache import FeatureCache, file_digest, images_fingerprint
+from ssl_cli.eval.cache import FeatureCache, images_fingerprint
+from ssl_cli.eval.cache import model_id as cache_model_id
 from ssl_cli.eval.features import features_of, image_loader
 from ssl_cli.eval.knn import bank_dtype_for, knn_classify
 from ssl_cli.eval.linear import train_linear_probe
@@ -43,7 +44,7 @@ class EvalSetup:
     """Where features are looked up and stored; None: always extract (the images are then decoded in setup)."""
     model_id: dict[str, Any] | None = None
     """What names the weights in the cache key: the checkpoint's SHA-256, ``random_init`` and, when asked for, CMC's
-    ``output_view``."""
+    ``output_view``; CPC v2: the patch-grid readout (``ssl_cli.eval.cache.model_id``)."""
     fingerprints: dict[str, str] = field(default_factory=dict)
     """``train`` / ``val``: the image sets' fingerprints, taken before any decoding."""
     cached: dict[str, bool] = field(default_factory=dict)
@@ -87,9 +88,7 @@ def setup(
     if cache is None:
         train_set, val_set = train_set.cached("auto"), val_set.cached("auto")
     else:
-        model_id = {"checkpoint_sha256": file_digest(checkpoint), "random_init": bool(random_init)}
-        if output_view is not None:  # another view's features are other features of the same file
-            model_id["output_view"] = output_view
+        model_id = cache_model_id(checkpoint, meta, random_init, output_view)
         fingerprints = {"train": images_fingerprint(train_set), "val": images_fingerprint(val_set)}
     pre = meta["preprocessing"]
     return EvalSetup(

@@ -8,6 +8,11 @@ For a stock timm architecture::
 
 loads it; for a changed stem (``small_stem``), ``ssl_cli.load_backbone(out)`` rebuilds it.
 
+A CPC v2 checkpoint's export holds the same timm weights (timm gives the encoder of one patch) and records the
+patch grid in ``readout`` (metadata and JSON config): ``ssl_cli.load_backbone(out)`` returns the image feature the
+paper's linear evaluation reads, the mean of the pooled patch features over the grid (``ssl_cli.artifacts.readout``).
+``PreparedExport.model`` is that readout, so the TorchScript and ONNX exports hold it whole.
+
 ``export_backbone(ckpt, out, projector_layers=k)`` also keeps the first ``k`` layers of the method's MLP
 projector (each Linear with its normalisation and ReLU): SimCLR v2 fine-tunes from the middle of the
 projection head [0, Sec. 2]. The file then holds the backbone's timm keys plus ``projector.*`` keys, the
@@ -31,9 +36,17 @@ import ssl_cli
 from ssl_cli.artifacts.atomic import atomic_write_text
 from ssl_cli.artifacts.backbone import PROJECTOR_PREFIX, ProjectedBackbone, rebuild, select_output_view
 from ssl_cli.artifacts.checkpoint import EXPORT_FORMAT, FORMAT
+from ssl_cli.artifacts.readout import readout_of, with_readout
 from ssl_cli.artifacts.safetensors_io import atomic_save, read_safetensors
 from ssl_cli.artifacts.state import load_state
 from ssl_cli.errors import CheckpointError
+
+READOUT_CHANGE = (
+    "the weights are the encoder of one patch (timm.create_model loads it); the image feature is the mean of its "
+    "pooled features over the patch grid in 'readout' (patch px, stride apart, each patch alone): "
+    "ssl_cli.load_backbone(file) gives it"
+)
+"""``backbone.json``'s note on a CPC v2 export (``readout``)."""
 
 
 def head_spec(head: nn.Sequential) -> list[dict[str, Any]]:
@@ -173,6 +186,10 @@ def prepare_export(checkpoint: str | Path, projector_layers: int = 0, output_vie
         "config": config,
         "source": _source(meta),
     }
+    if readout := readout_of(meta, path):  # CPC v2: the weights stay timm's, the metadata records the grid
+        model = with_readout(model, readout)
+        export_meta["readout"] = config["readout"] = readout
+        config["readout_change"] = READOUT_CHANGE
     if head is not None:
         config["projector_layers"] = projector_layers
         config["projector_change"] = (
@@ -196,6 +213,7 @@ def write_safetensors_export(prepared: PreparedExport, out: Path) -> dict[str, A
         "num_features": config["num_features"],
         "small_stem": config["small_stem"],
         **({"projector_layers": prepared.projector_layers} if prepared.projector_layers else {}),
+        **({"readout": prepared.meta["readout"]} if prepared.meta.get("readout") else {}),
     }
 
 

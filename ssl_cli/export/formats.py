@@ -14,6 +14,12 @@ fails the check is deleted and the command fails; nothing is left under the requ
 - ``hf``: a folder in timm's Hugging Face hub layout (``ssl_cli.export.hf``).
 - ``safetensors``: ``ssl_cli.export.backbone.export_backbone`` (timm keys + ``.json`` config), checked too.
 
+A CPC v2 checkpoint's model is its image feature, the mean of the encoder's pooled features over the patch grid
+(``ssl_cli.artifacts.readout``): TorchScript and ONNX hold that whole readout (input N x 3 x S x S at the training
+size, the grid cut inside); safetensors and hf hold the timm weights of the patch encoder, with the grid in their
+metadata (``readout``), so ``ssl_cli.load_backbone`` gives the image feature again and timm the patch encoder; the
+hf check compares timm's model with the patch encoder and ``ssl_cli.load_backbone(folder)`` with the readout.
+
 The ``ssl`` metadata (backbone, preprocessing, how it was trained) travels inside every format: the
 safetensors header, a ``ssl.json`` extra file in the TorchScript archive, ``metadata_props["ssl"]`` in
 the ONNX model; ``ssl inspect`` reads it back.
@@ -345,6 +351,7 @@ def export_model(
         "timm_kwargs": config.get("timm_kwargs", {}),
         "input_size": prepared.meta["preprocessing"]["input_size"],
         **({"projector_layers": prepared.projector_layers} if prepared.projector_layers else {}),
+        **({"readout": prepared.meta["readout"]} if prepared.meta.get("readout") else {}),
         **details,
     }
     for key in ("backbone", "config", "weights"):  # the staging paths become the final ones

@@ -12,6 +12,10 @@ returns the backbone (timm >= 1.0 with ``local-dir:``), and the folder can be up
 Only stock timm architectures qualify: the CIFAR stem, GroupNorm + weight standardisation and projector
 layers are changes timm cannot rebuild from a config, so those are refused with the formats that do work.
 
+A CPC v2 checkpoint's folder holds its patch encoder: timm returns the feature of one patch, and
+``ssl_cli.load_backbone(folder)`` the image feature (the mean over the patch grid its metadata records in
+``readout``).
+
 Preprocessing: ``ssl`` evaluates with a bilinear resize of the short side to size / 0.875 and a centre crop,
 but images already at the input size are only cropped. ``crop_pct`` is therefore 0.875, except for inputs of
 at most 64 pixels (CIFAR-style recipes, trained and evaluated on images of their own size), where it is 1.0.
@@ -25,8 +29,9 @@ from typing import Any
 
 import timm
 
-from ssl_cli.artifacts.backbone import HF_WEIGHTS
+from ssl_cli.artifacts.backbone import HF_WEIGHTS, load_backbone
 from ssl_cli.artifacts.safetensors_io import atomic_save
+from ssl_cli.encoders.patch_grid import patch_encoder
 from ssl_cli.errors import CheckpointError
 from ssl_cli.export.backbone import PreparedExport
 from ssl_cli.export.checks import compare
@@ -61,7 +66,7 @@ def _global_pool(model) -> str | None:
 
 def hf_config(prepared: PreparedExport) -> dict[str, Any]:
     """``config.json`` in timm's hub format (what ``timm.models.load_model_config_from_path`` reads)."""
-    model, meta = prepared.model, prepared.meta
+    model, meta = patch_encoder(prepared.model), prepared.meta
     b, pre = meta["backbone"], meta["preprocessing"]
     timm_cfg = dict(getattr(model, "pretrained_cfg", None) or {})
     size = [int(v) for v in pre["input_size"]]
@@ -115,7 +120,13 @@ def write_hf(prepared: PreparedExport, folder: Path) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001 - timm could not rebuild it: the export is not usable
         first = (str(e).strip().splitlines() or [""])[0]
         raise CheckpointError(f"timm cannot load the written folder: {type(e).__name__}: {first}") from None
-    check = compare(
-        prepared.model, loaded, prepared.meta["preprocessing"]["input_size"], f"timm {timm.__version__} local-dir:"
-    )
-    return {"config": str(folder / "config.json"), "weights": str(folder / HF_WEIGHTS), **check}
+    size, what = prepared.meta["preprocessing"]["input_size"], f"timm {timm.__version__} local-dir:"
+    if not prepared.meta.get("readout"):
+        check = compare(prepared.model, loaded, size, what)
+        return {"config": str(folder / "config.json"), "weights": str(folder / HF_WEIGHTS), **check}
+    # CPC v2: timm gives the encoder of one patch (checked on patches); ssl_cli.load_backbone the image feature
+    patch = prepared.meta["readout"]["patch"]
+    check = compare(patch_encoder(prepared.model), loaded, [size[0], patch, patch], f"{what} (the patch encoder)")
+    readout = compare(prepared.model, load_backbone(folder), size, "ssl_cli.load_backbone (the patch-grid readout)")
+    files = {"config": str(folder / "config.json"), "weights": str(folder / HF_WEIGHTS)}
+    return {**files, **check, "readout_check": readout}

@@ -7,6 +7,9 @@
   hf``), a TorchScript archive or an ONNX file written by ``ssl export`` (their ``ssl`` metadata: the ``ssl.json``
   extra file, ``metadata_props["ssl"]``); an export also says how its weights were trained, where it knows.
 
+Both say how an image becomes its feature: ``readout`` is None for the backbone's own output, or CPC v2's patch grid
+whose pooled patch features are averaged (``ssl_cli.artifacts.readout``).
+
 A safetensors file is read through its header (``safe_open(...).metadata()`` and the tensor shapes); no tensor
 is loaded. Its data section is only hashed in place against the ``tensors_sha256`` it records
 (``ssl_cli.artifacts.integrity``: one pass over the bytes, ~0.1 s per 100 MB), so a file corrupted or edited after
@@ -28,6 +31,7 @@ from ssl_cli.artifacts.backbone import HF_WEIGHTS, PROJECTOR_PREFIX
 from ssl_cli.artifacts.checkpoint import EXPORT_FORMAT, FORMAT
 from ssl_cli.artifacts.integrity import verify_file
 from ssl_cli.artifacts.metadata import check_metadata
+from ssl_cli.artifacts.readout import readout_of
 from ssl_cli.errors import CheckpointError
 from ssl_cli.export.formats import ONNX_INSTALL, TORCHSCRIPT_META
 
@@ -181,6 +185,7 @@ def _export_info(meta: dict[str, Any], kind: str, info: dict[str, Any], path: Pa
     info["epoch"] = config.get("epoch")
     _trained(info, meta.get("source") or {})
     info["backbone"] = _backbone(meta, config.get("num_features"))
+    info["readout"] = readout_of(meta, path)
     if meta.get("projector"):
         proj = meta["projector"]
         info["projector_layers"] = proj.get("num_layers")
@@ -252,6 +257,7 @@ def describe(checkpoint: str | Path) -> dict[str, Any]:
         info["method"] = meta.get("method")
         _trained(info, meta)
         info["backbone"] = _backbone(meta, None)
+        info["readout"] = readout_of(meta, path)
         info["num_features"] = info["backbone"]["num_features"]
         info["model_tensors"] = sum(1 for k in shapes if k.startswith("model."))
         info["optimizer_state"] = any(k.startswith("optim.") for k in shapes)
@@ -278,7 +284,7 @@ def _finish(info: dict[str, Any]) -> dict[str, Any]:
     keys = (
         "path", "kind", "format", "format_version", "file_size", "ssl_version", "method", "recipe",
         "recipe_description", "backbone", "num_features", "projector_layers", "epoch", "epochs", "step", "data",
-        "metrics", "monitor", "preprocessing", "tensors_sha256",
+        "metrics", "monitor", "preprocessing", "readout", "tensors_sha256",
     )  # fmt: skip
     ordered = {k: info.get(k) for k in keys}
     ordered.update({k: v for k, v in info.items() if k not in ordered})

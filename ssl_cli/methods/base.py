@@ -64,6 +64,12 @@ class Method(nn.Module):
     def feature_dim(self) -> int:
         return int(self.backbone.num_features)
 
+    def feature_model(self) -> nn.Module:
+        """The module whose output is an image's feature, as ``ssl knn`` / ``probe`` / ``export`` read it from this
+        run's checkpoints (``ssl_cli.load_backbone``): the backbone itself, unless a method reads its features another
+        way (CPC v2: the mean over a patch grid). The online kNN monitor reads it; it shares the backbone's weights."""
+        return self.backbone
+
     def bind_data(self, num_samples: int, labels: torch.Tensor | None) -> None:
         """Called once with the training set's size and labels (None when unlabeled), before any state is loaded.
 

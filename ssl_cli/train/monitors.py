@@ -10,8 +10,9 @@
   ``online_val_top1`` / ``online_val_top5``.
 * **kNN** every ``monitor.knn.every`` epochs (and at the last): weighted kNN [1] (cosine, votes
   ``exp(sim / T)``, ``monitor.knn.k`` neighbours) of the held-out images' features against the training images'
-  features, both from the backbone in eval mode on un-augmented images, as ``ssl knn`` computes it; logged as
-  ``knn_top1`` / ``knn_top5``.
+  features, both from the backbone in eval mode on un-augmented images, read as ``ssl knn`` reads them from the
+  run's checkpoints (``Method.feature_model``: the backbone's output; CPC v2: the mean of its patch grid's features);
+  logged as ``knn_top1`` / ``knn_top5``. The online classifier's held-out figures are on those features too.
 
 [0] solo-learn, da Costa et al. 2022, JMLR 23(56) (``BaseMethod``'s online classifier).
 [1] Wu et al. 2018, arXiv:1805.01978 (InstDisc), as in DINO's ``eval_knn``.
@@ -104,13 +105,12 @@ class OnlineMonitors:
         transform = eval_transform(size, self.recipe.data.mean, self.recipe.data.std)
         workers = resolve_workers(self.recipe.data.num_workers)
         was_training = method.training
+        model = method.feature_model()  # what ``ssl knn`` reads from the run's checkpoints
         try:
             train_f, train_y = extract_features(
-                method.backbone, image_loader(self.train, transform, EVAL_BATCH_SIZE, workers), device
+                model, image_loader(self.train, transform, EVAL_BATCH_SIZE, workers), device
             )
-            val_f, val_y = extract_features(
-                method.backbone, image_loader(self.val, transform, EVAL_BATCH_SIZE, workers), device
-            )
+            val_f, val_y = extract_features(model, image_loader(self.val, transform, EVAL_BATCH_SIZE, workers), device)
         finally:
             method.train(was_training)
         k, temperature = self.config.knn.k, self.config.knn.temperature

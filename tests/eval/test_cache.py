@@ -95,6 +95,28 @@ def test_key_follows_checkpoint_bytes_images_and_preprocessing_only(world, tmp_p
     assert images_fingerprint(changed) != images_fingerprint(demo)
 
 
+def test_a_backbone_read_whole_keeps_its_model_and_its_key(world, tmp_path: Path) -> None:
+    """A file that is not CPC v2's (no patch-grid readout): ``load_backbone`` gives the timm model itself, its
+    features are the model's on the whole image, and the key's model is what it always was (old entries stay valid;
+    tests/methods/test_cpcv2.py: a CPC v2 file's key names its grid)."""
+    import timm
+
+    from ssl_cli.backbones import build_backbone
+    from ssl_cli.config.schema import BackboneConfig
+
+    s = setup(str(world.ckpt), str(world.train), str(world.val), "cpu", cache=FeatureCache(tmp_path))
+    assert isinstance(s.model, timm.models.ResNet) and "readout" not in s.meta
+    assert s.model_id == {"checkpoint_sha256": file_digest(world.ckpt), "random_init": False}
+    torch.manual_seed(0)
+    model = build_backbone(BackboneConfig(name="test_resnet")).eval()  # tiny_checkpoint's weights
+    expected, _ = direct_features(world.ckpt, world.train)
+    got = features(s, s.train, 8, 0)[0]
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(s.model(x), model(x))
+
+
 def test_cache_dir_honours_xdg_cache_home(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert default_cache_dir() == tmp_path / "ssl" / "features"

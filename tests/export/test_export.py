@@ -134,6 +134,9 @@ def test_export_json_config(stock) -> None:
         meta = f.metadata()
     assert meta["format"] == EXPORT_FORMAT
     assert json.loads(meta["config"]) == config
+    # read whole: no patch-grid readout (CPC v2's: tests/methods/test_cpcv2.py), the timm model itself
+    assert "readout" not in config and "readout" not in meta and "readout" not in stock.summary
+    assert isinstance(ssl_cli.load_backbone(str(stock.export)), timm.models.ResNet)
 
 
 def test_timm_loads_the_export_with_identical_features(stock) -> None:

@@ -1,9 +1,12 @@
 """CPC v2 (Henaff et al. 2019, arXiv:1905.09272): the loss against a direct re-derivation, the context network's mask,
-patch extraction against explicit slicing, gradients into the encoder, and break-it checks."""
+patch extraction against explicit slicing, gradients into the encoder, and break-it checks; the paper's readout (the
+mean of the pooled patch features over the grid) in every evaluation of a CPC v2 file: ``ssl knn`` / ``probe``
+(``--random-init`` too), the feature cache, the exports, ``ssl inspect`` and the online kNN monitor."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -295,4 +298,314 @@ def test_resumed_run_is_exact_and_the_export_loads_into_timm(tmp_path) -> None:
         pretrained_cfg_overlay={"file": str(out)},
     ).eval()
     x = torch.randn(2, 3, 32, 32)
-    assert torch.equal(model(x), load_backbone(str(out)).eval()(x))
+    loaded = load_backbone(str(out))  # the patch-grid readout around the same timm encoder
+    assert torch.equal(model(x), loaded.encoder(x)) and torch.allclose(loaded(x), _grid_mean(model, x, 8, 4), atol=1e-5)
+
+
+# --- the paper's readout: the mean of the pooled patch features over the grid --------------------------------------
+
+CPC_RUN = [
+    *TINY,
+    ("method.grid", 3),  # 16 px patches 8 apart at 32 px, not the default 8 / 4: the recipe's grid must be read
+    ("method.steps_to_ignore", 1),
+    ("method.steps_to_predict", 2),
+    ("method.context_dim", 16),
+    ("train.batch_size", 8),
+]
+
+
+def _grid_mean(encoder: torch.nn.Module, x: torch.Tensor, patch: int, stride: int) -> torch.Tensor:
+    """The paper's feature written out: each patch cut by slicing, through ``encoder`` alone, averaged over the grid."""
+    rows, cols = (x.shape[2] - patch) // stride + 1, (x.shape[3] - patch) // stride + 1
+    with torch.no_grad():
+        cells = [
+            encoder(x[:, :, i * stride : i * stride + patch, j * stride : j * stride + patch])
+            for i in range(rows)
+            for j in range(cols)
+        ]
+    return torch.stack(cells).mean(0)
+
+
+def _pixels(folder: str, meta: dict) -> torch.Tensor:
+    """A folder's 32x32 images in ImageFolder order, normalised as the file's preprocessing says (no resize, no
+    augmentation)."""
+    import numpy as np
+    from PIL import Image
+
+    paths = sorted(Path(folder).rglob("*.png"))
+    x = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB"), dtype=np.float32)) for p in paths])
+    mean, std = (torch.tensor(meta["preprocessing"][k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+    return (x.permute(0, 3, 1, 2) / 255 - mean) / std
+
+
+def _encoder(ckpt: Path, random_init: bool = False) -> torch.nn.Module:
+    """The run's timm encoder, built without ``load_backbone``: the method's backbone with the checkpoint's weights,
+    or the architecture from torch seed 0 (``--random-init``)."""
+    from ssl_cli.artifacts.checkpoint import read_checkpoint
+    from ssl_cli.backbones import build_backbone
+
+    loaded = read_checkpoint(ckpt)
+    if random_init:
+        torch.manual_seed(0)
+        return build_backbone(loaded.recipe.backbone).eval()
+    method = build_method(loaded.recipe)
+    missing, _ = method.load_state_dict(loaded.section("model"), strict=False)  # online classifier: unexpected
+    assert not missing
+    return method.backbone.eval()
+
+
+def _knn_features(ckpt: Path, run, split: str = "train", **kwargs) -> tuple[torch.Tensor, object]:
+    """What ``ssl knn`` reads (``setup`` + ``features``, as the command calls them) and its setup."""
+    from ssl_cli.eval.run import features, setup
+
+    s = setup(str(ckpt), run.train, run.val, "cpu", **kwargs)
+    return features(s, getattr(s, split), batch_size=256, num_workers=0)[0], s
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny CPC v2 run (3x3 grid of 16 px patches at 32 px) with the online monitors, 16 training images."""
+    from helpers import tiny_toolkit_run
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return tiny_toolkit_run(tmp_path_factory.mktemp("cpc"), load_recipe("cpcv2", CPC_RUN))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_patch_grid_features_are_the_mean_of_each_patch_through_the_encoder_alone() -> None:
+    from ssl_cli.encoders.patch_grid import PatchGridFeatures
+
+    encoder = tiny_method("cpcv2").backbone.eval()
+    model = PatchGridFeatures(encoder, 16, 8).eval()
+    assert model.num_features == encoder.num_features and model.readout() == {"type": "patch_grid", "patch": 16,
+                                                                              "stride": 8}  # fmt: skip
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        grid, got, whole = model.forward_features(x), model(x), encoder(x)
+    assert grid.shape == (2, encoder.num_features, 3, 3)
+    assert torch.allclose(grid[1, :, 2, 0], encoder(x[1:2, :, 16:32, 0:16])[0], atol=1e-5)
+    assert torch.allclose(got, _grid_mean(encoder, x, 16, 8), atol=1e-5)
+    assert not torch.allclose(got, whole, atol=1e-2)  # not the whole image's pooled map
+    # another input size: the same patches, as many rows and columns as fit (here 4 x 2)
+    other = torch.randn(1, 3, 40, 24, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert model.forward_features(other).shape[2:] == (4, 2)
+        assert torch.allclose(model(other), _grid_mean(encoder, other, 16, 8), atol=1e-5)
+    for bad in ((33, 32), (32, 12)):  # a border the grid does not cover; a side shorter than a patch
+        assert_one_line_error(
+            "not covered by 16 px patches 8 apart; give sides of 16 \\+ n x 8 px",
+            model,
+            torch.randn(1, 3, *bad),
+            error=ValueError,
+        )
+
+
+def test_the_grid_lives_in_the_encoders_layer() -> None:
+    """``ssl_cli.encoders`` imports nothing above it; ``ssl_cli.augment.patches`` re-exports the grid from it."""
+    import re
+
+    import ssl_cli.augment.patches as augment_patches_module
+    import ssl_cli.encoders.patch_grid as patch_grid
+
+    assert augment_patches_module.extract_patches is patch_grid.extract_patches
+    assert augment_patches_module.grid_size is patch_grid.grid_size
+    for source in Path(patch_grid.__file__).parent.glob("*.py"):
+        assert not re.findall(r"^\s*(?:from|import) ssl_cli\.(?!encoders\b)", source.read_text(), re.M), source
+
+
+def _cpc_meta(fmt: str = "ssl-checkpoint/1", **method) -> dict:
+    recipe = {"method": {"name": "cpcv2", "grid": 7, "patch_size": None, "patch_stride": None, **method},
+              "views": [{"size": 32}]}  # fmt: skip
+    meta = {"format": fmt, "preprocessing": {"input_size": [3, 32, 32]}, "backbone": {"name": "test_resnet"}}
+    return {**meta, "recipe": recipe} if fmt == "ssl-checkpoint/1" else {**meta, "source": {"recipe": recipe}}
+
+
+@pytest.mark.parametrize(
+    "overrides, want",
+    [
+        ((), (8, 4, 7)),
+        ((("method.grid", 3), ("method.steps_to_ignore", 1), ("method.steps_to_predict", 2)), (16, 8, 3)),
+        ((("method.patch_size", 8), ("method.patch_stride", 8)), (8, 8, 4)),
+    ],
+)
+def test_the_readout_is_the_training_grid_of_the_recipe(overrides, want) -> None:
+    """The grid ``load_backbone`` derives from a checkpoint's recipe is the one the method trained on."""
+    from ssl_cli.artifacts.readout import readout_of
+
+    m = tiny_method("cpcv2", *overrides)
+    meta = {"format": "ssl-checkpoint/1", "recipe": m.recipe.to_dict(), "preprocessing": {"input_size": [3, 32, 32]}}
+    assert readout_of(meta) == {"type": "patch_grid", "patch": want[0], "stride": want[1], "grid": want[2]}
+    assert (m.patch, m.stride, m.grid) == want
+    assert m.feature_model().readout() == {"type": "patch_grid", "patch": want[0], "stride": want[1]}
+
+
+def test_readout_of_reads_the_recorded_grid_first_and_refuses_a_grid_that_does_not_fit() -> None:
+    from ssl_cli.artifacts.metadata import check_metadata
+    from ssl_cli.artifacts.readout import readout_of
+    from ssl_cli.errors import CheckpointError
+
+    assert readout_of(_cpc_meta(grid=3))["patch"] == 16
+    assert readout_of(_cpc_meta("ssl-backbone/1", grid=3))["patch"] == 16  # an older export: its source recipe
+    recorded = {**_cpc_meta("ssl-backbone/1", grid=3), "readout": {"type": "patch_grid", "patch": 8, "stride": 8}}
+    assert readout_of(recorded) == {"type": "patch_grid", "patch": 8, "stride": 8, "grid": 4}
+    simclr = _cpc_meta()
+    simclr["recipe"]["method"]["name"] = "simclr"
+    assert readout_of(simclr) is None and readout_of({"format": "ssl-backbone/1"}) is None
+    assert_one_line_error("f.safetensors: metadata recipe: cannot tell the CPC v2 patch grid", readout_of,
+                          _cpc_meta(grid=5), "f.safetensors", error=CheckpointError)  # fmt: skip
+    recorded["readout"] = {"type": "patch_grid", "patch": 16, "stride": 5}
+    assert_one_line_error("metadata readout: 16 px patches 5 apart do not cover the 32 px input", readout_of,
+                          recorded, error=CheckpointError)  # fmt: skip
+    recorded["readout"] = {"type": "image_crops", "patch": 16, "stride": 8}
+    assert_one_line_error("metadata readout.type", check_metadata, recorded, "f", error=CheckpointError)
+
+
+def test_knn_reads_the_mean_of_the_trained_encoders_patch_features(run) -> None:
+    from helpers import EVAL, invoke, one_json
+
+    import ssl_cli
+    from ssl_cli.encoders.patch_grid import PatchGridFeatures
+
+    got, s = _knn_features(run.ckpt, run)
+    assert isinstance(s.model, PatchGridFeatures) and s.meta["readout"] == {"type": "patch_grid", "patch": 16,
+                                                                            "stride": 8, "grid": 3}  # fmt: skip
+    encoder, x = _encoder(run.ckpt), _pixels(run.train, s.meta)
+    assert torch.allclose(got, _grid_mean(encoder, x, 16, 8), atol=1e-5)
+    with torch.no_grad():
+        assert not torch.allclose(got, encoder(x), atol=1e-2)  # the whole image through the encoder: another feature
+        assert torch.allclose(ssl_cli.load_backbone(str(run.ckpt))(x), got, atol=1e-5)
+    result = one_json(invoke("knn", run.ckpt, "--train", run.train, "--val", run.val, "--k", "3", "--json",
+                             "--no-cache", *EVAL))  # fmt: skip
+    assert result["readout"] == s.meta["readout"]
+
+
+def test_random_init_reads_the_same_grid(run) -> None:
+    from ssl_cli.encoders.patch_grid import PatchGridFeatures
+
+    got, s = _knn_features(run.ckpt, run, random_init=True)
+    assert isinstance(s.model, PatchGridFeatures) and s.meta["readout"]["patch"] == 16
+    encoder, x = _encoder(run.ckpt, random_init=True), _pixels(run.train, s.meta)
+    assert torch.allclose(got, _grid_mean(encoder, x, 16, 8), atol=1e-5)
+    with torch.no_grad():
+        assert not torch.allclose(got, encoder(x), atol=1e-2)
+    assert not torch.allclose(got, _knn_features(run.ckpt, run)[0], atol=1e-2)  # random weights, not the trained
+
+
+def test_the_cache_never_serves_a_whole_image_entry_of_the_same_file(run, tmp_path: Path) -> None:
+    """An entry ``ssl knn`` wrote before CPC v2 files were read by their grid (the same file, its whole-image features)
+    sits under the key without a readout: the grid's features are extracted, not read from it."""
+    from ssl_cli.data import scan_folder
+    from ssl_cli.eval.cache import FeatureCache, feature_key, file_digest, images_fingerprint
+    from ssl_cli.eval.run import setup
+
+    cache = FeatureCache(tmp_path)
+    s = setup(str(run.ckpt), run.train, run.val, "cpu", cache=cache)  # nothing extracted yet
+    legacy = {"checkpoint_sha256": file_digest(run.ckpt), "random_init": False}  # the key's model before
+    assert s.model_id == {**legacy, "readout": s.meta["readout"]}
+    pre = {"size": s.size, "mean": s.mean, "std": s.std}
+    x = _pixels(run.train, s.meta)
+    with torch.no_grad():
+        whole = _encoder(run.ckpt)(x)
+    cache.save(feature_key(legacy, pre, images_fingerprint(scan_folder(Path(run.train)))), whole, s.train.labels, {})
+    got, s = _knn_features(run.ckpt, run, cache=cache)
+    assert s.cached["train"] is False and torch.allclose(got, _grid_mean(_encoder(run.ckpt), x, 16, 8), atol=1e-5)
+    again, s = _knn_features(run.ckpt, run, cache=cache)
+    assert s.cached["train"] is True and torch.equal(again, got)  # the grid's own entry
+    random_init = _knn_features(run.ckpt, run, cache=cache, random_init=True)[1]
+    assert random_init.model_id["readout"] == s.meta["readout"] and random_init.cached["train"] is False
+
+
+def test_the_online_knn_monitor_reads_what_ssl_knn_reads(run, monkeypatch) -> None:
+    """The monitor's features of the training images, with the checkpoint's weights, are ``ssl knn``'s."""
+    import ssl_cli.train.monitors as monitors
+    from ssl_cli.artifacts.checkpoint import read_checkpoint
+    from ssl_cli.data import open_dataset
+
+    loaded = read_checkpoint(run.ckpt)
+    method = build_method(loaded.recipe)
+    method.load_state_dict(loaded.section("model"), strict=False)
+    seen = {}
+    knn = monitors.knn_classify
+
+    def spy(train_f, *args, **kwargs):
+        seen["train"] = train_f
+        return knn(train_f, *args, **kwargs)
+
+    monkeypatch.setattr(monitors, "knn_classify", spy)
+    train, val = open_dataset(run.train), open_dataset(run.val, role="eval")
+    record = monitors.OnlineMonitors(loaded.recipe, train, val).evaluate(method.train(), torch.device("cpu"))
+    assert 0 <= record["knn_top1"] <= 1 and method.training  # the method back in training mode
+    assert torch.allclose(seen["train"], _knn_features(run.ckpt, run)[0], atol=1e-5)
+
+
+def test_the_export_records_the_grid_and_keeps_timms_weights(run, tmp_path: Path) -> None:
+    import json
+
+    import timm
+    from helpers import invoke, one_json, wide_invoke
+
+    import ssl_cli
+    from ssl_cli.encoders.patch_grid import PatchGridFeatures
+
+    out = tmp_path / "backbone.safetensors"
+    result = wide_invoke("export", run.ckpt, "--out", out)
+    assert result.exit_code == 0, result.stderr
+    hint = " ".join(result.stderr.split())
+    assert "norm_layer='groupnorm1'" in hint and "the encoder of one 16 px patch" in hint
+    assert f"3x3 grid of 16 px patches 8 apart: ssl_cli.load_backbone('{out}')" in hint
+    config = json.loads(out.with_suffix(".json").read_text())
+    readout = {"type": "patch_grid", "patch": 16, "stride": 8, "grid": 3}
+    assert config["readout"] == readout and "timm.create_model loads it" in config["readout_change"]
+    encoder = _encoder(run.ckpt)
+    from_timm = timm.create_model("test_resnet", num_classes=0, norm_layer="groupnorm1", pretrained=True,
+                                  pretrained_cfg_overlay={"file": str(out)}).eval()  # fmt: skip
+    reloaded, meta = ssl_cli.artifacts.backbone.load_backbone(out, with_meta=True)
+    assert isinstance(reloaded, PatchGridFeatures) and meta["readout"] == readout
+    assert set(reloaded.encoder.state_dict()) == set(from_timm.state_dict())
+    x = _pixels(run.val, meta)
+    with torch.no_grad():
+        assert torch.equal(from_timm(x), encoder(x)) and torch.equal(reloaded.encoder(x), encoder(x))
+        assert torch.equal(reloaded(x), ssl_cli.load_backbone(str(run.ckpt))(x))
+    assert torch.equal(_knn_features(out, run)[0], _knn_features(run.ckpt, run)[0])
+    for path in (run.ckpt, out):  # ssl inspect says how an image becomes its feature
+        assert one_json(invoke("inspect", path, "--json"))["readout"] == readout
+        table = " ".join(wide_invoke("inspect", path).stdout.replace("│", " ").split())
+        assert "image feature the mean of the encoder's pooled features over a 3x3 grid of 16 px patches 8" in table
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx", "hf"])
+def test_the_other_formats_export_the_readout(run, tmp_path: Path, fmt: str) -> None:
+    """TorchScript and ONNX hold the whole readout (the grid cut inside); an hf folder holds the patch encoder for timm
+    and the grid for ``ssl_cli.load_backbone``."""
+    import timm
+
+    import ssl_cli
+    from ssl_cli.export.formats import export_model
+
+    out = tmp_path / {"torchscript": "b.pt", "onnx": "b.onnx", "hf": "hf"}[fmt]
+    summary = export_model(run.ckpt, out)
+    assert summary["readout"]["patch"] == 16 and summary["max_abs_diff"] <= summary["tolerance"]
+    x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(8))
+    reference = ssl_cli.load_backbone(str(run.ckpt))
+    with torch.no_grad():
+        want = reference(x)
+        if fmt == "torchscript":
+            got = torch.jit.load(str(out))(x)
+        elif fmt == "onnx":
+            import onnxruntime
+
+            session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+            got = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+        else:
+            assert summary["readout_check"]["max_abs_diff"] <= summary["readout_check"]["tolerance"]
+            from_timm = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+            assert torch.equal(from_timm(x), reference.encoder(x))  # timm: the patch encoder
+            got = ssl_cli.load_backbone(str(out))(x)
+    assert got.shape == want.shape and (got - want).abs().max() <= 1e-4
+    from helpers import invoke, one_json
+
+    assert one_json(invoke("inspect", out, "--json"))["readout"] == summary["readout"]  # ssl inspect says so too

@@ -143,9 +143,10 @@ METHODS["deepclusterv2-cifar"] = (
     0.02,
 )
 # CPC v2 (the recipe's 7x7 grid of 8 px patches at 32 px, colour dropping and flips per patch, a 64-wide context
-# network, AdamW lr 2e-3): +0.047 / +0.020 over random (0.153) on seeds 0 / 1 (seed 2 not measured). kNN reads the
-# whole image through the patch-trained encoder. 49 patches per image make it the slowest case here (11-14 min on 2
-# CPU cores shared with other jobs at a load of 9)
+# network, AdamW lr 2e-3): +0.047 / +0.020 over random (0.153) on seeds 0 / 1 (seed 2 not measured), measured when kNN
+# read the whole image through the patch-trained encoder; kNN (and --random-init) now read the paper's feature, the
+# mean of the 7x7 grid's patch features (not re-measured on this budget). 49 patches per image make it the slowest
+# case here (11-14 min on 2 CPU cores shared with other jobs at a load of 9)
 METHODS["cpcv2"] = ([("method.context_dim", 64), ("optim.lr", 2e-3)], 0.01)
 
 # CMC (the recipe's one crop split into L and ab, no jitter, memory banks, NCE at tau 0.07) with 256 noise entries of
