@@ -672,7 +672,7 @@ def test_the_ceiling_runs_every_views_network_whatever_the_encoder_outputs() -> 
         method = build_method(recipe).train()
         method.bind_data(16, None)
         views = [torch.rand(8, 3, 32, 32)]
-        calls = record_encoder_calls(method, lambda m=method: m(views, 0, torch.arange(8)).loss.backward())
+        calls = record_encoder_calls(method, lambda m=method, v=views: m(v, 0, torch.arange(8)).loss.backward())
         assert [c.options for c in calls] == [(("all_views", True),)]
         flops[view] = count_flops(replay_step(method, calls, torch.device("cpu"), "fp32"))
     assert flops["L"] == flops["all"]

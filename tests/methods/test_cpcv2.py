@@ -127,7 +127,9 @@ def test_the_loss_is_the_same_with_a_grid_of_any_shape() -> None:
         z = torch.rot90(square, ROTATIONS[d], dims=(2, 3))
         t = torch.rot90(loss.targets(square), ROTATIONS[d], dims=(2, 3))
         ctx = loss.context[d](z)
-        part = sum(info_nce_step(p(ctx) * loss.emb_scale, t, k) for p, k in zip(loss.predictors[d], loss.steps))
+        part = sum(
+            info_nce_step(p(ctx) * loss.emb_scale, t, k) for p, k in zip(loss.predictors[d], loss.steps, strict=True)
+        )
         assert torch.allclose(parts[f"loss_{d}"], part, atol=1e-10), d
         by_network = by_network + part
     assert torch.allclose(total, by_network, atol=1e-10)

@@ -291,7 +291,10 @@ def test_adam_adds_the_decay_to_the_gradient_and_adamw_decouples_it():
     ``adam`` feeds g + wd w to the moments, ``adamw`` shrinks w by lr wd w beside the moments of g alone."""
     lr, wd, (b1, b2), eps = 0.01, 0.1, (0.8, 0.999), 1e-8
     # gradients against the weights' signs and smaller than wd w: Adam's L2 term turns the first step around
-    g = [torch.tensor([[-0.05, 0.1, -0.02]], dtype=torch.float64), torch.tensor([[0.01, 0.03, -0.2]], dtype=torch.float64)]
+    g = [
+        torch.tensor([[-0.05, 0.1, -0.02]], dtype=torch.float64),
+        torch.tensor([[0.01, 0.03, -0.2]], dtype=torch.float64),
+    ]
     moved = {}
     for name in ("adam", "adamw"):
         w = nn.Parameter(torch.tensor([[1.0, -2.0, 3.0]], dtype=torch.float64))
