@@ -22,7 +22,6 @@ from ssl_cli.encoders.patch_grid import extract_patches, grid_size
 __all__ = [
     "PatchDraws",
     "apply_patch_augmentation",
-    "augment_patches",
     "draw_patch_augmentation",
     "extract_patches",
     "grid_size",
@@ -62,12 +61,3 @@ def apply_patch_augmentation(patches: torch.Tensor, draws: PatchDraws) -> torch.
         mask = torch.where(drop[:, None], channel_mask, torch.ones_like(channel_mask))
         patches = patches * mask[:, :, None, None]
     return patches
-
-
-def augment_patches(
-    patches: torch.Tensor, hflip_prob: float, color_drop_prob: float, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """Flip each patch of ``M x C x p x p`` with ``hflip_prob`` and drop two of its three channels with
-    ``color_drop_prob``, each patch drawn on its own (``draw_patch_augmentation`` then ``apply_patch_augmentation``)."""
-    draws = draw_patch_augmentation((patches.shape[0],), hflip_prob, color_drop_prob, generator)
-    return apply_patch_augmentation(patches, draws)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import TINY, assert_one_line_error, tiny_method
-from ssl_cli.augment.patches import augment_patches, extract_patches, grid_size
+from ssl_cli.augment.patches import apply_patch_augmentation, draw_patch_augmentation, extract_patches, grid_size
 from ssl_cli.config import load_recipe
 from ssl_cli.losses.cpc import ROTATIONS, ContextNetwork, CPCLoss, contexts_at_once, info_nce_step
 from ssl_cli.train.pretrain import build_method
@@ -169,12 +169,12 @@ def test_patch_extraction_matches_explicit_slicing() -> None:
 def test_patch_augmentation_flips_and_drops_channels_per_patch() -> None:
     patches = torch.randn(400, 3, 4, 4)
     g = torch.Generator().manual_seed(0)
-    out = augment_patches(patches, 0.5, 1.0, generator=g)
+    out = apply_patch_augmentation(patches, draw_patch_augmentation((400,), 0.5, 1.0, g))
     kept = (out.abs().flatten(2).sum(2) > 0).sum(1)
     assert (kept == 1).all()  # two of three channels dropped in every patch
     same = torch.tensor([torch.allclose(out[i], patches[i] * (out[i] != 0)) for i in range(400)])
     assert 0.3 < same.float().mean() < 0.7  # about half the patches unflipped
-    assert torch.equal(augment_patches(patches, 0.0, 0.0), patches)
+    assert torch.equal(apply_patch_augmentation(patches, draw_patch_augmentation((400,), 0.0, 0.0)), patches)
 
 
 def test_patch_draws_are_the_global_batchs_rows_of_one_draw_per_step(monkeypatch) -> None:
