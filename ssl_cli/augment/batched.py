@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +85,23 @@ class ColourParams:
         return ColourParams(*(getattr(self, f.name)[start:stop] for f in fields(self)))
 
 
+Params = TypeVar("Params", ViewParams, ColourParams, RandAugmentParams)
+
+
+def cat_params(parts: Sequence[Params]) -> Params:
+    """The parameters of several views' images one after the other (the ``count`` views of one ``[[views]]`` entry,
+    augmented as one batch)."""
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+
+    def joined(name: str) -> Any:
+        values = [getattr(p, name) for p in parts]
+        return torch.cat(values) if isinstance(values[0], torch.Tensor) else cat_params(values)
+
+    return type(first)(*(joined(f.name) for f in fields(first)))
+
+
 def crop_boxes(
     n: int,
     height: int,
@@ -123,9 +141,10 @@ def crop_boxes(
 
 
 def resized_crop(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
-    """Crop ``boxes`` (N x 4: top, left, height, width) out of float ``images`` and resize each to size x size."""
+    """Crop ``boxes`` (M x 4: top, left, height, width) out of float ``images`` (N, M a multiple of N: box i is cut
+    from image i mod N, so several views' boxes come out one after the other) and resize each to size x size."""
     top, left, h, w = boxes.to(images.device, images.dtype).unbind(1)
-    index = torch.arange(len(images), device=images.device, dtype=images.dtype)
+    index = (torch.arange(len(boxes), device=images.device) % max(1, len(images))).to(images.dtype)
     rois = torch.stack([index, left, top, left + w, top + h], 1)
     return roi_align(images, rois, (size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
 
@@ -137,26 +156,29 @@ def grayscale(images: torch.Tensor) -> torch.Tensor:
 
 
 def adjust_hue(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """Per-image hue shift (``factor``: N values in [-0.5, 0.5]) through HSV, as torchvision's ``adjust_hue``."""
-    maxc, minc = images.amax(1), images.amin(1)
-    r, g, b = images.unbind(1)
-    delta = maxc - minc
-    flat = delta == 0  # grey pixels: hue and saturation 0 (keeps NaN out)
-    s = delta / torch.where(flat, torch.ones_like(maxc), maxc)
-    d = torch.where(flat, torch.ones_like(delta), delta)
-    h = torch.where(maxc == r, (g - b) / d, torch.where(maxc == g, 2.0 + (b - r) / d, 4.0 + (r - g) / d))
-    h = torch.where(flat, torch.zeros_like(h), h)
-    h = (h / 6.0 + factor.view(-1, 1, 1)).remainder(1.0)
-    # HSV -> RGB: channel n in (R, G, B) = v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6 h) mod 6, n = 5, 3, 1
-    k = (torch.tensor([5.0, 3.0, 1.0], device=images.device).view(1, 3, 1, 1) + 6.0 * h.unsqueeze(1)).remainder(6.0)
-    v = maxc.unsqueeze(1)
-    return (v - v * s.unsqueeze(1) * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)).clamp(0.0, 1.0)
+    """Per-image hue shift (``factor``: N values in [-0.5, 0.5]) through HSV, as torchvision's ``adjust_hue``.
+
+    A hue shift keeps each pixel's value V = max and chroma C = max - min (V x S), so the round trip is done in
+    those terms: the hue in sixths of the circle, h6 = (g - b) / C where red is largest, 2 + (b - r) / C where green,
+    else 4 + (r - g) / C, turned by 6 x factor, and channel n in (R, G, B) = V - C clamp(min(k, 4 - k), 0, 1) with
+    k = (n + h6) mod 6, n = 5, 3, 1. Grey pixels (C = 0) come back unchanged.
+    """
+    maxc, minc = images.amax(1, keepdim=True), images.amin(1, keepdim=True)
+    r, g, b = images.split(1, dim=1)
+    chroma = maxc - minc
+    red, green = maxc == r, maxc == g
+    rise = torch.where(red, g - b, torch.where(green, b - r, r - g))  # 0 on grey pixels: r = g = b
+    sextant = torch.where(red, 0.0, torch.where(green, 2.0, 4.0)) + 6.0 * factor.view(-1, 1, 1, 1).to(images)
+    h6 = rise.div_(chroma.clamp_min(torch.finfo(images.dtype).tiny)).add_(sextant)
+    k = (h6 + torch.tensor([5.0, 3.0, 1.0], device=images.device).view(1, 3, 1, 1)).remainder_(6.0)
+    return maxc - chroma * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
 
 
-def color_jitter(
+def color_jitter_(
     images: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, apply: torch.Tensor, hue: bool = True
 ) -> torch.Tensor:
-    """torchvision's ``ColorJitter`` with per-image factors (N x 4) and op order (N x 4), where ``apply`` (N bool).
+    """torchvision's ``ColorJitter`` with per-image factors (N x 4) and op order (N x 4), where ``apply`` (N bool),
+    in place on float ``images`` (returned).
 
     Brightness, contrast and saturation are the blend ``clamp(f x + (1 - f) ref, 0, 1)`` with ref 0, the mean of
     the image's grayscale, and the grayscale; the ops at one position of the order are done together as one blend
@@ -166,30 +188,32 @@ def color_jitter(
     n, device = len(images), images.device
     for position in range(4):
         op = order[:, position]
-        op4 = op.to(device).view(n, 1, 1, 1)
-        gray = grayscale(images)
-        ref = torch.where(op4 == 0, 0.0, torch.where(op4 == 1, gray.mean((1, 2, 3), keepdim=True), gray))
         f = factors.gather(1, op.clamp(max=2).view(n, 1))[:, 0]
         f = torch.where(apply & (op < 3), f, 1.0).to(device).view(n, 1, 1, 1)  # f = 1: exactly the identity
-        images = (images * f + ref * (1.0 - f)).clamp(0.0, 1.0)
+        ref = None  # brightness blends towards black
+        if (apply & (op > 0) & (op < 3)).any():
+            gray = grayscale(images)
+            contrast = (op == 1).to(device).view(n, 1, 1, 1)
+            ref = torch.where((op == 2).to(device).view(n, 1, 1, 1), gray, gray.mean((2, 3), keepdim=True) * contrast)
+        images.mul_(f)
+        if ref is not None:
+            images.add_(ref.mul_(1.0 - f))
+        images.clamp_(0.0, 1.0)
         picked = (apply & (op == 3)).nonzero().squeeze(1)
         if hue and len(picked):
-            shifted = adjust_hue(images[picked.to(device)], factors[picked, 3].to(device))
-            images = images.index_copy(0, picked.to(device), shifted)
+            images[picked.to(device)] = adjust_hue(images[picked.to(device)], factors[picked, 3].to(device))
     return images
 
 
-def gaussian_blur(images: torch.Tensor, kernel_size: int, sigma: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
-    """torchvision's ``gaussian_blur`` with a per-image sigma, on the images where ``apply``; reflect padding.
+def gaussian_blur(images: torch.Tensor, kernel_size: int, sigma: torch.Tensor) -> torch.Tensor:
+    """torchvision's ``gaussian_blur`` with a per-image sigma (N values); reflect padding.
 
-    Separable: one grouped 1-D convolution per axis. Images not blurred get a unit impulse kernel (exact identity).
+    Separable: one grouped 1-D convolution per axis.
     """
     n, c, _, _ = images.shape
     lim = (kernel_size - 1) / (2.0 * math.sqrt(2.0))
     x = torch.linspace(-lim, lim, kernel_size, dtype=images.dtype, device=images.device)
-    kernel = torch.softmax(-((x / sigma.view(n, 1)) ** 2), dim=1)
-    impulse = (torch.arange(kernel_size, device=images.device) == kernel_size // 2).to(images.dtype)
-    kernel = torch.where(apply.view(n, 1), kernel, impulse).repeat_interleave(c, 0)  # (N * C) x k
+    kernel = torch.softmax(-((x / sigma.view(n, 1)) ** 2), dim=1).repeat_interleave(c, 0)  # (N * C) x k
     pad = kernel_size // 2
     out = F.pad(images.reshape(1, n * c, *images.shape[2:]), [pad, pad, pad, pad], mode="reflect")
     out = F.conv2d(out, kernel.view(n * c, 1, 1, kernel_size), groups=n * c)
@@ -248,42 +272,46 @@ class BatchedView:
 
     def apply(self, images: torch.Tensor, params: ViewParams) -> torch.Tensor:
         """The chain with explicit parameters (tested against torchvision's functional ops image by image)."""
-        x = _as_float(images)
-        x = resized_crop(x, params.boxes, self.view.size)
-        if params.flip.any():
-            x = torch.where(params.flip.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)
-        return self.finish(x, params)
+        x = resized_crop(_as_float(images), params.boxes, self.view.size)
+        flipped = _rows(params.flip, x.device)
+        if len(flipped):
+            x[flipped] = x[flipped].flip(-1)
+        return self._finish_(x, params)
 
     def finish(self, images: torch.Tensor, params: ViewParams | ColourParams) -> torch.Tensor:
         """The chain after crop and flip (jitter, grey, blur, solarize, normalise) on uint8 or [0, 1] float images
-        already at the view's size, with explicit parameters."""
-        step = max(1, CPU_CHUNK_ELEMENTS // max(1, images[0].numel())) if len(images) else 1
-        if images.device.type != "cpu" or len(images) <= step:
-            return self._finish(images, params)
-        chunks = range(0, len(images), step)
-        return torch.cat([self._finish(images[i : i + step], params.rows(i, i + step)) for i in chunks])
-
-    def _finish(self, images: torch.Tensor, params: ViewParams | ColourParams) -> torch.Tensor:
+        already at the view's size, with explicit parameters (``images`` are left as they are)."""
         x = _as_float(images)
-        device, n = x.device, len(x)
+        return self._finish_(x.clone() if x is images else x, params)
 
-        def mask(flags: torch.Tensor) -> torch.Tensor:
-            return flags.to(device).view(n, 1, 1, 1)
+    def _finish_(self, x: torch.Tensor, params: ViewParams | ColourParams) -> torch.Tensor:
+        """``finish`` in place on float ``x``: every op writes into ``x`` (a fresh tensor is one more pass over the
+        batch and, at CIFAR sizes on the CPU, fresh pages to fault in); on the CPU chunk by chunk."""
+        step = max(1, CPU_CHUNK_ELEMENTS // max(1, x[0].numel())) if len(x) else 1
+        if x.device.type != "cpu" or len(x) <= step:
+            return self._finish_chunk_(x, params)
+        for i in range(0, len(x), step):
+            self._finish_chunk_(x[i : i + step], params.rows(i, i + step))
+        return x
 
+    def _finish_chunk_(self, x: torch.Tensor, params: ViewParams | ColourParams) -> torch.Tensor:
+        device = x.device
         if params.jitter.any():
-            x = color_jitter(x, params.factors, params.order, params.jitter, hue=self.strengths["hue"] > 0)
+            color_jitter_(x, params.factors, params.order, params.jitter, hue=self.strengths["hue"] > 0)
         randaugment = self.view.randaugment != "none"
-        if params.gray.any() and not randaugment:
-            x = torch.where(mask(params.gray), grayscale(x).expand_as(x), x)
-        if params.blur.any():
-            x = gaussian_blur(x, self.kernel_size, params.sigma.to(device), params.blur.to(device))
+        if not randaugment:
+            _gray_(x, _rows(params.gray, device))
+        blurred = _rows(params.blur, device)
+        if len(blurred):
+            x[blurred] = gaussian_blur(x[blurred], self.kernel_size, params.sigma[params.blur].to(device))
         if randaugment:  # InfoMin's order: blur, RandAugment, grey
-            x = randaugment_batch(x, params.randaugment, self.fill)
-            if params.gray.any():
-                x = torch.where(mask(params.gray), grayscale(x).expand_as(x), x)
-        if params.solarize.any():
-            x = torch.where(mask(params.solarize) & (x >= 128 / 255), 1.0 - x, x)
-        return (x - self.mean.to(device)) / self.std.to(device)
+            x.copy_(randaugment_batch(x, params.randaugment, self.fill))
+            _gray_(x, _rows(params.gray, device))
+        solarized = _rows(params.solarize, device)
+        if len(solarized):
+            y = x[solarized]
+            x[solarized] = torch.where(y >= 128 / 255, 1.0 - y, y)
+        return x.sub_(self.mean.to(device)).div_(self.std.to(device))
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         n, _, height, width = images.shape
@@ -294,34 +322,56 @@ def _as_float(images: torch.Tensor) -> torch.Tensor:
     return images.float() / 255 if images.dtype == torch.uint8 else images.float()
 
 
+def _rows(flags: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The indices where the per-image ``flags`` (on the CPU) are set, on ``device`` (no device sync)."""
+    return flags.nonzero().squeeze(1).to(device)
+
+
+def _gray_(x: torch.Tensor, rows: torch.Tensor) -> None:
+    """Images ``rows`` of ``x`` to grayscale in place."""
+    if len(rows):
+        x[rows] = grayscale(x[rows]).expand(-1, 3, -1, -1)
+
+
 class BatchedMultiView:
-    """A batch into the recipe's list of view batches (``count`` of each ``[[views]]`` entry, as ``MultiView``)."""
+    """A batch into the recipe's list of view batches (``count`` of each ``[[views]]`` entry, as ``MultiView``).
+
+    The ``count`` views of one entry are augmented as one batch of ``count`` x N images (their parameters drawn
+    view after view, as for separate views): the same views, with each op's fixed cost paid once per entry (SwAV's
+    6 local crops, DINO's 8) instead of once per view."""
 
     def __init__(self, views: Sequence[ViewConfig], mean: Sequence[float], std: Sequence[float]) -> None:
-        self.views = [BatchedView(v, mean, std) for v in views for _ in range(v.count)]
+        self.entries = [(BatchedView(v, mean, std), v.count) for v in views]
 
     def __len__(self) -> int:
-        return len(self.views)
+        return sum(count for _, count in self.entries)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> list[torch.Tensor]:
-        return [view(images, generator) for view in self.views]
+        return self.share(images, generator, len(images), 0)
 
-    def share(self, images: torch.Tensor, generator: torch.Generator, total: int, start: int) -> list[torch.Tensor]:
+    def share(
+        self, images: torch.Tensor, generator: torch.Generator | None, total: int, start: int
+    ) -> list[torch.Tensor]:
         """Views of ``images``, rows ``start ..`` of a global batch of ``total`` images: the parameters are drawn
         for the whole global batch, so every process of a multi-process run draws the same ones and applies its
         slice (one process with the global batch gets the same views)."""
         n, _, height, width = images.shape
-        return [
-            view.apply(images, view.sample(total, height, width, generator).rows(start, start + n))
-            for view in self.views
-        ]
+        x, out = _as_float(images), []
+        for view, count in self.entries:
+            drawn = [view.sample(total, height, width, generator).rows(start, start + n) for _ in range(count)]
+            out += view.apply(x, cat_params(drawn)).chunk(count)
+        return out
 
     def finish_share(
         self, views: list[torch.Tensor], generator: torch.Generator, total: int, start: int
     ) -> list[torch.Tensor]:
         """The chain after crop and flip for views already cropped (uint8, one tensor per view at its size), rows
         ``start ..`` of a global batch of ``total`` images, drawn for the whole global batch as ``share`` does."""
-        return [
-            view.finish(x, view.sample_colour(total, generator).rows(start, start + len(x)))
-            for view, x in zip(self.views, views, strict=True)
-        ]
+        if len(views) != len(self):
+            raise ValueError(f"finish_share: {len(views)} cropped views for the recipe's {len(self)}")
+        out, first = [], 0
+        for view, count in self.entries:
+            crops, first = views[first : first + count], first + count
+            drawn = [view.sample_colour(total, generator).rows(start, start + len(crops[0])) for _ in range(count)]
+            out += view.finish(torch.cat(crops), cat_params(drawn)).chunk(count)
+        return out

@@ -295,6 +295,33 @@ def test_seeded_reproducibility():
     assert not torch.equal(a[0], a[1])  # the two views of one call differ
 
 
+def test_the_views_of_one_entry_augmented_as_one_batch_are_those_of_each_view_on_its_own():
+    """An entry's ``count`` views run as one batch of count x N images: each view still gets its own parameters,
+    drawn view after view from the generator, and is cut from its own image; the same as one view at a time."""
+    views = [ViewConfig(count=2, size=24, solarize_prob=0.3), ViewConfig(count=3, size=12, scale=[0.05, 0.3])]
+    mv = BatchedMultiView(views, MEAN, STD)
+    x = (smooth(10, 32, seed=3) * 255).to(torch.uint8)
+    one_by_one = [BatchedView(v, MEAN, STD) for v in views for _ in range(v.count)]
+    g = torch.Generator().manual_seed(5)
+    expected = [v.apply(x, v.sample(20, 32, 32, g).rows(10, 20)) for v in one_by_one]  # rank 1 of 2
+    got = mv.share(x, torch.Generator().manual_seed(5), 20, 10)
+    assert [tuple(y.shape) for y in got] == [(10, 3, 24, 24)] * 2 + [(10, 3, 12, 12)] * 3
+    for y, ref in zip(got, expected, strict=True):
+        torch.testing.assert_close(y, ref, atol=1e-5, rtol=0)
+    assert not torch.allclose(got[2], got[3])  # three local views, three draws
+    crops = [(smooth(6, v.view.size, seed=i) * 255).to(torch.uint8) for i, v in enumerate(one_by_one)]
+    g = torch.Generator().manual_seed(6)
+    expected = [v.finish(c, v.sample_colour(6, g)) for v, c in zip(one_by_one, crops, strict=True)]
+    got = mv.finish_share(crops, torch.Generator().manual_seed(6), 6, 0)
+    for y, ref in zip(got, expected, strict=True):
+        torch.testing.assert_close(y, ref, atol=1e-5, rtol=0)
+    float_crop, float_images = crops[0].float() / 255, x.float() / 255
+    kept = float_crop.clone(), float_images.clone()
+    one_by_one[0].finish(float_crop, one_by_one[0].sample_colour(6, torch.Generator().manual_seed(6)))
+    mv.share(float_images, torch.Generator().manual_seed(5), 20, 10)
+    assert torch.equal(float_crop, kept[0]) and torch.equal(float_images, kept[1])  # in place only on their copies
+
+
 # -- 4. shapes and dtypes
 
 
