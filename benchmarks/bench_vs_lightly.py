@@ -8,9 +8,11 @@ user gets); lightly runs ``benchmarks/lightly_peer.py --steps`` (its transforms 
         --lightly-python ~/lightly-venv/bin/python
 
 With ``--small-stem`` the rows run on the CIFAR stem instead (3x3 stride-1 first convolution, no max-pool: the
-backbone of every ``-cifar`` recipe), without lightly (``--lightly-python`` not needed):
+backbone of every ``-cifar`` recipe, and of lightly's own CIFAR-10 benchmark); lightly runs on the same stem when
+``--lightly-python`` is given, and is left out otherwise:
 
-    python benchmarks/bench_vs_lightly.py --data ~/data/train10k --out FILE --small-stem --batch-size 128 --steps 6
+    python benchmarks/bench_vs_lightly.py --data ~/data/train10k --out FILE --small-stem --batch-size 128 --steps 6 \
+        --warmup-steps 2 --lightly-python ~/lightly-venv/bin/python
 
 One JSON line per row is appended to ``--out`` as it finishes; a Markdown table goes to stdout.
 """
@@ -45,7 +47,7 @@ def main() -> None:
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--lightly-python", help="python of a venv with lightly; required without --small-stem")
-    p.add_argument("--small-stem", action="store_true", help="the CIFAR stem, ssl only")
+    p.add_argument("--small-stem", action="store_true", help="the CIFAR stem (lightly's too, if it runs)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--warmup-steps", type=int, default=3)
     p.add_argument("--methods", nargs="+", default=list(ROWS))
@@ -59,9 +61,10 @@ def main() -> None:
         ours = run([sys.executable, "-m", "ssl_cli", "bench", *ROWS[method], "--data", a.data, *common]
                    + ["--steps", str(a.steps), "--warmup-steps", str(a.warmup_steps), "--json"])  # fmt: skip
         row = {"method": method, "small_stem": a.small_stem, "ssl": ours}
-        if not a.small_stem:
+        if a.lightly_python:
             peer_cmd = [a.lightly_python, str(Path(__file__).with_name("lightly_peer.py")), "--method", method]
             peer_cmd += ["--train", a.data, "--out", f"/tmp/lightly-bench-{method}", "--batch-size", str(a.batch_size)]
+            peer_cmd += ["--small-stem"] * a.small_stem
             row["lightly"] = run([*peer_cmd, "--steps", str(a.steps), "--warmup-steps", str(a.warmup_steps)])
         rows.append(row)
         with a.out.open("a") as f:
