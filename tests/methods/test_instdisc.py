@@ -100,7 +100,7 @@ def test_softmax_variant_is_the_exact_non_parametric_softmax_over_the_whole_bank
     x = batch()
     bank = m.bank.features.clone()
     out = m.training_step(x, 0, index)
-    f = F.normalize(m.projector(m.backbone(x[0])), dim=1).double()
+    f = F.normalize(m.projector(m.backbone(x[0])), dim=1).double().detach()
     per_sample = []
     for b, i in enumerate(index.tolist()):
         sims = [math.exp(float(bank[j].double() @ f[b]) / 0.07) for j in range(40)]
