@@ -359,7 +359,7 @@ class BatchedMultiView:
         x, out = _as_float(images), []
         for view, count in self.entries:
             drawn = [view.sample(total, height, width, generator).rows(start, start + n) for _ in range(count)]
-            out += view.apply(x, cat_params(drawn)).chunk(count)
+            out += view.apply(x, cat_params(drawn)).tensor_split(count)
         return out
 
     def finish_share(
@@ -373,5 +373,5 @@ class BatchedMultiView:
         for view, count in self.entries:
             crops, first = views[first : first + count], first + count
             drawn = [view.sample_colour(total, generator).rows(start, start + len(crops[0])) for _ in range(count)]
-            out += view.finish(torch.cat(crops), cat_params(drawn)).chunk(count)
+            out += view.finish(torch.cat(crops), cat_params(drawn)).tensor_split(count)
         return out
