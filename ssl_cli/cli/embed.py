@@ -8,7 +8,17 @@ from pathlib import Path
 import typer
 
 from ssl_cli.cli.console import CountProgress, emit_json, handles_errors, result_table, stdout
-from ssl_cli.cli.evaluate import CACHE_DIR, CHECKPOINT, DEVICE, JSON, NO_CACHE, QUIET, WORKERS, feature_cache
+from ssl_cli.cli.evaluate import (
+    CACHE_DIR,
+    CHECKPOINT,
+    DEVICE,
+    JSON,
+    NO_CACHE,
+    OUTPUT_VIEW,
+    QUIET,
+    WORKERS,
+    feature_cache,
+)
 
 
 @handles_errors
@@ -29,6 +39,7 @@ def embed(
     num_workers: int = WORKERS,
     cache_dir: Path = CACHE_DIR,
     no_cache: bool = NO_CACHE,
+    output_view: str = OUTPUT_VIEW,
     as_json: bool = JSON,
     quiet: bool = QUIET,
 ) -> None:
@@ -52,6 +63,7 @@ def embed(
             cache=feature_cache(cache_dir, no_cache, quiet),
             progress=lambda n: bar.advance(n) if bar is not None else None,
             on_start=None if quiet else start,
+            output_view=output_view,
         )
     if as_json:
         emit_json(summary)

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from ssl_cli.cli.console import CountProgress, emit_json, err, handles_errors, result_table, stdout
+from ssl_cli.cli.evaluate import OUTPUT_VIEW
 
 
 @handles_errors
@@ -30,6 +31,7 @@ def neighbors(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
     num_workers: int = typer.Option(None, "--num-workers", min=0, help="Data loader workers (default: auto)."),
     random_init: bool = typer.Option(False, "--random-init", help="Same architecture, random weights (baseline)."),
+    output_view: str = OUTPUT_VIEW,
     as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout: queries, neighbours, similarities."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
 ) -> None:
@@ -58,6 +60,7 @@ def neighbors(
             num_workers=num_workers if num_workers is not None else "auto",
             device=device,
             random_init=random_init,
+            output_view=output_view,
             progress=lambda n: bar.advance(n) if bar else None,
             on_total=None if quiet else start,
         )

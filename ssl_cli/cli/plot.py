@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from ssl_cli.cli.console import CountProgress, emit_json, err, handles_errors, result_table, stdout
+from ssl_cli.cli.evaluate import OUTPUT_VIEW
 from ssl_cli.errors import DataError
 
 app = typer.Typer(help="Pictures: training curves of runs, a 2-D map of a backbone's features.", no_args_is_help=True)
@@ -83,6 +84,7 @@ def embedding(
     device: str = DEVICE,
     num_workers: int = WORKERS,
     random_init: bool = RANDOM_INIT,
+    output_view: str = OUTPUT_VIEW,
     as_json: bool = JSON,
     quiet: bool = QUIET,
 ) -> None:
@@ -114,6 +116,7 @@ def embedding(
             num_workers=num_workers if num_workers is not None else "auto",
             device=device,
             random_init=random_init,
+            output_view=output_view,
             width=width,
             height=height,
             progress=lambda n: bar.advance(n) if bar else None,

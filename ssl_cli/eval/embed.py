@@ -112,10 +112,12 @@ def embed_folder(
     cache: FeatureCache | None = None,
     progress: Callable[[int], None] | None = None,
     on_start: Callable[[int], None] | None = None,
+    output_view: str | None = None,
 ) -> dict[str, Any]:
     """Embed every image of the folder ``data`` with the checkpoint's backbone and write ``out``; returns a summary.
 
     ``on_start(n)`` is called with the number of images once the folder is listed (e.g. to size a progress bar).
+    ``output_view`` (CMC's encoders): ``"all"`` or one colour view's name, as ``ssl knn --output-view``.
     """
     from ssl_cli.runtime import resolve_device
 
@@ -125,7 +127,7 @@ def embed_folder(
     if out.resolve() == root.resolve():
         raise SSLError(f"--out {out} is the --data folder; give a file name ending in .safetensors or .npy")
     check_output(out, checkpoint, root)
-    model, meta = load_backbone(checkpoint, with_meta=True)
+    model, meta = load_backbone(checkpoint, with_meta=True, output_view=output_view)
     images = scan_folder(root)
     assert images.paths is not None
     if on_start is not None:
@@ -144,7 +146,7 @@ def embed_folder(
         num_workers=num_workers,
         progress=progress,
         cache=cache,
-        model_id=cache_model_id(checkpoint, meta) if cache else None,
+        model_id=cache_model_id(checkpoint, meta, output_view=output_view) if cache else None,
         images_id=images_id,
         name="data",
     )
@@ -157,6 +159,7 @@ def embed_folder(
         "data": str(root),
         "count": int(feats.shape[0]),
         "dim": int(feats.shape[1]),
+        **({"output_view": output_view} if output_view is not None else {}),
     }
     try:
         written = write_embeddings(out, feats, labels if labeled else None, info)
@@ -171,4 +174,5 @@ def embed_folder(
         "labeled": labeled,
         "classes": len(images.classes),
         "cached": hit,
+        **({"output_view": output_view} if output_view is not None else {}),
     }

@@ -218,6 +218,7 @@ def embedding_map(
     num_workers: int | str = "auto",
     device: str = "auto",
     random_init: bool = False,
+    output_view: str | None = None,
     width: int = 1000,
     height: int = 800,
     progress: Callable[[int], None] | None = None,
@@ -236,15 +237,16 @@ def embedding_map(
             raise DataError(
                 f"--data {data}: {checkpoint} is an ssl embed file that holds its features; leave --data out"
             )
-        if random_init:
-            raise DataError(f"--random-init: {checkpoint} is an ssl embed file, not a checkpoint")
+        if random_init or output_view is not None:
+            flag = "--random-init" if random_init else f"--output-view {output_view}"
+            raise DataError(f"{flag}: {checkpoint} is an ssl embed file, not a checkpoint")
         picked = balanced_sample(embedded["labels"], num_images, seed)
         feats, labels = embedded["features"][picked], embedded["labels"][picked]
         classes, set_name, backbone = embedded["classes"], embedded["name"], "embedded"
     else:
         if data is None:
             raise DataError(f"--data is needed: the images whose {Path(checkpoint).name} features to map")
-        encoder = load_encoder(checkpoint, device, random_init)
+        encoder = load_encoder(checkpoint, device, random_init, output_view)
         images = open_images(data)
         sample = images.subset(balanced_sample(images.labels, num_images, seed))
         if len(sample) < MIN_IMAGES[method]:
@@ -289,6 +291,7 @@ def embedding_map(
         "nn_agreement_features": feature_nn,
         "nn_agreement_2d": map_nn,
         "random_init": random_init,
+        **({"output_view": output_view} if output_view is not None else {}),
         **({"explained_variance": result["explained_variance"]} if method == "pca" else {}),
         **({"perplexity": result["perplexity"]} if method == "tsne" else {}),
     }

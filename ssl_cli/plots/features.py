@@ -33,13 +33,16 @@ class Encoder:
         return str(self.meta.get("backbone", {}).get("name", "backbone"))
 
 
-def load_encoder(checkpoint: str | Path, device: str = "auto", random_init: bool = False) -> Encoder:
+def load_encoder(
+    checkpoint: str | Path, device: str = "auto", random_init: bool = False, output_view: str | None = None
+) -> Encoder:
     """The backbone of a training checkpoint or an export; ``random_init``: the same architecture with fresh
-    random weights (torch seed 0, as ``ssl knn --random-init``), the baseline a trained backbone must beat."""
+    random weights (torch seed 0, as ``ssl knn --random-init``), the baseline a trained backbone must beat;
+    ``output_view`` (CMC's encoders): ``"all"`` or one colour view's name, as ``ssl knn --output-view``."""
     from ssl_cli.artifacts.backbone import load_backbone, preprocessing_stats
     from ssl_cli.runtime import resolve_device
 
-    model, meta = load_backbone(checkpoint, with_meta=True, random_init=random_init)
+    model, meta = load_backbone(checkpoint, with_meta=True, random_init=random_init, output_view=output_view)
     pre = meta.get("preprocessing") or {}
     if "input_size" not in pre:
         raise CheckpointError(f"{checkpoint}: metadata lacks preprocessing.input_size")

@@ -232,6 +232,7 @@ def retrieval_grid(
     num_workers: int | str = "auto",
     device: str = "auto",
     random_init: bool = False,
+    output_view: str | None = None,
     progress: Callable[[int], None] | None = None,
     on_total: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
@@ -246,7 +247,7 @@ def retrieval_grid(
         raise DataError(f"--k {k}: must be 1 or more")
     if num_queries < 1:
         raise DataError(f"--num-queries {num_queries}: must be 1 or more")
-    encoder = load_encoder(checkpoint, device, random_init)
+    encoder = load_encoder(checkpoint, device, random_init, output_view)
     bank = open_images(data)
     from_bank = queries is None or _same_folder(queries, data)
     query_set, picked, query_index = _pick_queries(bank, data, queries, from_bank, num_queries, seed, k)
@@ -310,5 +311,6 @@ def retrieval_grid(
         "queries": rows,
         "precision": precision,
         "random_init": random_init,
+        **({"output_view": output_view} if output_view is not None else {}),
         "size": list(picture.size),
     }

@@ -27,6 +27,7 @@ from helpers import (
     tiny_checkpoint,
     user_error,
 )
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import ssl_cli
@@ -639,6 +640,44 @@ def test_an_export_with_an_output_view_gives_knns_features(run) -> None:
     hf = one_json(invoke("export", run.ckpt, "--out", run.root / "view-hf", "--output-view", "ab", "--json"))
     assert hf["num_features"] == 48 and hf["max_abs_diff"] == 0.0
     assert json.loads((run.root / "view-hf" / "config.json").read_text())["model_args"]["output_view"] == "ab"
+
+
+def test_embed_neighbors_and_the_embedding_map_take_an_output_view(run, tmp_path: Path) -> None:
+    def embed(name: str, *view: str) -> tuple[dict, torch.Tensor]:
+        out = tmp_path / f"{name}.safetensors"
+        summary = one_json(invoke("embed", run.ckpt, "--data", run.train, "--out", out, "--json",
+                                  "--cache-dir", tmp_path / "cache", *EVAL, *view))  # fmt: skip
+        return summary, load_file(str(out))["embeddings"]
+
+    every, every_f = embed("all")
+    only_l, l_f = embed("L", "--output-view", "L")
+    assert "output_view" not in every and only_l["output_view"] == "L" and not only_l["cached"]  # keyed by view
+    assert every_f.shape == (16, 96) and torch.equal(l_f, every_f[:, :48])  # the L network's half (split L, ab)
+    assert embed("L-again", "--output-view", "L")[0]["cached"]
+    grid = one_json(invoke("neighbors", run.ckpt, "--data", run.train, "--out", tmp_path / "n.png", "--json",
+                           "--k", "3", "--num-queries", "2", "--output-view", "L", *EVAL))  # fmt: skip
+    assert grid["output_view"] == "L"
+    with safe_open(str(tmp_path / "L.safetensors"), "pt") as f:
+        paths = json.loads(f.metadata()["paths"])
+    unit = F.normalize(l_f, dim=1)
+
+    def row(path: str) -> torch.Tensor:
+        return unit[paths.index(Path(path).relative_to(run.train).as_posix())]
+
+    for query in grid["queries"]:  # the similarities are the L features' cosines
+        for hit in query["neighbors"]:
+            assert hit["similarity"] == pytest.approx((row(query["path"]) @ row(hit["path"])).item(), abs=1e-4)
+    pca = one_json(invoke("plot", "embedding", run.ckpt, "--data", run.train, "--out", tmp_path / "e.png",
+                          "--method", "pca", "--json", "--output-view", "ab", *EVAL))  # fmt: skip
+    assert pca["output_view"] == "ab" and pca["images"] == 16
+    ab = F.normalize(every_f[:, 48:].double(), dim=1)  # the map's PCA is of the ab network's features
+    variance = torch.linalg.svdvals(ab - ab.mean(0)) ** 2
+    assert pca["explained_variance"] == pytest.approx((variance[:2] / variance.sum()).tolist(), abs=1e-4)
+    user_error(invoke("plot", "embedding", tmp_path / "L.safetensors", "--out", tmp_path / "f.png",
+                      "--output-view", "L"), "--output-view L", "ssl embed file")  # fmt: skip
+    user_error(invoke("embed", run.ckpt, "--data", run.train, "--out", tmp_path / "bad.safetensors",
+                      "--output-view", "Y", *EVAL), "--output-view Y", "valid are all, L, ab")  # fmt: skip
+    assert not (tmp_path / "bad.safetensors").exists()
 
 
 def test_a_bad_output_view_is_one_line(run, tmp_path: Path) -> None:
