@@ -373,5 +373,6 @@ class BatchedMultiView:
         for view, count in self.entries:
             crops, first = views[first : first + count], first + count
             drawn = [view.sample_colour(total, generator).rows(start, start + len(crops[0])) for _ in range(count)]
-            out += view.finish(torch.cat(crops), cat_params(drawn)).tensor_split(count)
+            joined = _as_float(torch.cat(crops))  # a new tensor: the chain may write into it
+            out += view._finish_(joined, cat_params(drawn)).tensor_split(count)
         return out
